@@ -1,0 +1,4 @@
+//! vpc-ebpf node agent as a library: the binary wires these modules together, tests
+//! drive them directly.
+
+pub mod dataplane;

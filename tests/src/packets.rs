@@ -1,0 +1,138 @@
+//! Hand-built Ethernet frames for BPF_PROG_TEST_RUN tests.
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_LLDP: u16 = 0x88CC;
+
+pub const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+pub fn eth(ether_type: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&DST_MAC);
+    f.extend_from_slice(&SRC_MAC);
+    f.extend_from_slice(&ether_type.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Options for [`ipv4`]: everything a test may want to break.
+#[derive(Clone, Debug)]
+pub struct Ipv4 {
+    pub version: u8,
+    /// Header length in 32-bit words (5 without options).
+    pub ihl: u8,
+    pub proto: u8,
+    /// Flags and fragment offset, host order.
+    pub frag: u16,
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+impl Default for Ipv4 {
+    fn default() -> Self {
+        Self {
+            version: 4,
+            ihl: 5,
+            proto: 17,
+            frag: 0x4000, // DF
+            src: [192, 0, 2, 1],
+            dst: [192, 0, 2, 2],
+        }
+    }
+}
+
+/// An IPv4 packet (header with zeroed options, correct checksum) around `l4`.
+pub fn ipv4(h: &Ipv4, l4: &[u8]) -> Vec<u8> {
+    let hlen = usize::from(h.ihl.max(5)) * 4;
+    let total = u16::try_from(hlen + l4.len()).expect("packet fits in u16");
+    let mut p = vec![0u8; hlen];
+    p[0] = (h.version << 4) | (h.ihl & 0x0f);
+    p[2..4].copy_from_slice(&total.to_be_bytes());
+    p[6..8].copy_from_slice(&h.frag.to_be_bytes());
+    p[8] = 64;
+    p[9] = h.proto;
+    p[12..16].copy_from_slice(&h.src);
+    p[16..20].copy_from_slice(&h.dst);
+    let csum = checksum(&p);
+    p[10..12].copy_from_slice(&csum.to_be_bytes());
+    p.extend_from_slice(l4);
+    p
+}
+
+pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(8 + payload.len()).expect("fits");
+    let mut u = Vec::new();
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&len.to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+pub fn tcp_syn(sport: u16, dport: u16) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = 0x02;
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    t
+}
+
+pub fn icmp_echo(id: u16, seq: u16) -> Vec<u8> {
+    let mut i = vec![8, 0, 0, 0];
+    i.extend_from_slice(&id.to_be_bytes());
+    i.extend_from_slice(&seq.to_be_bytes());
+    let c = checksum(&i);
+    i[2..4].copy_from_slice(&c.to_be_bytes());
+    i
+}
+
+/// ARP who-has `target` from `sender`.
+pub fn arp_request(sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    a.extend_from_slice(&SRC_MAC);
+    a.extend_from_slice(&sender);
+    a.extend_from_slice(&[0; 6]);
+    a.extend_from_slice(&target);
+    a
+}
+
+/// The Internet checksum (RFC 1071).
+pub fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).expect("folded")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_header_checksum_verifies_to_zero() {
+        let p = ipv4(&Ipv4::default(), &udp(1, 2, b"x"));
+        assert_eq!(checksum(&p[..20]), 0);
+        assert_eq!(p.len(), 20 + 9);
+    }
+
+    #[test]
+    fn options_extend_the_header() {
+        let h = Ipv4 {
+            ihl: 6,
+            ..Ipv4::default()
+        };
+        let p = ipv4(&h, &udp(1, 2, b""));
+        assert_eq!(p[0], 0x46);
+        assert_eq!(p.len(), 24 + 8);
+    }
+}

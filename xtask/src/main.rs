@@ -1,0 +1,63 @@
+//! `cargo xtask`: the project's development commands.
+
+mod deps;
+mod ebpf;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "vpc-ebpf development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the eBPF object (nightly + build-std + bpf-linker) and print where it is.
+    BuildEbpf {
+        /// Optimised release profile with BTF (what the agent ships).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Install everything the project needs (apt packages, rust-src, bpf-linker); idempotent.
+    Setup,
+    /// fmt check, clippy -D warnings, the eBPF build, unit and root integration tests.
+    Test {
+        /// Extra arguments for the test runner (a test name filter, for instance).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// The local VPC lab (EC2, IMDS, nodes, agents, pods) with every packet path checked.
+    Lab {
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::BuildEbpf { release } => {
+            deps::ensure_ebpf_toolchain()?;
+            let object = ebpf::build(release)?;
+            println!("eBPF object: {}", object.display());
+            Ok(())
+        }
+        Command::Setup => {
+            deps::ensure_system_packages(deps::TEST_PACKAGES)?;
+            deps::ensure_ebpf_toolchain()
+        }
+        Command::Test { args } => test::all(&args),
+        Command::Lab { args: _ } => {
+            deps::ensure_system_packages(deps::TEST_PACKAGES)?;
+            deps::ensure_ebpf_toolchain()?;
+            anyhow::bail!(
+                "the local VPC lab is not built yet (issue: \"The local VPC lab\"); \
+                 `cargo xtask test` runs everything that exists today"
+            )
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! `cargo xtask test`: everything CI checks, in the order that fails fastest.
+
+use std::process::Command;
+
+use crate::{
+    deps, ebpf,
+    util::{cargo, have, root, run},
+};
+
+pub fn all(extra: &[String]) -> anyhow::Result<()> {
+    deps::ensure_system_packages(deps::TEST_PACKAGES)?;
+    deps::ensure_ebpf_toolchain()?;
+    let root = root();
+    let programs = root.join("ebpf/programs");
+
+    run(Command::new(cargo())
+        .args(["fmt", "--all", "--check"])
+        .current_dir(&root))?;
+    run(Command::new("cargo")
+        .args(["+nightly", "fmt", "--all", "--check"])
+        .current_dir(&programs)
+        .env_remove("RUSTUP_TOOLCHAIN"))?;
+
+    ebpf::build(true)?;
+    run(ebpf::nightly_cargo("clippy")?.args(["--release", "--", "-D", "warnings"]))?;
+    run(Command::new(cargo())
+        .args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .current_dir(&root))?;
+
+    // nextest runs each test in its own process, so a crashing root test cannot take the
+    // others down, and prints the usual closing summary line.
+    if have("cargo-nextest") {
+        run(Command::new(cargo())
+            .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+            .args(extra)
+            .current_dir(&root))
+    } else {
+        eprintln!("cargo-nextest not found; using cargo test");
+        run(Command::new(cargo())
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(extra)
+            .current_dir(&root))
+    }
+}
