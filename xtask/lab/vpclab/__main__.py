@@ -1,0 +1,102 @@
+"""python3 -m vpclab {up,down,status,check,daemon}"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import checks, client, lifecycle
+from .config import ConfigError, LabConfig
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--agent-env {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def print_status(s: dict) -> None:
+    print(f"lab {s['prefix']}: VPC {s['vpc_cidr']} ({s['vpc_id']}), subnet {s['subnet_cidr']}")
+    print(f"  EC2 endpoint {s['ec2_endpoint']} (in namespace {s['ec2_namespace']}), "
+          f"IMDS at 169.254.169.254 in each node, lag {s['imds_lag_seconds']}s")
+    print(f"  router namespace {s['router_namespace']}, internet namespace "
+          f"{s['internet_namespace']} with {s['public_test_ip']}")
+    for n in s["nodes"]:
+        print(f"  {n['name']}: {n['instance_id']} {n['instance_type']} netns {n['netns']} "
+              f"ip {n['primary_ip']}")
+        for e in n["enis"]:
+            extra = e["secondary_ips"] + e["prefixes"]
+            print(f"    {e['iface']} {e['id']} {e['mac']} {e['primary_ip']}"
+                  + (f" + {', '.join(extra)}" if extra else ""))
+    if s.get("faults"):
+        print(f"  pending faults: {s['faults']}")
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="cargo xtask lab")
+    p.add_argument("--prefix", default="vpcl", help="namespace/name prefix (default vpcl)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    u = sub.add_parser("up", help="bring the lab up (idempotent)")
+    u.add_argument("--nodes", type=int, default=2)
+    u.add_argument("--instance-type", default="m5.large")
+    u.add_argument("--imds-lag", type=float, default=1.0)
+    u.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE")
+    u.add_argument("--json", action="store_true")
+    sub.add_parser("down", help="remove everything the lab made (idempotent)")
+    st = sub.add_parser("status", help="nodes, ENIs, addresses, endpoints")
+    st.add_argument("--json", action="store_true")
+    sub.add_parser("check", help="check every path; exit 0 only if all pass")
+    d = sub.add_parser("daemon", help=argparse.SUPPRESS)
+    d.add_argument("--config", required=True)
+    args = p.parse_args(argv)
+
+    try:
+        if args.cmd == "daemon":
+            from . import labd
+            labd.main(args.config)
+            return 0
+        if args.cmd == "up":
+            cfg = LabConfig(prefix=args.prefix, nodes=args.nodes,
+                            instance_type=args.instance_type, imds_lag=args.imds_lag,
+                            agent_env=parse_env(args.agent_env))
+            status = lifecycle.up(cfg)
+            if args.json:
+                print(json.dumps(status, indent=2))
+            else:
+                print_status(status)
+                if "up_seconds" in status:
+                    print(f"lab up in {status['up_seconds']} s")
+            return 0
+        if args.cmd == "down":
+            for what in lifecycle.down(args.prefix):
+                print(f"removed {what}")
+            return 0
+        cfg = LabConfig.load(LabConfig(prefix=args.prefix).run_dir / "config.json") \
+            if (LabConfig(prefix=args.prefix).run_dir / "config.json").exists() else None
+        if cfg is None or not client.alive(cfg.control_socket):
+            print(f"lab {args.prefix} is not up: run `cargo xtask lab up`", file=sys.stderr)
+            return 1
+        status = client.call(cfg.control_socket, "GET", "/status")
+        if args.cmd == "status":
+            print(json.dumps(status, indent=2)) if args.json else print_status(status)
+            return 0
+        if args.cmd == "check":
+            results = checks.run_checks(cfg, status)
+            for name, ok, detail in results:
+                print(f"{'PASS' if ok else 'FAIL'}  {name}" + ("" if ok else f": {detail}"))
+            failed = sum(not ok for _, ok, _ in results)
+            print(f"{len(results) - failed} passed, {failed} failed")
+            return 1 if failed else 0
+    except (ConfigError, lifecycle.UpError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

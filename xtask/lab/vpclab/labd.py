@@ -1,0 +1,218 @@
+"""labd: the lab's daemon, run inside the `<prefix>-aws` namespace. Creates the VPC, subnet
+and instances in moto, the node namespaces, serves the EC2 front, one IMDS per node and a
+control API on a unix socket, and keeps the fabric in step with EC2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from socketserver import UnixStreamServer
+
+import boto3
+
+from . import ec2front, fabric, imds, netns
+from .config import LabConfig
+from .ec2state import PrefixStore, read_enis
+
+log = logging.getLogger("labd")
+IMAGE_ID = "ami-12c6146b"
+
+
+def moto_client(cfg: LabConfig):
+    return boto3.client("ec2", region_name=cfg.region,
+                        endpoint_url=f"http://127.0.0.1:{cfg.moto_port}",
+                        aws_access_key_id="lab", aws_secret_access_key="lab")
+
+
+def wait_for_moto(cfg: LabConfig, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{cfg.moto_port}/moto-api/", timeout=1)
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"moto did not answer on 127.0.0.1:{cfg.moto_port}")
+            time.sleep(0.1)
+
+
+class Lab:
+    def __init__(self, cfg: LabConfig):
+        self.cfg = cfg
+        self.ec2 = moto_client(cfg)
+        self.prefixes = PrefixStore()
+        self.sync_lock = threading.Lock()
+        self.histories: dict[str, imds.History] = {}
+        self.nodes: list[fabric.Node] = []
+        self.instances: dict[str, imds.Instance] = {}
+        self.servers = []
+        self.stop = threading.Event()
+
+    def create_world(self) -> None:
+        cfg = self.cfg
+        vpc = self.ec2.create_vpc(CidrBlock=cfg.vpc_cidr, TagSpecifications=[
+            {"ResourceType": "vpc", "Tags": [{"Key": "Name", "Value": f"{cfg.prefix}-vpc"}]}])
+        self.vpc_id = vpc["Vpc"]["VpcId"]
+        subnet = self.ec2.create_subnet(VpcId=self.vpc_id, CidrBlock=cfg.subnet_cidr,
+                                        AvailabilityZone=cfg.az)
+        self.subnet_id = subnet["Subnet"]["SubnetId"]
+        base = int.from_bytes(bytes(int(x) for x in cfg.subnet_cidr.split("/")[0].split(".")),
+                              "big")
+        for i in range(1, cfg.nodes + 1):
+            ip = ".".join(str(b) for b in (base + 10 + i).to_bytes(4, "big"))
+            r = self.ec2.run_instances(
+                ImageId=IMAGE_ID, MinCount=1, MaxCount=1, InstanceType=cfg.instance_type,
+                SubnetId=self.subnet_id, PrivateIpAddress=ip,
+                TagSpecifications=[{"ResourceType": "instance", "Tags": [
+                    {"Key": "Name", "Value": f"node{i}"}]}])
+            inst = r["Instances"][0]
+            node = fabric.Node(i, cfg.node_ns(i), inst["InstanceId"])
+            self.nodes.append(node)
+            self.instances[node.instance_id] = imds.Instance(
+                inst["InstanceId"], cfg.instance_type, cfg.region, cfg.az,
+                inst.get("OwnerId") or r.get("OwnerId", "123456789012"), IMAGE_ID)
+            self.histories[node.instance_id] = imds.History(cfg.imds_lag)
+            fabric.build_node(cfg, node)
+        self.fabric = fabric.Fabric(cfg, self.nodes)
+        self.sync()
+
+    def sync(self) -> None:
+        """EC2 changed: bring the fabric and the IMDS histories up to date."""
+        with self.sync_lock:
+            enis = read_enis(self.ec2, self.prefixes)
+            self.fabric.sync(enis)
+            for node in self.nodes:
+                self.histories[node.instance_id].record(
+                    [e for e in enis if e.instance_id == node.instance_id])
+
+    def serve(self) -> None:
+        cfg = self.cfg
+        self.front = ec2front.Front("127.0.0.1", cfg.moto_port, self.ec2, self.prefixes,
+                                    self.sync)
+        # The endpoint in the fabric, and port 80 on the namespace's loopback for tools.
+        self.servers.append(ec2front.serve(
+            self.front, netns.bound_socket(cfg.ns("aws"), (cfg.endpoint_ip, 80))))
+        for node in self.nodes:
+            sock = netns.bound_socket(node.ns, ("169.254.169.254", 80))
+            self.servers.append(imds.serve(self.instances[node.instance_id],
+                                           self.histories[node.instance_id], sock))
+        self.servers.append(control_server(self))
+
+    def status(self) -> dict:
+        enis = read_enis(self.ec2, self.prefixes)
+        links = self.fabric.describe()
+        nodes = []
+        for node in self.nodes:
+            mine = sorted((e for e in enis if e.instance_id == node.instance_id),
+                          key=lambda e: e.device_index)
+            nodes.append({
+                "name": f"node{node.index}", "netns": node.ns, "instance_id": node.instance_id,
+                "instance_type": self.cfg.instance_type,
+                "primary_ip": next((e.primary_ip for e in mine if e.device_index == 0), None),
+                "enis": [{"id": e.eni_id, "mac": e.mac, "device_index": e.device_index,
+                          "primary_ip": e.primary_ip, "secondary_ips": list(e.secondary_ips),
+                          "prefixes": list(e.prefixes), "subnet_id": e.subnet_id,
+                          "iface": links.get(e.eni_id, {}).get("iface")} for e in mine],
+            })
+        return {
+            "ready": True, "prefix": self.cfg.prefix, "region": self.cfg.region,
+            "vpc_id": self.vpc_id, "vpc_cidr": self.cfg.vpc_cidr, "subnet_id": self.subnet_id,
+            "subnet_cidr": self.cfg.subnet_cidr, "ec2_endpoint": self.cfg.ec2_endpoint,
+            "ec2_namespace": self.cfg.ns("aws"), "imds": "http://169.254.169.254 in each node",
+            "imds_lag_seconds": self.cfg.imds_lag, "router_namespace": self.cfg.ns("vpc"),
+            "internet_namespace": self.cfg.ns("inet"), "public_test_ip": self.cfg.public_test_ip,
+            "nodes": nodes, "faults": self.front.faults.describe(), "ec2_calls": self.front.calls,
+            "unattached_enis": [e.eni_id for e in enis if e.instance_id is None],
+        }
+
+
+def control_server(lab: Lab):
+    path = lab.cfg.control_socket
+    path.unlink(missing_ok=True)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def reply(self, status: int, obj) -> None:
+            data = json.dumps(obj, indent=2).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def body(self) -> dict:
+            n = int(self.headers.get("Content-Length") or 0)
+            return json.loads(self.rfile.read(n) or b"{}")
+
+        def do_GET(self):  # noqa: N802
+            if self.path == "/status":
+                return self.reply(200, lab.status())
+            self.reply(404, {"error": f"no {self.path}"})
+
+        def do_POST(self):  # noqa: N802
+            b = self.body()
+            if self.path == "/faults":
+                try:
+                    lab.front.faults.add(b["action"], int(b.get("count", 1)), b.get("code"),
+                                         b.get("message", ""), float(b.get("delay", 0)))
+                except (KeyError, ValueError) as e:
+                    return self.reply(400, {"error": f"bad fault: {e}"})
+                return self.reply(200, lab.front.faults.describe())
+            if self.path == "/imds-lag":
+                for h in lab.histories.values():
+                    h.lag = float(b["seconds"])
+                return self.reply(200, {"imds_lag_seconds": float(b["seconds"])})
+            if self.path == "/shutdown":
+                self.reply(200, {"stopping": True})
+                lab.stop.set()
+                return None
+            self.reply(404, {"error": f"no {self.path}"})
+
+        def do_DELETE(self):  # noqa: N802
+            if self.path == "/faults":
+                lab.front.faults.clear()
+                return self.reply(200, {})
+            self.reply(404, {"error": f"no {self.path}"})
+
+        def address_string(self):
+            return "control"
+
+        def log_message(self, fmt, *args):
+            log.debug(fmt, *args)
+
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_UNIX
+
+        def server_bind(self):
+            UnixStreamServer.server_bind(self)
+            self.server_name, self.server_port = "labd", 0
+
+    server = Server(str(path), Handler)
+    server.daemon_threads = True
+    os.chmod(path, 0o600)
+    threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
+    return server
+
+
+def main(config_path: str) -> None:
+    cfg = LabConfig.load(Path(config_path))
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    wait_for_moto(cfg)
+    lab = Lab(cfg)
+    lab.create_world()
+    lab.serve()
+    (cfg.run_dir / "labd.ready").write_text(str(os.getpid()))
+    log.info("lab %s ready: %d nodes", cfg.prefix, cfg.nodes)
+    signal.signal(signal.SIGTERM, lambda *_: lab.stop.set())
+    lab.stop.wait()
+    log.info("stopping")
