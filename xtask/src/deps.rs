@@ -1,13 +1,18 @@
 //! Idempotent installation of what the project needs: quick when all is present.
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
 use crate::util::{have, output, run};
 
-/// (command that must exist, Debian package providing it) for tests.
-pub const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("tc", "iproute2")];
+/// (command that must exist, Debian package providing it) for tests and the lab.
+pub const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("tc", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("python3", "python3"),
+];
 
 pub const BPF_LINKER_VERSION: &str = "0.10.0";
 const NIGHTLY: &str = "nightly";
@@ -20,6 +25,11 @@ pub fn ensure_system_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     missing.dedup();
+    apt_install(&missing)
+}
+
+/// `apt-get install` of `packages` (nothing when empty); root only.
+pub fn apt_install(missing: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
@@ -35,7 +45,7 @@ pub fn ensure_system_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
+        .args(missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
@@ -83,6 +93,44 @@ pub fn ensure_ebpf_toolchain() -> anyhow::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// A virtualenv under the user's cache with the lab's Python requirements (moto, boto3,
+/// pytest), so the system Python is never modified; reinstalled only when
+/// requirements.txt changes. Returns its python.
+pub fn ensure_lab_python() -> anyhow::Result<PathBuf> {
+    let reqs_path = crate::util::root().join("xtask/lab/requirements.txt");
+    let reqs = std::fs::read_to_string(&reqs_path)
+        .with_context(|| format!("reading {}", reqs_path.display()))?;
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    let venv = home.join(".cache/vpc-ebpf/lab-venv");
+    let python = venv.join("bin/python3");
+    let marker = venv.join("requirements.installed");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(reqs.as_str()) && python.exists() {
+        return Ok(python);
+    }
+    if !python.exists() {
+        // Debian splits venv and ensurepip out of python3.
+        if output(Command::new("python3").args(["-c", "import venv, ensurepip"])).is_none() {
+            apt_install(&["python3-venv"])?;
+        }
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context(
+            "creating the lab's Python virtualenv (Debian: apt-get install python3-venv)",
+        )?;
+    }
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(&reqs_path))
+    .context("installing the lab's Python requirements (moto, boto3, pytest) from PyPI")?;
+    std::fs::write(&marker, &reqs)?;
+    Ok(python)
 }
 
 fn is_root() -> bool {

@@ -2,6 +2,7 @@
 
 mod deps;
 mod ebpf;
+mod lab;
 mod test;
 mod util;
 
@@ -27,12 +28,13 @@ enum Command {
     /// fmt check, clippy -D warnings, the eBPF build, unit and root integration tests.
     Test {
         /// Extra arguments for the test runner (a test name filter, for instance).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The local VPC lab (EC2, IMDS, nodes, agents, pods) with every packet path checked.
+    /// The local VPC lab: no arguments = up + check. Subcommands: up [--nodes N]
+    /// [--instance-type T] [--imds-lag S] [--agent-env K=V]..., down, status [--json], check.
     Lab {
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
 }
@@ -48,16 +50,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Setup => {
             deps::ensure_system_packages(deps::TEST_PACKAGES)?;
+            deps::ensure_lab_python()?;
             deps::ensure_ebpf_toolchain()
         }
         Command::Test { args } => test::all(&args),
-        Command::Lab { args: _ } => {
-            deps::ensure_system_packages(deps::TEST_PACKAGES)?;
-            deps::ensure_ebpf_toolchain()?;
-            anyhow::bail!(
-                "the local VPC lab is not built yet (issue: \"The local VPC lab\"); \
-                 `cargo xtask test` runs everything that exists today"
-            )
-        }
+        Command::Lab { args } => lab::run(&args),
     }
 }

@@ -9,6 +9,7 @@ use crate::{
 
 pub fn all(extra: &[String]) -> anyhow::Result<()> {
     deps::ensure_system_packages(deps::TEST_PACKAGES)?;
+    let python = deps::ensure_lab_python()?;
     deps::ensure_ebpf_toolchain()?;
     let root = root();
     let programs = root.join("ebpf/programs");
@@ -32,6 +33,20 @@ pub fn all(extra: &[String]) -> anyhow::Result<()> {
             "-D",
             "warnings",
         ])
+        .current_dir(&root))?;
+
+    // The lab's own tests (EC2 front against moto, fabric, IMDS) run before the Rust
+    // suite so the run closes with nextest's summary line.
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "xtask/lab/tests",
+        ])
+        .env("PYTHONPATH", root.join("xtask/lab"))
         .current_dir(&root))?;
 
     // nextest runs each test in its own process, so a crashing root test cannot take the

@@ -50,3 +50,10 @@ def test_explicit_requests_are_validated():
     assert check_explicit_prefixes(s, used, ["10.0.16.48/28"]) is None
     assert "aligned" in check_explicit_prefixes(s, used, ["10.0.16.50/28"])
     assert "overlaps" in check_explicit_prefixes(s, used, ["10.0.16.32/28"])
+
+
+def test_asking_for_nothing_gets_nothing_even_when_full():
+    s = Subnet.parse("10.0.16.0/28")
+    full = expand([str(ip) for ip in s.cidr], [])
+    assert pick_ips(s, full, 0) == []
+    assert pick_prefixes(s, full, 0) == []

@@ -65,6 +65,8 @@ def pick_ips(subnet: Subnet, used: set[ipaddress.IPv4Address], n: int,
 
 def pick_prefixes(subnet: Subnet, used: set[ipaddress.IPv4Address], n: int) -> list[str]:
     """n aligned /28 blocks inside the subnet that hold no used or reserved address."""
+    if n == 0:
+        return []
     if subnet.cidr.prefixlen > PREFIX_LEN:
         raise Exhausted(f"subnet {subnet.cidr} is smaller than a /{PREFIX_LEN}")
     taken = used | subnet.reserved()

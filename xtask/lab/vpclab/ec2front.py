@@ -22,8 +22,18 @@ from .addressing import Subnet
 from .ec2state import PrefixStore
 
 log = logging.getLogger("ec2front")
-NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
+# moto's namespace URI (AWS's has a trailing slash; parsers key on local names). Documents
+# from moto are handled in whatever namespace their root carries.
+NS = "http://ec2.amazonaws.com/doc/2016-11-15"
 ET.register_namespace("", NS)
+
+
+def ns_of(root: ET.Element) -> str:
+    return root.tag[1:].split("}")[0] if root.tag.startswith("{") else ""
+
+
+def q(ns: str, *tags: str) -> str:
+    return "/".join(f"{{{ns}}}{t}" if ns else t for t in tags)
 
 # HTTP status AWS uses for each error code the lab can produce; 400 otherwise.
 STATUS = {
@@ -174,6 +184,9 @@ class Front:
         except Ec2Error as e:
             log.info("%s refused: %s", action, e)
             return STATUS.get(e.code, 400), error_body(e.code, e.message)
+        except Exception as e:  # noqa: BLE001 - a bug here answers like AWS's 500, logged
+            log.exception("%s failed inside the lab's front", action)
+            return 500, error_body("InternalError", f"lab EC2 front: {type(e).__name__}: {e}")
 
     def forward_raw(self, _p, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
         conn = http.client.HTTPConnection(*self.moto, timeout=30)
@@ -322,11 +335,12 @@ class Front:
             keep[f"PrivateIpAddresses.{i}.Primary"] = "true" if i == 1 else "false"
         status, out = self.forward(keep, headers)
         root = ET.fromstring(out)
-        ni = root.find(f"{{{NS}}}networkInterface")
-        eni_id = ni.findtext(f"{{{NS}}}networkInterfaceId")
+        ns = ns_of(root)
+        ni = root.find(q(ns, "networkInterface"))
+        eni_id = ni.findtext(q(ns, "networkInterfaceId"))
         if prefixes:
             self.prefixes.add(eni_id, prefixes)
-            add_prefix_set(ni, prefixes)
+            add_prefix_set(ni, ns, prefixes)
         return status, b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root)
 
     def do_AssignPrivateIpAddresses(self, p, _body, headers):
@@ -405,27 +419,30 @@ class Front:
         if status != 200:
             return status, out
         root = ET.fromstring(out)
-        for item in root.iterfind(f"{{{NS}}}networkInterfaceSet/{{{NS}}}item"):
-            eni_id = item.findtext(f"{{{NS}}}networkInterfaceId")
+        ns = ns_of(root)
+        for item in root.iterfind(q(ns, "networkInterfaceSet", "item")):
+            eni_id = item.findtext(q(ns, "networkInterfaceId"))
             pfx = self.prefixes.get(eni_id)
             if pfx:
-                add_prefix_set(item, pfx)
+                add_prefix_set(item, ns, pfx)
         return status, b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root)
 
 
-def add_prefix_set(parent: ET.Element, prefixes: list[str]) -> None:
-    s = parent.find(f"{{{NS}}}ipv4PrefixSet")
+def add_prefix_set(parent: ET.Element, ns: str, prefixes: list[str]) -> None:
+    s = parent.find(q(ns, "ipv4PrefixSet"))
     if s is None:
-        s = sub(parent, "ipv4PrefixSet")
+        s = ET.SubElement(parent, q(ns, "ipv4PrefixSet"))
     for pfx in prefixes:
-        sub(sub(s, "item"), "ipv4Prefix", pfx)
+        item = ET.SubElement(s, q(ns, "item"))
+        ET.SubElement(item, q(ns, "ipv4Prefix")).text = pfx
 
 
 def raise_from_body(out: bytes) -> None:
     try:
         root = ET.fromstring(out)
-        code = root.findtext(".//Error/Code") or root.findtext(f".//{{{NS}}}Code") or "InternalError"
-        msg = root.findtext(".//Error/Message") or root.findtext(f".//{{{NS}}}Message") or ""
+        ns = ns_of(root)
+        code = root.findtext(".//" + q(ns, "Code")) or "InternalError"
+        msg = root.findtext(".//" + q(ns, "Message")) or ""
     except ET.ParseError:
         code, msg = "InternalError", out[:200].decode("utf-8", "replace")
     raise Ec2Error(code, msg)
