@@ -1,6 +1,7 @@
 //! Helpers for the root-only integration tests: network namespace guards and hand-built
 //! packets.
 
+pub mod lab;
 pub mod netns;
 pub mod packets;
 pub mod raw;

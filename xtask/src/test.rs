@@ -51,16 +51,16 @@ pub fn all(extra: &[String]) -> anyhow::Result<()> {
 
     // nextest runs each test in its own process, so a crashing root test cannot take the
     // others down, and prints the usual closing summary line.
+    let mut tests = Command::new(cargo());
     if have("cargo-nextest") {
-        run(Command::new(cargo())
-            .args(["nextest", "run", "--workspace", "--no-fail-fast"])
-            .args(extra)
-            .current_dir(&root))
+        tests.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
     } else {
         eprintln!("cargo-nextest not found; using cargo test");
-        run(Command::new(cargo())
-            .args(["test", "--workspace", "--no-fail-fast"])
-            .args(extra)
-            .current_dir(&root))
+        tests.args(["test", "--workspace", "--no-fail-fast"]);
     }
+    // Rust tests that bring up a lab of their own use the same Python.
+    run(tests
+        .args(extra)
+        .env("VPC_EBPF_LAB_PYTHON", &python)
+        .current_dir(&root))
 }

@@ -51,6 +51,13 @@ def main(argv: list[str]) -> int:
     st = sub.add_parser("status", help="nodes, ENIs, addresses, endpoints")
     st.add_argument("--json", action="store_true")
     sub.add_parser("check", help="check every path; exit 0 only if all pass")
+    f = sub.add_parser("fault", help="make the next N calls of an EC2 action fail or hang")
+    f.add_argument("--action", required=True, help="EC2 action, e.g. AssignPrivateIpAddresses, or *")
+    f.add_argument("--code", help="EC2 error code, e.g. RequestLimitExceeded, InternalError, "
+                   "UnauthorizedOperation, InsufficientFreeAddressesInSubnet")
+    f.add_argument("--count", type=int, default=1)
+    f.add_argument("--delay", type=float, default=0.0, help="seconds to hang before answering")
+    sub.add_parser("clear-faults", help="drop every pending fault")
     d = sub.add_parser("daemon", help=argparse.SUPPRESS)
     d.add_argument("--config", required=True)
     args = p.parse_args(argv)
@@ -84,6 +91,16 @@ def main(argv: list[str]) -> int:
         status = client.call(cfg.control_socket, "GET", "/status")
         if args.cmd == "status":
             print(json.dumps(status, indent=2)) if args.json else print_status(status)
+            return 0
+        if args.cmd == "fault":
+            if not args.code and not args.delay:
+                raise ConfigError("fault: give --code, --delay or both")
+            print(json.dumps(client.call(cfg.control_socket, "POST", "/faults", {
+                "action": args.action, "code": args.code, "count": args.count,
+                "delay": args.delay}), indent=2))
+            return 0
+        if args.cmd == "clear-faults":
+            client.call(cfg.control_socket, "DELETE", "/faults")
             return 0
         if args.cmd == "check":
             results = checks.run_checks(cfg, status)
