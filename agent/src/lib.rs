@@ -2,3 +2,4 @@
 //! drive them directly.
 
 pub mod dataplane;
+pub mod ipam;

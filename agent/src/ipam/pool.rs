@@ -1,0 +1,483 @@
+//! Warm-pool arithmetic with Amazon VPC CNI's variables and semantics. Pure: given the
+//! targets, the instance type's limits and what the node holds, say what to add or
+//! release. Everything is counted in *units*: secondary IPs, or /28 prefixes in prefix
+//! mode. Each ENI has `slots_per_eni` slots (EC2's Ipv4AddressesPerInterface); its primary
+//! address takes one, so `slots_per_eni - 1` units are usable for pods on every ENI.
+//!
+//! - `WARM_IP_TARGET` / `MINIMUM_IP_TARGET` (either set): keep at least `warm_ip` free
+//!   addresses and at least `minimum_ip` addresses in all; release what is above both.
+//!   In prefix mode they are counted in addresses and met with whole prefixes.
+//! - Otherwise, secondary-IP mode: `WARM_ENI_TARGET` ENIs' worth of free addresses; grow by
+//!   filling attached ENIs, then attaching full ENIs; release one unused ENI only when a
+//!   whole extra ENI's worth is free (one ENI of hysteresis, so no thrashing).
+//! - Otherwise, prefix mode: `WARM_PREFIX_TARGET` (default 1) wholly free prefixes.
+//! - `MAX_ENI` and the instance type cap ENIs; max pods caps the addresses held.
+
+/// Addresses in a delegated /28 prefix.
+pub const PREFIX_SIZE: u32 = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    SecondaryIp,
+    Prefix,
+}
+
+/// The warm-pool variables, already validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Targets {
+    pub warm_eni: u32,
+    pub warm_ip: Option<u32>,
+    pub minimum_ip: Option<u32>,
+    pub warm_prefix: Option<u32>,
+    pub max_eni: Option<u32>,
+    pub max_pods: Option<u32>,
+}
+
+impl Default for Targets {
+    fn default() -> Self {
+        Self {
+            warm_eni: 1,
+            warm_ip: None,
+            minimum_ip: None,
+            warm_prefix: None,
+            max_eni: None,
+            max_pods: None,
+        }
+    }
+}
+
+/// From DescribeInstanceTypes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstanceLimits {
+    pub max_enis: u32,
+    pub slots_per_eni: u32,
+}
+
+/// One attached ENI as the datastore sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EniUsage {
+    pub device_index: u32,
+    /// Units held for pods (secondary IPs or prefixes; never the primary address).
+    pub units: u32,
+    /// Units not wholly free: holding an assigned or cooling address.
+    pub busy_units: u32,
+    /// Pod addresses assigned on this ENI.
+    pub assigned: u32,
+    /// Addresses released by pods and not reusable before their cooldown ends.
+    pub cooling: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Add units to an attached ENI.
+    Assign { device_index: u32, units: u32 },
+    /// Create and attach a new ENI (at the lowest free device index) holding `units`.
+    AttachEni { units: u32 },
+}
+
+/// Why the pool cannot grow as far as its targets ask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blocked {
+    /// Every ENI the instance type (or MAX_ENI) allows is attached and full.
+    EniLimit,
+    /// Holding more would exceed max pods.
+    MaxPods,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub grow: Vec<Step>,
+    /// Free units to release (IP mode: addresses; prefix mode: wholly free prefixes).
+    pub release_units: u32,
+    /// An unused, non-primary ENI to detach and delete.
+    pub release_eni: Option<u32>,
+    /// Units the targets want that no step provides.
+    pub shortfall: u32,
+    pub blocked: Option<Blocked>,
+}
+
+/// Totals of a node's pool, in addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Totals {
+    pub total: u32,
+    pub assigned: u32,
+    pub cooling: u32,
+    pub available: u32,
+}
+
+pub fn totals(mode: Mode, enis: &[EniUsage]) -> Totals {
+    let per_unit = if mode == Mode::Prefix { PREFIX_SIZE } else { 1 };
+    let total = enis.iter().map(|e| e.units * per_unit).sum::<u32>();
+    let assigned = enis.iter().map(|e| e.assigned).sum::<u32>();
+    let cooling = enis.iter().map(|e| e.cooling).sum::<u32>();
+    Totals {
+        total,
+        assigned,
+        cooling,
+        available: total.saturating_sub(assigned + cooling),
+    }
+}
+
+pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, enis: &[EniUsage]) -> Plan {
+    let cap = limits.slots_per_eni.saturating_sub(1);
+    let max_enis = t
+        .max_eni
+        .map_or(limits.max_enis, |m| m.min(limits.max_enis));
+    let sums = totals(mode, enis);
+    let held_units = enis.iter().map(|e| e.units).sum::<u32>();
+    let by_ip_targets = t.warm_ip.is_some() || t.minimum_ip.is_some();
+
+    let (mut grow_units, mut release_units, warm_eni_mode) = if by_ip_targets {
+        let warm = t.warm_ip.unwrap_or(0);
+        let min = t.minimum_ip.unwrap_or(0);
+        let short = warm
+            .saturating_sub(sums.available)
+            .max(min.saturating_sub(sums.total));
+        let excess = if short == 0 {
+            sums.available
+                .saturating_sub(warm)
+                .min(sums.total.saturating_sub(min))
+        } else {
+            0
+        };
+        match mode {
+            Mode::SecondaryIp => (short, excess, false),
+            Mode::Prefix => {
+                let free_prefixes = enis.iter().map(|e| e.units - e.busy_units).sum::<u32>();
+                (
+                    short.div_ceil(PREFIX_SIZE),
+                    (excess / PREFIX_SIZE).min(free_prefixes),
+                    false,
+                )
+            }
+        }
+    } else if mode == Mode::Prefix {
+        let warm = t.warm_prefix.unwrap_or(1);
+        let free = enis.iter().map(|e| e.units - e.busy_units).sum::<u32>();
+        (warm.saturating_sub(free), free.saturating_sub(warm), false)
+    } else {
+        let want = t.warm_eni * cap;
+        if sums.available < want {
+            (want - sums.available, 0, true)
+        } else {
+            (0, 0, true)
+        }
+    };
+
+    // Max pods: never hold more addresses than pods can use.
+    let mut blocked = None;
+    if let Some(max_pods) = t.max_pods {
+        let max_units = match mode {
+            Mode::SecondaryIp => max_pods,
+            Mode::Prefix => max_pods.div_ceil(PREFIX_SIZE),
+        };
+        let room = max_units.saturating_sub(held_units);
+        if grow_units > room {
+            grow_units = room;
+            blocked = Some(Blocked::MaxPods);
+        }
+        if held_units > max_units {
+            release_units = release_units.max(held_units - max_units);
+        }
+    }
+
+    let mut out = Plan {
+        release_units: if grow_units > 0 { 0 } else { release_units },
+        blocked,
+        ..Plan::default()
+    };
+    if grow_units > 0 {
+        place(&mut out, enis, cap, max_enis, grow_units, warm_eni_mode);
+    } else if warm_eni_mode {
+        out.release_eni = surplus_eni(enis, t.warm_eni * cap, cap, sums.available);
+    }
+    out
+}
+
+/// Fills attached ENIs (lowest device index first), then attaches new ones. In warm-ENI
+/// mode every ENI touched is filled completely, as VPC CNI does.
+fn place(out: &mut Plan, enis: &[EniUsage], cap: u32, max_enis: u32, need: u32, fill: bool) {
+    let mut left = need;
+    let mut sorted: Vec<&EniUsage> = enis.iter().collect();
+    sorted.sort_by_key(|e| e.device_index);
+    for e in sorted {
+        let room = cap.saturating_sub(e.units);
+        if room == 0 {
+            continue;
+        }
+        let units = if fill { room } else { room.min(left) };
+        out.grow.push(Step::Assign {
+            device_index: e.device_index,
+            units,
+        });
+        left = left.saturating_sub(units);
+        if left == 0 {
+            return;
+        }
+    }
+    let mut attached = u32::try_from(enis.len()).unwrap_or(u32::MAX);
+    while left > 0 && cap > 0 {
+        if attached >= max_enis {
+            out.shortfall = left;
+            out.blocked = Some(Blocked::EniLimit);
+            return;
+        }
+        let units = if fill { cap } else { cap.min(left) };
+        out.grow.push(Step::AttachEni { units });
+        attached += 1;
+        left = left.saturating_sub(units);
+    }
+}
+
+/// In warm-ENI mode, the highest unused secondary ENI once a whole extra ENI's worth of
+/// addresses is free and releasing it keeps the target.
+fn surplus_eni(enis: &[EniUsage], want: u32, cap: u32, available: u32) -> Option<u32> {
+    if available < want + cap {
+        return None;
+    }
+    enis.iter()
+        .filter(|e| e.device_index != 0 && e.assigned == 0 && e.cooling == 0)
+        .filter(|e| available - e.units >= want)
+        .max_by_key(|e| e.device_index)
+        .map(|e| e.device_index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// m5.large: 3 ENIs, 10 addresses each (9 usable units).
+    const M5: InstanceLimits = InstanceLimits {
+        max_enis: 3,
+        slots_per_eni: 10,
+    };
+
+    fn eni(device_index: u32, units: u32, assigned: u32) -> EniUsage {
+        EniUsage {
+            device_index,
+            units,
+            busy_units: assigned.min(units),
+            assigned,
+            cooling: 0,
+        }
+    }
+
+    fn ip_targets(warm: Option<u32>, min: Option<u32>) -> Targets {
+        Targets {
+            warm_ip: warm,
+            minimum_ip: min,
+            ..Targets::default()
+        }
+    }
+
+    #[test]
+    fn ip_targets_table() {
+        use Step::{Assign, AttachEni};
+        // (warm, min, enis, expected grow, expected release)
+        type Case = (Option<u32>, Option<u32>, Vec<EniUsage>, Vec<Step>, u32);
+        let cases: Vec<Case> = vec![
+            // Fresh node, MINIMUM_IP_TARGET=8, WARM_IP_TARGET=3: 8 addresses on the primary.
+            (
+                Some(3),
+                Some(8),
+                vec![eni(0, 0, 0)],
+                vec![Assign {
+                    device_index: 0,
+                    units: 8,
+                }],
+                0,
+            ),
+            // 6 of 8 used: only 2 free, warm wants 3: one more, primary has room.
+            (
+                Some(3),
+                Some(8),
+                vec![eni(0, 8, 6)],
+                vec![Assign {
+                    device_index: 0,
+                    units: 1,
+                }],
+                0,
+            ),
+            // Primary full (9 units, 7 used): 2 free, 1 short: a new ENI with 1 address.
+            (
+                Some(3),
+                Some(8),
+                vec![eni(0, 9, 7)],
+                vec![AttachEni { units: 1 }],
+                0,
+            ),
+            // Pods gone: 12 free across two ENIs; keep 8 in all (min) and >= 3 free.
+            (
+                Some(3),
+                Some(8),
+                vec![eni(0, 9, 0), eni(1, 3, 0)],
+                vec![],
+                4,
+            ),
+            // Only MINIMUM set: warm counts as 0.
+            (
+                None,
+                Some(5),
+                vec![eni(0, 2, 2)],
+                vec![Assign {
+                    device_index: 0,
+                    units: 3,
+                }],
+                0,
+            ),
+            // Only WARM set: minimum counts as 0; 5 free, want 2: release 3.
+            (Some(2), None, vec![eni(0, 5, 0)], vec![], 3),
+            // Exactly on target: steady.
+            (Some(3), Some(8), vec![eni(0, 8, 5)], vec![], 0),
+        ];
+        for (i, (w, m, enis, grow, release)) in cases.into_iter().enumerate() {
+            let p = plan(Mode::SecondaryIp, &ip_targets(w, m), M5, &enis);
+            assert_eq!(p.grow, grow, "case {i}");
+            assert_eq!(p.release_units, release, "case {i}");
+            assert_eq!(p.blocked, None, "case {i}");
+        }
+    }
+
+    #[test]
+    fn cooling_addresses_are_not_available() {
+        let mut e = eni(0, 8, 5);
+        e.cooling = 2;
+        e.busy_units = 7;
+        let p = plan(Mode::SecondaryIp, &ip_targets(Some(3), Some(8)), M5, &[e]);
+        // 8 held, 5 assigned, 2 cooling: 1 free, 2 short; the primary has room for one.
+        let want = vec![
+            Step::Assign {
+                device_index: 0,
+                units: 1,
+            },
+            Step::AttachEni { units: 1 },
+        ];
+        assert_eq!(p.grow, want);
+    }
+
+    #[test]
+    fn warm_eni_fills_whole_enis_and_releases_with_hysteresis() {
+        let t = Targets::default();
+        // Fresh node: the primary is filled (9 free = one ENI's worth).
+        let p = plan(Mode::SecondaryIp, &t, M5, &[eni(0, 0, 0)]);
+        assert_eq!(
+            p.grow,
+            vec![Step::Assign {
+                device_index: 0,
+                units: 9
+            }]
+        );
+        // One pod: 8 free < 9: a whole new ENI.
+        let p = plan(Mode::SecondaryIp, &t, M5, &[eni(0, 9, 1)]);
+        assert_eq!(p.grow, vec![Step::AttachEni { units: 9 }]);
+        // 17 free: not yet two ENIs' worth (18): keep everything.
+        let p = plan(Mode::SecondaryIp, &t, M5, &[eni(0, 9, 1), eni(1, 9, 0)]);
+        assert_eq!((p.grow.len(), p.release_eni), (0, None));
+        // 18 free: release the unused secondary ENI.
+        let p = plan(Mode::SecondaryIp, &t, M5, &[eni(0, 9, 0), eni(1, 9, 0)]);
+        assert_eq!(p.release_eni, Some(1));
+        // Never an ENI with a cooling address.
+        let mut cooling = eni(1, 9, 0);
+        cooling.cooling = 1;
+        let p = plan(Mode::SecondaryIp, &t, M5, &[eni(0, 9, 0), cooling]);
+        assert_eq!(p.release_eni, None);
+    }
+
+    #[test]
+    fn eni_limit_and_max_eni_stop_growth_with_a_reason() {
+        let t = ip_targets(Some(5), None);
+        let full = [eni(0, 9, 9), eni(1, 9, 9), eni(2, 9, 9)];
+        let p = plan(Mode::SecondaryIp, &t, M5, &full);
+        assert_eq!((p.shortfall, p.blocked), (5, Some(Blocked::EniLimit)));
+        let t = Targets {
+            max_eni: Some(1),
+            ..ip_targets(Some(5), None)
+        };
+        let p = plan(Mode::SecondaryIp, &t, M5, &[eni(0, 9, 7)]);
+        assert_eq!(p.grow, vec![]);
+        assert_eq!((p.shortfall, p.blocked), (3, Some(Blocked::EniLimit)));
+    }
+
+    #[test]
+    fn max_pods_caps_what_is_held() {
+        let t = Targets {
+            max_pods: Some(10),
+            ..ip_targets(Some(5), None)
+        };
+        let p = plan(Mode::SecondaryIp, &t, M5, &[eni(0, 9, 8)]);
+        // 1 free, warm wants 5, but 9 held of at most 10: one more address, on a new ENI.
+        assert_eq!(p.grow, vec![Step::AttachEni { units: 1 }]);
+        assert_eq!(p.blocked, Some(Blocked::MaxPods));
+    }
+
+    #[test]
+    fn prefix_mode_in_whole_prefixes() {
+        let pfx = |device_index, units, busy, assigned| EniUsage {
+            device_index,
+            units,
+            busy_units: busy,
+            assigned,
+            cooling: 0,
+        };
+        // Default WARM_PREFIX_TARGET=1 on a fresh node: one prefix.
+        let p = plan(Mode::Prefix, &Targets::default(), M5, &[pfx(0, 0, 0, 0)]);
+        assert_eq!(
+            p.grow,
+            vec![Step::Assign {
+                device_index: 0,
+                units: 1
+            }]
+        );
+        // The only prefix has a pod: not free any more: another.
+        let p = plan(Mode::Prefix, &Targets::default(), M5, &[pfx(0, 1, 1, 1)]);
+        assert_eq!(
+            p.grow,
+            vec![Step::Assign {
+                device_index: 0,
+                units: 1
+            }]
+        );
+        // Three wholly free, target 1: release 2.
+        let p = plan(Mode::Prefix, &Targets::default(), M5, &[pfx(0, 4, 1, 3)]);
+        assert_eq!(p.release_units, 2);
+        // IP targets in addresses, met in prefixes: min 20 addresses = 2 prefixes.
+        let p = plan(
+            Mode::Prefix,
+            &ip_targets(Some(3), Some(20)),
+            M5,
+            &[pfx(0, 0, 0, 0)],
+        );
+        assert_eq!(
+            p.grow,
+            vec![Step::Assign {
+                device_index: 0,
+                units: 2
+            }]
+        );
+        // 30 addresses free of 32 (2 used): above both targets by 27 -> one whole prefix back
+        // at most, and only a wholly free one.
+        let p = plan(
+            Mode::Prefix,
+            &ip_targets(Some(3), Some(0)),
+            M5,
+            &[pfx(0, 2, 1, 2)],
+        );
+        assert_eq!(p.release_units, 1);
+        // Max pods 17 -> at most 2 prefixes.
+        let t = Targets {
+            max_pods: Some(17),
+            warm_prefix: Some(5),
+            ..Targets::default()
+        };
+        let p = plan(Mode::Prefix, &t, M5, &[pfx(0, 1, 1, 1)]);
+        assert_eq!(
+            p.grow,
+            vec![Step::Assign {
+                device_index: 0,
+                units: 1
+            }]
+        );
+        assert_eq!(p.blocked, Some(Blocked::MaxPods));
+    }
+}
