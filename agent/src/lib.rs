@@ -1,5 +1,6 @@
 //! vpc-ebpf node agent as a library: the binary wires these modules together, tests
 //! drive them directly.
 
+pub mod config;
 pub mod dataplane;
 pub mod ipam;

@@ -1,0 +1,345 @@
+//! The agent's configuration from its environment, with Amazon VPC CNI's variable names
+//! and defaults where they exist. Every problem names the variable, what it got and what
+//! it accepts; all problems are reported at once.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use crate::ipam::pool::{Mode, Targets};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub mode: Mode,
+    pub targets: Targets,
+    pub ip_cooldown: Duration,
+    pub cluster_name: Option<String>,
+    pub additional_eni_tags: BTreeMap<String, String>,
+    pub disable_leaked_eni_cleanup: bool,
+    pub external_snat: bool,
+    pub exclude_snat_cidrs: Vec<ipnet_lite::Cidr>,
+    pub veth_prefix: String,
+    pub mtu: u32,
+    /// AWS_EC2_ENDPOINT: an EC2 endpoint other than the region's (VPC endpoints, the lab).
+    pub ec2_endpoint: Option<String>,
+    pub agent_socket: PathBuf,
+    pub checkpoint: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub introspection_addr: SocketAddr,
+    pub log_level: String,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// Minimal IPv4 CIDR parsing, enough for the SNAT exclusions.
+pub mod ipnet_lite {
+    use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Cidr {
+        pub addr: Ipv4Addr,
+        pub len: u8,
+    }
+
+    impl FromStr for Cidr {
+        type Err = ();
+        fn from_str(s: &str) -> Result<Self, ()> {
+            let (a, l) = s.split_once('/').ok_or(())?;
+            let addr: Ipv4Addr = a.parse().map_err(|_| ())?;
+            let len: u8 = l.parse().map_err(|_| ())?;
+            if len > 32 || (len < 32 && u32::from(addr) & (u32::MAX >> len) != 0) {
+                return Err(());
+            }
+            Ok(Self { addr, len })
+        }
+    }
+
+    impl fmt::Display for Cidr {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "{}/{}", self.addr, self.len)
+        }
+    }
+}
+
+struct Reader<'a> {
+    get: &'a dyn Fn(&str) -> Option<String>,
+    problems: Vec<String>,
+}
+
+impl Reader<'_> {
+    fn raw(&self, key: &str) -> Option<String> {
+        (self.get)(key)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn count(&mut self, key: &str) -> Option<u32> {
+        let v = self.raw(key)?;
+        let parsed = v.parse::<u32>().ok();
+        if parsed.is_none() {
+            self.problems
+                .push(format!("{key}={v:?}: expected a whole number >= 0"));
+        }
+        parsed
+    }
+
+    fn flag(&mut self, key: &str, default: bool) -> bool {
+        let Some(v) = self.raw(key) else {
+            return default;
+        };
+        // Go's strconv.ParseBool, which VPC CNI uses, so existing manifests keep working.
+        match v.as_str() {
+            "1" | "t" | "T" | "true" | "TRUE" | "True" => true,
+            "0" | "f" | "F" | "false" | "FALSE" | "False" => false,
+            _ => {
+                self.problems
+                    .push(format!("{key}={v:?}: expected true or false"));
+                default
+            }
+        }
+    }
+
+    fn addr(&mut self, key: &str, default: &str) -> SocketAddr {
+        let v = self.raw(key).unwrap_or_else(|| default.to_owned());
+        v.parse().unwrap_or_else(|_| {
+            self.problems.push(format!(
+                "{key}={v:?}: expected an address:port such as {default}"
+            ));
+            default.parse().expect("defaults parse")
+        })
+    }
+
+    fn eni_tags(&mut self) -> BTreeMap<String, String> {
+        let tags = match self.raw("ADDITIONAL_ENI_TAGS") {
+            None => BTreeMap::new(),
+            Some(v) => serde_json::from_str::<BTreeMap<String, String>>(&v).unwrap_or_else(|e| {
+                self.problems.push(format!(
+                    "ADDITIONAL_ENI_TAGS={v:?}: expected a JSON object of string tags, such as \
+                     {{\"team\":\"net\"}} ({e})"
+                ));
+                BTreeMap::new()
+            }),
+        };
+        if let Some(k) = tags
+            .keys()
+            .find(|k| k.starts_with("k8s.amazonaws.com") || k.starts_with("aws:"))
+        {
+            self.problems.push(format!(
+                "ADDITIONAL_ENI_TAGS: tag {k:?} uses a reserved prefix (k8s.amazonaws.com, aws:)"
+            ));
+        }
+        tags
+    }
+
+    fn snat_exclusions(&mut self) -> Vec<ipnet_lite::Cidr> {
+        let mut exclude_snat_cidrs = Vec::new();
+        if let Some(v) = self.raw("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS") {
+            for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                match part.parse() {
+                    Ok(c) => exclude_snat_cidrs.push(c),
+                    Err(()) => self.problems.push(format!(
+                        "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS: {part:?} is not an IPv4 CIDR such as \
+                         10.10.0.0/16"
+                    )),
+                }
+            }
+        }
+        exclude_snat_cidrs
+    }
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&|k| std::env::var(k).ok())
+    }
+
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut r = Reader {
+            get,
+            problems: Vec::new(),
+        };
+        let prefix = r.flag("ENABLE_PREFIX_DELEGATION", false);
+        let max_eni = match r.raw("MAX_ENI").as_deref() {
+            // VPC CNI's "no limit".
+            None | Some("-1") => None,
+            Some(_) => r.count("MAX_ENI"),
+        };
+        if max_eni == Some(0) {
+            r.problems
+                .push("MAX_ENI=\"0\": at least 1 (the primary ENI), or -1 for no limit".into());
+        }
+        let targets = Targets {
+            warm_eni: r.count("WARM_ENI_TARGET").unwrap_or(1),
+            warm_ip: r.count("WARM_IP_TARGET"),
+            minimum_ip: r.count("MINIMUM_IP_TARGET"),
+            warm_prefix: r.count("WARM_PREFIX_TARGET"),
+            max_eni,
+            max_pods: r.count("MAX_PODS"),
+        };
+        if !prefix && targets.warm_prefix.is_some() {
+            r.problems.push(
+                "WARM_PREFIX_TARGET is set but ENABLE_PREFIX_DELEGATION is not true: set \
+                 ENABLE_PREFIX_DELEGATION=true or remove WARM_PREFIX_TARGET"
+                    .into(),
+            );
+        }
+        let ip_cooldown =
+            Duration::from_secs(u64::from(r.count("IP_COOLDOWN_PERIOD").unwrap_or(30)));
+        let additional_eni_tags = r.eni_tags();
+        let exclude_snat_cidrs = r.snat_exclusions();
+        let veth_prefix = r
+            .raw("AWS_VPC_K8S_CNI_VETHPREFIX")
+            .unwrap_or_else(|| "eni".into());
+        if veth_prefix.len() > 4
+            || !veth_prefix.chars().all(|c| c.is_ascii_alphanumeric())
+            || ["eth", "lo", "vlan"].contains(&veth_prefix.as_str())
+        {
+            r.problems.push(format!(
+                "AWS_VPC_K8S_CNI_VETHPREFIX={veth_prefix:?}: 1 to 4 letters or digits, not eth, \
+                 lo or vlan"
+            ));
+        }
+        let mtu = r.count("AWS_VPC_ENI_MTU").unwrap_or(9001);
+        if !(576..=9001).contains(&mtu) {
+            r.problems
+                .push(format!("AWS_VPC_ENI_MTU={mtu}: between 576 and 9001"));
+        }
+        let log_level = r
+            .raw("AWS_VPC_K8S_CNI_LOGLEVEL")
+            .unwrap_or_else(|| "INFO".into())
+            .to_lowercase();
+        if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
+            r.problems.push(format!(
+                "AWS_VPC_K8S_CNI_LOGLEVEL={log_level:?}: one of ERROR, WARN, INFO, DEBUG, TRACE"
+            ));
+        }
+        let config = Self {
+            mode: if prefix {
+                Mode::Prefix
+            } else {
+                Mode::SecondaryIp
+            },
+            targets,
+            ip_cooldown,
+            cluster_name: r.raw("CLUSTER_NAME"),
+            additional_eni_tags,
+            disable_leaked_eni_cleanup: r.flag("DISABLE_LEAKED_ENI_CLEANUP", false),
+            external_snat: r.flag("AWS_VPC_K8S_CNI_EXTERNALSNAT", false),
+            exclude_snat_cidrs,
+            veth_prefix,
+            mtu,
+            ec2_endpoint: r.raw("AWS_EC2_ENDPOINT"),
+            agent_socket: r
+                .raw("VPC_EBPF_AGENT_SOCKET")
+                .unwrap_or_else(|| "/run/vpc-ebpf/agent.sock".into())
+                .into(),
+            checkpoint: r
+                .raw("VPC_EBPF_CHECKPOINT")
+                .unwrap_or_else(|| crate::ipam::checkpoint::DEFAULT_PATH.into())
+                .into(),
+            metrics_addr: r.addr("METRICS_BIND_ADDRESS", "127.0.0.1:61678"),
+            introspection_addr: r.addr("INTROSPECTION_BIND_ADDRESS", "127.0.0.1:61679"),
+            log_level,
+        };
+        if r.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError(r.problems))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_lookup(&|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_vpc_cni() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.mode, Mode::SecondaryIp);
+        assert_eq!(c.targets, Targets::default());
+        assert_eq!(c.ip_cooldown, Duration::from_secs(30));
+        assert_eq!(c.veth_prefix, "eni");
+        assert_eq!(c.mtu, 9001);
+        assert_eq!(c.metrics_addr.port(), 61678);
+        assert_eq!(c.introspection_addr.port(), 61679);
+        assert!(!c.external_snat && !c.disable_leaked_eni_cleanup);
+    }
+
+    #[test]
+    fn reads_every_variable() {
+        let c = parse(&[
+            ("ENABLE_PREFIX_DELEGATION", "true"),
+            ("WARM_IP_TARGET", "3"),
+            ("MINIMUM_IP_TARGET", "8"),
+            ("WARM_PREFIX_TARGET", "2"),
+            ("MAX_ENI", "2"),
+            ("IP_COOLDOWN_PERIOD", "5"),
+            ("CLUSTER_NAME", "prod"),
+            ("ADDITIONAL_ENI_TAGS", r#"{"team":"net"}"#),
+            ("DISABLE_LEAKED_ENI_CLEANUP", "1"),
+            ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "True"),
+            (
+                "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
+                "10.10.0.0/16, 192.168.0.0/24",
+            ),
+            ("AWS_EC2_ENDPOINT", "http://10.0.255.10"),
+        ])
+        .unwrap();
+        assert_eq!(c.mode, Mode::Prefix);
+        assert_eq!(
+            (c.targets.warm_ip, c.targets.minimum_ip),
+            (Some(3), Some(8))
+        );
+        assert_eq!(
+            (c.targets.warm_prefix, c.targets.max_eni),
+            (Some(2), Some(2))
+        );
+        assert_eq!(c.ip_cooldown, Duration::from_secs(5));
+        assert_eq!(c.additional_eni_tags["team"], "net");
+        assert_eq!(c.exclude_snat_cidrs.len(), 2);
+        assert!(c.external_snat && c.disable_leaked_eni_cleanup);
+        assert_eq!(parse(&[("MAX_ENI", "-1")]).unwrap().targets.max_eni, None);
+    }
+
+    #[test]
+    fn every_problem_is_named_with_what_is_accepted() {
+        let e = parse(&[
+            ("WARM_IP_TARGET", "lots"),
+            ("ENABLE_PREFIX_DELEGATION", "yes"),
+            ("MAX_ENI", "0"),
+            ("ADDITIONAL_ENI_TAGS", "team=net"),
+            ("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "10.0.0.1/8"),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", "eth"),
+            ("AWS_VPC_ENI_MTU", "100"),
+            ("INTROSPECTION_BIND_ADDRESS", "localhost"),
+        ])
+        .unwrap_err();
+        let text = e.to_string();
+        for var in [
+            "WARM_IP_TARGET",
+            "ENABLE_PREFIX_DELEGATION",
+            "MAX_ENI",
+            "ADDITIONAL_ENI_TAGS",
+            "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
+            "AWS_VPC_K8S_CNI_VETHPREFIX",
+            "AWS_VPC_ENI_MTU",
+            "INTROSPECTION_BIND_ADDRESS",
+        ] {
+            assert!(text.contains(var), "{var} not named in:\n{text}");
+        }
+        assert_eq!(e.0.len(), 8, "{text}");
+        let e = parse(&[("WARM_PREFIX_TARGET", "1")]).unwrap_err();
+        assert!(e.to_string().contains("ENABLE_PREFIX_DELEGATION=true"));
+    }
+}
