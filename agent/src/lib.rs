@@ -4,3 +4,4 @@
 pub mod config;
 pub mod dataplane;
 pub mod ipam;
+pub mod rpc;

@@ -1,0 +1,170 @@
+//! The CNI backend over a real unix socket: assignment, idempotency, checkpoint before
+//! reply, specific status codes with reasons, GC, socket hygiene.
+
+use std::{os::unix::fs::PermissionsExt as _, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::sync::{Mutex, Notify};
+use tonic::Code;
+use vpc_ebpf_agent::{
+    ipam::{
+        checkpoint,
+        pool::{Blocked, Mode},
+        store::{AttachmentKey, Store},
+    },
+    rpc::{Backend, GrowthBlock, Shared, State},
+};
+use vpc_ebpf_rpc::{client, reason, reason_of, server, v1};
+
+fn dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vpc-ebpf-rpc-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn att(c: &str) -> v1::Attachment {
+    v1::Attachment {
+        network: "aws-cni".into(),
+        container_id: c.into(),
+        ifname: "eth0".into(),
+    }
+}
+
+fn add(c: &str) -> v1::AddNetworkRequest {
+    v1::AddNetworkRequest {
+        attachment: Some(att(c)),
+        pod: Some(v1::Pod {
+            namespace: "default".into(),
+            name: format!("pod-{c}"),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn start(tag: &str) -> (Shared, PathBuf, PathBuf) {
+    let d = dir(tag);
+    let mut store = Store::new(Mode::SecondaryIp, 30_000);
+    store.upsert_eni(
+        "eni-0",
+        0,
+        "02:00:00:00:00:01",
+        "10.0.0.10".parse().unwrap(),
+    );
+    store
+        .add_ips(
+            "eni-0",
+            &["10.0.0.20".parse().unwrap(), "10.0.0.21".parse().unwrap()],
+        )
+        .unwrap();
+    let shared = Shared {
+        state: Arc::new(Mutex::new(State {
+            store,
+            checkpoint: d.join("ipam.json"),
+            ready: true,
+            not_ready_reason: String::new(),
+            blocked: None,
+            endpoints: std::collections::HashMap::default(),
+        })),
+        pool_changed: Arc::new(Notify::new()),
+    };
+    let sock = d.join("agent.sock");
+    let incoming = server::bind(&sock).await.unwrap();
+    let svc = v1::cni_backend_server::CniBackendServer::new(Backend {
+        shared: shared.clone(),
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(incoming),
+    );
+    (shared, sock, d)
+}
+
+#[tokio::test]
+async fn assigns_persists_releases_and_explains_exhaustion() {
+    let (shared, sock, d) = start("main").await;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let mut c = client::connect(&sock, Duration::from_secs(2))
+        .await
+        .unwrap();
+
+    let a = c.add_network(add("c1")).await.unwrap().into_inner();
+    assert!(!a.existing);
+    let again = c.add_network(add("c1")).await.unwrap().into_inner();
+    assert_eq!(
+        (again.ipv4.as_str(), again.existing),
+        (a.ipv4.as_str(), true)
+    );
+    // On disk before the reply came back.
+    let saved = checkpoint::load(&d.join("ipam.json")).unwrap().unwrap();
+    let k1 = AttachmentKey {
+        network: "aws-cni".into(),
+        container_id: "c1".into(),
+        ifname: "eth0".into(),
+    };
+    assert_eq!(saved.lookup(&k1).unwrap().to_string(), a.ipv4);
+
+    c.add_network(add("c2")).await.unwrap();
+    let err = c.add_network(add("c3")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason_of(&err), Some(reason::POOL_REFILLING));
+    shared.state.lock().await.blocked = Some(GrowthBlock::Pool(Blocked::EniLimit));
+    let err = c.add_network(add("c3")).await.unwrap_err();
+    assert_eq!(reason_of(&err), Some(reason::ENI_LIMIT));
+    assert!(err.message().contains("ENI"), "{}", err.message());
+
+    let del = v1::DelNetworkRequest {
+        attachment: Some(att("c1")),
+        pod: None,
+    };
+    let r = c.del_network(del.clone()).await.unwrap().into_inner();
+    assert_eq!(r.released_ipv4, a.ipv4);
+    let r = c.del_network(del).await.unwrap().into_inner();
+    assert_eq!(r.released_ipv4, "", "DEL is idempotent");
+    // The released address cools down: still no address for a new pod.
+    assert_eq!(
+        c.add_network(add("c4")).await.unwrap_err().code(),
+        Code::ResourceExhausted
+    );
+
+    // GC keeps what the runtime still has and releases the rest.
+    let gc = c
+        .garbage_collect(v1::GarbageCollectRequest {
+            network: "aws-cni".into(),
+            keep: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(gc.released.len(), 1);
+    assert_eq!(gc.released[0].container_id, "c2");
+
+    shared.state.lock().await.ready = false;
+    let err = c.add_network(add("c5")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    let st = c.status(v1::StatusRequest {}).await.unwrap().into_inner();
+    assert!(!st.ready && st.detail.contains("not ready"));
+
+    let bad = c
+        .add_network(v1::AddNetworkRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    std::fs::remove_dir_all(d).unwrap();
+}
+
+#[tokio::test]
+async fn stale_sockets_are_replaced_and_live_ones_refused() {
+    let d = dir("stale");
+    let sock = d.join("agent.sock");
+    // A socket file left by a crashed agent: bound, never served.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let _live = server::bind(&sock).await.expect("stale socket replaced");
+    let err = server::bind(&sock).await.unwrap_err();
+    assert!(err.to_string().contains("another agent"), "{err}");
+    std::fs::remove_dir_all(d).unwrap();
+}

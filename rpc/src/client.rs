@@ -1,0 +1,40 @@
+//! Connecting to the agent's unix socket.
+
+use std::{path::PathBuf, time::Duration};
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::v1::cni_backend_client::CniBackendClient;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach the vpc-ebpf agent at {path}: {source}")]
+pub struct ConnectError {
+    pub path: PathBuf,
+    #[source]
+    pub source: tonic::transport::Error,
+}
+
+/// A client on the agent's socket; `timeout` bounds connecting and every call.
+pub async fn connect(
+    path: impl Into<PathBuf>,
+    timeout: Duration,
+) -> Result<CniBackendClient<Channel>, ConnectError> {
+    let path = path.into();
+    let socket = path.clone();
+    // The URI is required by tonic but unused: the connector dials the socket.
+    let channel = Endpoint::from_static("http://agent.invalid")
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map(TokioIo::new)
+            }
+        }))
+        .await
+        .map_err(|source| ConnectError { path, source })?;
+    Ok(CniBackendClient::new(channel))
+}
