@@ -278,8 +278,11 @@ impl v1::cni_backend_server::CniBackend for Backend {
             .filter(|k| k.network == req.network && !keep.contains(k))
             .collect();
         let now = now_ms();
+        let mut released_ipv4 = Vec::new();
         for k in &stale {
-            st.store.release(k, now);
+            if let Some(ip) = st.store.release(k, now) {
+                released_ipv4.push(ip.to_string());
+            }
             st.endpoints.remove(k);
         }
         if !stale.is_empty() {
@@ -295,6 +298,7 @@ impl v1::cni_backend_server::CniBackend for Backend {
                     ifname: k.ifname,
                 })
                 .collect(),
+            released_ipv4,
         }))
     }
 }

@@ -1,4 +1,8 @@
 //! vpc-ebpf-cni as a library: the binary is a thin edge over these modules.
 
+pub mod agent;
+pub mod commands;
+pub mod logging;
 pub mod names;
+pub mod netlink;
 pub mod spec;

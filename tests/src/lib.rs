@@ -1,6 +1,8 @@
 //! Helpers for the root-only integration tests: network namespace guards and hand-built
 //! packets.
 
+pub mod agent;
+pub mod cni;
 pub mod lab;
 pub mod netns;
 pub mod packets;

@@ -1,0 +1,95 @@
+//! Calls to the agent, and what a plugin does when it is not there.
+
+use std::{path::Path, time::Duration};
+
+use tonic::{Code, Status, transport::Channel};
+use vpc_ebpf_rpc::{client, reason, reason_of, v1, v1::cni_backend_client::CniBackendClient};
+
+use crate::spec::{CniError, ErrorCode};
+
+pub type Client = CniBackendClient<Channel>;
+
+/// Connecting is local and quick; a call the agent does not answer in this long means the
+/// agent is stuck, and the runtime will retry.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub async fn connect(socket: &Path) -> Result<Client, CniError> {
+    client::connect(socket, CONNECT_TIMEOUT)
+        .await
+        .map(|c| c.max_decoding_message_size(4 << 20))
+        .map_err(|e| {
+            CniError::new(
+                ErrorCode::Agent,
+                "cannot reach the vpc-ebpf agent",
+                format!(
+                    "{e}; is the vpc-ebpf agent (DaemonSet) running on this node? \
+                     `kubectl -n kube-system get pods -l app.kubernetes.io/name=vpc-ebpf -o wide`"
+                ),
+            )
+        })
+}
+
+/// Maps an agent error to the CNI code the runtime acts on: 11 (retry later) for what
+/// passes by itself, a failure otherwise.
+pub fn map_status(what: &str, s: &Status) -> CniError {
+    match (s.code(), reason_of(s)) {
+        (Code::Unavailable, _) => CniError::new(
+            ErrorCode::TryAgainLater,
+            format!("{what}: the agent is not ready"),
+            s.message().to_owned(),
+        ),
+        (Code::ResourceExhausted, Some(reason::POOL_REFILLING)) => CniError::new(
+            ErrorCode::TryAgainLater,
+            format!("{what}: no free IP yet, the warm pool is refilling"),
+            s.message().to_owned(),
+        ),
+        (Code::ResourceExhausted, _) => CniError::new(
+            ErrorCode::NoAddress,
+            format!("{what}: no IP address available for this pod"),
+            s.message().to_owned(),
+        ),
+        (Code::DeadlineExceeded | Code::Cancelled, _) => CniError::new(
+            ErrorCode::TryAgainLater,
+            format!("{what}: the agent did not answer in time"),
+            s.message().to_owned(),
+        ),
+        _ => CniError::new(
+            ErrorCode::Agent,
+            format!("{what}: the agent refused ({:?})", s.code()),
+            s.message().to_owned(),
+        ),
+    }
+}
+
+/// Where DELs that could not reach the agent are remembered; the agent releases them when
+/// it starts.
+pub fn pending_dir(socket: &Path) -> std::path::PathBuf {
+    socket
+        .parent()
+        .unwrap_or(Path::new("/run/vpc-ebpf"))
+        .join("pending-release")
+}
+
+/// Records a release for the agent to do later. The file name is the attachment key, so a
+/// repeated DEL writes the same file.
+pub fn remember_release(socket: &Path, a: &v1::Attachment) -> std::io::Result<()> {
+    let dir = pending_dir(socket);
+    std::fs::create_dir_all(&dir)?;
+    let name = format!("{}_{}_{}", a.network, a.container_id, a.ifname)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-._".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect::<String>();
+    let body = serde_json::json!({
+        "network": a.network, "container_id": a.container_id, "ifname": a.ifname,
+    });
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, body.to_string())?;
+    std::fs::rename(tmp, dir.join(format!("{name}.json")))
+}
