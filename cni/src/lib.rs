@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod commands;
+pub mod fuzz;
 pub mod logging;
 pub mod names;
 pub mod netlink;

@@ -21,10 +21,15 @@ pub struct TestAgent {
 impl TestAgent {
     /// An agent whose primary ENI holds `ips` secondary addresses from 10.0.0.20 on.
     pub fn start(dir: &std::path::Path, ips: u8) -> Self {
+        let addrs: Vec<Ipv4Addr> = (0..ips).map(|i| Ipv4Addr::new(10, 0, 0, 20 + i)).collect();
+        Self::start_with(dir, &addrs)
+    }
+
+    /// An agent whose primary ENI holds exactly `addrs`.
+    pub fn start_with(dir: &std::path::Path, addrs: &[Ipv4Addr]) -> Self {
         let mut store = Store::new(Mode::SecondaryIp, 30_000);
         store.upsert_eni("eni-0", 0, "02:00:00:00:00:01", Ipv4Addr::new(10, 0, 0, 10));
-        let addrs: Vec<Ipv4Addr> = (0..ips).map(|i| Ipv4Addr::new(10, 0, 0, 20 + i)).collect();
-        store.add_ips("eni-0", &addrs).unwrap();
+        store.add_ips("eni-0", addrs).unwrap();
         Self::serve(dir, store)
     }
 

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's development commands.
 
+mod bench;
 mod deps;
 mod ebpf;
 mod lab;
@@ -31,6 +32,11 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmarks against the anchors: `bench cni [--pods N] [--rounds N] [--json FILE]`.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// The local VPC lab: no arguments = up + check. Subcommands: up [--nodes N]
     /// [--instance-type T] [--imds-lag S] [--agent-env K=V]..., down, status [--json], check.
     Lab {
@@ -55,5 +61,6 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Test { args } => test::all(&args),
         Command::Lab { args } => lab::run(&args),
+        Command::Bench { args } => bench::run_bench(&args),
     }
 }
