@@ -4,4 +4,5 @@
 pub mod config;
 pub mod dataplane;
 pub mod ipam;
+pub mod pending;
 pub mod rpc;

@@ -33,11 +33,17 @@ impl TestAgent {
         Self::serve(dir, store)
     }
 
-    /// An agent restored from the checkpoint in `dir`, as after a restart.
+    /// An agent restored from the checkpoint in `dir`, as after a restart, applying the
+    /// releases the plugin recorded while it was down (as the agent's start does).
     pub fn restart(dir: &std::path::Path) -> Self {
-        let store = checkpoint::load(&dir.join("ipam.json"))
+        let mut store = checkpoint::load(&dir.join("ipam.json"))
             .unwrap()
             .expect("checkpoint");
+        vpc_ebpf_agent::pending::apply(
+            &dir.join("pending-release"),
+            &mut store,
+            vpc_ebpf_agent::rpc::now_ms(),
+        );
         Self::serve(dir, store)
     }
 

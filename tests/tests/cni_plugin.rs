@@ -181,6 +181,18 @@ fn del_works_without_netns_and_without_the_agent() {
     assert!(add.json()["details"].as_str().unwrap().contains("running"));
 
     let agent = TestAgent::restart(&env.dir);
+    assert_eq!(
+        agent.assignments(),
+        0,
+        "the remembered release was applied at start"
+    );
+    assert!(
+        std::fs::read_dir(env.dir.join("pending-release"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "applied records are removed"
+    );
     let status = env.call("STATUS", "", None, "1.1.0").run();
     assert!(status.ok, "STATUS with the agent up: {}", status.stdout);
     drop(agent);

@@ -34,6 +34,7 @@ pub fn all(extra: &[String]) -> anyhow::Result<()> {
             "warnings",
         ])
         .current_dir(&root))?;
+    plugin_stays_small(&root)?;
 
     // The lab's own tests (EC2 front against moto, fabric, IMDS) run before the Rust
     // suite so the run closes with nextest's summary line.
@@ -63,4 +64,36 @@ pub fn all(extra: &[String]) -> anyhow::Result<()> {
         .args(extra)
         .env("VPC_EBPF_LAB_PYTHON", &python)
         .current_dir(&root))
+}
+
+/// The plugin is exec'd for every pod: the AWS SDK, kube and aya belong in the agent only.
+fn plugin_stays_small(root: &std::path::Path) -> anyhow::Result<()> {
+    let out = Command::new(cargo())
+        .args([
+            "tree",
+            "-p",
+            "vpc-ebpf-cni",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .current_dir(root)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "cargo tree -p vpc-ebpf-cni failed");
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let banned: Vec<&str> = tree
+        .lines()
+        .filter(|l| {
+            ["aws-sdk", "aws-config", "kube", "aya "]
+                .iter()
+                .any(|b| l.starts_with(b))
+        })
+        .collect();
+    anyhow::ensure!(
+        banned.is_empty(),
+        "vpc-ebpf-cni depends on crates that belong in the agent only: {banned:?}"
+    );
+    eprintln!("vpc-ebpf-cni dependency tree: no aws-sdk, kube or aya");
+    Ok(())
 }

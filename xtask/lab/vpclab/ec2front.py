@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl, urlencode
 from . import addressing
 from .addressing import Subnet
 from .ec2state import PrefixStore
+from .netns import serve_on
 
 log = logging.getLogger("ec2front")
 # moto's namespace URI (AWS's has a trailing slash; parsers key on local names). Documents
@@ -468,9 +469,4 @@ def serve(front: Front, sock) -> ThreadingHTTPServer:
         def log_message(self, fmt, *args):
             log.debug(fmt, *args)
 
-    server = ThreadingHTTPServer(sock.getsockname(), Handler, bind_and_activate=False)
-    server.socket.close()
-    server.socket = sock
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="ec2front", daemon=True).start()
-    return server
+    return serve_on(sock, Handler, "ec2front")

@@ -113,6 +113,9 @@ class Fabric:
         netns.ip(self.router, "link", "add", link.router_dev, "mtu", VPC_MTU, "type", "veth",
                  "peer", "name", link.dev, "address", e.mac, "mtu", VPC_MTU, "netns", node.ns)
         gw = str(ipaddress.IPv4Network(e.subnet_cidr).network_address + 1)
+        # At once, as the VPC does: Linux delays proxy-ARP replies by up to 0.8 s otherwise,
+        # which times out a node's first packets. Only per device outside the init netns.
+        netns.sysctl(self.router, f"net.ipv4.neigh.{link.router_dev}.proxy_delay", "0")
         netns.ip(self.router, "addr", "add", f"{gw}/32", "dev", link.router_dev)
         netns.ip(self.router, "link", "set", link.router_dev, "up")
         netns.ip(self.router, "route", "replace", f"{e.primary_ip}/32", "dev", link.router_dev)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .ec2state import Eni
+from .netns import serve_on
 
 log = logging.getLogger("imds")
 TOKEN_TTL_MAX = 21600
@@ -172,10 +173,4 @@ def serve(inst: Instance, history: History, sock) -> ThreadingHTTPServer:
         def log_message(self, fmt, *args):
             log.debug(fmt, *args)
 
-    server = ThreadingHTTPServer(sock.getsockname(), Handler, bind_and_activate=False)
-    server.socket.close()
-    server.socket = sock
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name=f"imds-{inst.instance_id}",
-                     daemon=True).start()
-    return server
+    return serve_on(sock, Handler, f"imds-{inst.instance_id}")

@@ -7,6 +7,8 @@ import ctypes
 import os
 import socket
 import subprocess
+import threading
+from http.server import ThreadingHTTPServer
 from typing import Iterator
 
 CLONE_NEWNET = 0x40000000
@@ -91,3 +93,14 @@ def bound_socket(ns: str, addr: tuple[str, int], kind: int = socket.SOCK_STREAM)
         if kind == socket.SOCK_STREAM:
             s.listen(128)
         return s
+
+
+def serve_on(sock, handler, name: str) -> ThreadingHTTPServer:
+    """Serves `handler` on a socket already bound (inside whichever namespace made it), on a
+    daemon thread; returns the server so it can be shut down."""
+    server = ThreadingHTTPServer(sock.getsockname(), handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+    return server

@@ -1,0 +1,89 @@
+//! Releases the plugin recorded while the agent was unreachable (a DEL must succeed even
+//! then). Applied at start, before the agent serves, so those addresses go through
+//! cooldown instead of being held forever by pods that no longer exist.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use crate::ipam::store::{AttachmentKey, Store};
+
+#[derive(Deserialize)]
+struct Pending {
+    network: String,
+    container_id: String,
+    ifname: String,
+}
+
+/// Releases every recorded attachment and removes its record; returns how many addresses
+/// were freed. Unreadable records are left in place and logged, never guessed at.
+pub fn apply(dir: &Path, store: &mut Store, now_ms: u64) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut freed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let parsed = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Pending>(&b).ok());
+        let Some(p) = parsed else {
+            warn!(path = %path.display(), "unreadable pending release left in place");
+            continue;
+        };
+        let key = AttachmentKey {
+            network: p.network,
+            container_id: p.container_id,
+            ifname: p.ifname,
+        };
+        if let Some(ip) = store.release(&key, now_ms) {
+            info!(%ip, container = %key.container_id, "released a DEL recorded while the agent was down");
+            freed += 1;
+        }
+        if let Err(e) = std::fs::remove_file(&path) {
+            warn!(path = %path.display(), error = %e, "could not remove a pending release");
+        }
+    }
+    freed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::{pool::Mode, store::PodMeta};
+
+    #[test]
+    fn recorded_dels_are_released_once() {
+        let dir = std::env::temp_dir().join(format!("vpc-ebpf-pending-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = Store::new(Mode::SecondaryIp, 1_000);
+        s.upsert_eni("eni-0", 0, "m", "10.0.0.10".parse().unwrap());
+        s.add_ips("eni-0", &["10.0.0.20".parse().unwrap()]).unwrap();
+        let key = AttachmentKey {
+            network: "aws-cni".into(),
+            container_id: "gone".into(),
+            ifname: "eth0".into(),
+        };
+        s.assign(&key, &PodMeta::default(), 0).unwrap();
+        std::fs::write(
+            dir.join("aws-cni_gone_eth0.json"),
+            br#"{"network":"aws-cni","container_id":"gone","ifname":"eth0"}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.join("broken.json"), b"{").unwrap();
+        assert_eq!(apply(&dir, &mut s, 10), 1);
+        assert_eq!(s.lookup(&key), None);
+        assert!(!dir.join("aws-cni_gone_eth0.json").exists());
+        assert!(
+            dir.join("broken.json").exists(),
+            "unreadable records are kept"
+        );
+        assert_eq!(apply(&dir, &mut s, 20), 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
