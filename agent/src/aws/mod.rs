@@ -1,0 +1,3 @@
+//! The agent's view of AWS: instance metadata (IMDSv2).
+
+pub mod imds;
