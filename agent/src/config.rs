@@ -99,13 +99,15 @@ impl Reader<'_> {
         }
     }
 
-    fn addr(&mut self, key: &str, default: &str) -> SocketAddr {
-        let v = self.raw(key).unwrap_or_else(|| default.to_owned());
+    fn addr(&mut self, key: &str, default: SocketAddr) -> SocketAddr {
+        let Some(v) = self.raw(key) else {
+            return default;
+        };
         v.parse().unwrap_or_else(|_| {
             self.problems.push(format!(
                 "{key}={v:?}: expected an address:port such as {default}"
             ));
-            default.parse().expect("defaults parse")
+            default
         })
     }
 
@@ -237,8 +239,14 @@ impl Config {
                 .raw("VPC_EBPF_CHECKPOINT")
                 .unwrap_or_else(|| crate::ipam::checkpoint::DEFAULT_PATH.into())
                 .into(),
-            metrics_addr: r.addr("METRICS_BIND_ADDRESS", "127.0.0.1:61678"),
-            introspection_addr: r.addr("INTROSPECTION_BIND_ADDRESS", "127.0.0.1:61679"),
+            metrics_addr: r.addr(
+                "METRICS_BIND_ADDRESS",
+                SocketAddr::from(([127, 0, 0, 1], 61678)),
+            ),
+            introspection_addr: r.addr(
+                "INTROSPECTION_BIND_ADDRESS",
+                SocketAddr::from(([127, 0, 0, 1], 61679)),
+            ),
             log_level,
         };
         if r.problems.is_empty() {

@@ -18,7 +18,7 @@ use rtnetlink::{
     },
 };
 
-use crate::spec::result::GATEWAY;
+use crate::spec::result::GATEWAY_IP;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -265,7 +265,7 @@ async fn configure_pod(
         .execute()
         .await
         .map_err(op(format!("adding {}/32 in the pod", p.ip)))?;
-    let gw: Ipv4Addr = GATEWAY.parse().expect("constant");
+    let gw = GATEWAY_IP;
     s.pod
         .route()
         .add(
@@ -317,13 +317,22 @@ pub async fn delete_host_link(h: &Handle, name: &str) -> Result<bool, NetlinkErr
     }
 }
 
+/// Every IPv4 route of the socket's namespace (main table and the rest).
+async fn ipv4_routes(
+    h: &Handle,
+    what: &'static str,
+) -> Result<Vec<rtnetlink::packet_route::route::RouteMessage>, NetlinkError> {
+    h.route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(op(what))
+}
+
 /// The interface a host route to `ip`/32 leaves by, if there is one.
 pub async fn host_route_oif(h: &Handle, ip: Ipv4Addr) -> Result<Option<u32>, NetlinkError> {
-    let mut routes = h
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
-    while let Some(r) = routes.try_next().await.map_err(op("listing host routes"))? {
+    for r in ipv4_routes(h, "listing host routes").await? {
         if r.header.destination_prefix_length != 32 {
             continue;
         }
@@ -359,12 +368,8 @@ pub async fn ipv4_addrs(h: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, N
 
 /// Whether the pod has its default route via the gateway on `index`.
 pub async fn has_default_via_gateway(h: &Handle, index: u32) -> Result<bool, NetlinkError> {
-    let gw: Ipv4Addr = GATEWAY.parse().expect("constant");
-    let mut routes = h
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
-    while let Some(r) = routes.try_next().await.map_err(op("listing pod routes"))? {
+    let gw = GATEWAY_IP;
+    for r in ipv4_routes(h, "listing pod routes").await? {
         let via = r.attributes.iter().any(|a| {
             matches!(a, RouteAttribute::Gateway(rtnetlink::packet_route::route::RouteAddress::Inet(g)) if *g == gw)
         });

@@ -30,6 +30,11 @@ pub enum ImdsError {
     Status { what: String, status: StatusCode },
     #[error("IMDS {path} is missing")]
     Missing { path: String },
+    #[error("IMDS {what}: cannot build the request: {source}")]
+    Request {
+        what: String,
+        source: hyper::http::Error,
+    },
     #[error("IMDS {path}: cannot parse {value:?}")]
     Parse { path: String, value: String },
 }
@@ -120,7 +125,10 @@ impl Imds {
                 TOKEN_TTL.to_string(),
             )
             .body(Empty::new())
-            .expect("static request");
+            .map_err(|source| ImdsError::Request {
+                what: "token".into(),
+                source,
+            })?;
         let (status, body) = self.send(req, "token").await?;
         if status != StatusCode::OK {
             return Err(ImdsError::Status {
@@ -144,7 +152,10 @@ impl Imds {
                 .uri(format!("{}/latest/{path}", self.endpoint))
                 .header("X-aws-ec2-metadata-token", token)
                 .body(Empty::new())
-                .expect("static request");
+                .map_err(|source| ImdsError::Request {
+                    what: path.to_owned(),
+                    source,
+                })?;
             let (status, body) = self.send(req, path).await?;
             match status {
                 StatusCode::OK => return Ok(Some(body)),

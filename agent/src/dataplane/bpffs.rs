@@ -32,13 +32,15 @@ pub fn ensure_mounted(pin_root: &Path) -> Result<(), DataplaneError> {
     }
 }
 
-fn c_path(path: &Path) -> CString {
-    // Paths from the config and constants never contain NUL.
-    CString::new(path.as_os_str().as_bytes()).expect("path without NUL")
+fn c_path(path: &Path) -> Result<CString, DataplaneError> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| DataplaneError::BpffsStat {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"),
+    })
 }
 
 fn is_bpffs(path: &Path) -> Result<bool, DataplaneError> {
-    let c = c_path(path);
+    let c = c_path(path)?;
     // SAFETY: zeroed statfs is a valid out-parameter; `c` is a valid C string.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -52,7 +54,7 @@ fn is_bpffs(path: &Path) -> Result<bool, DataplaneError> {
 }
 
 fn mount_bpffs(root: &Path) -> Result<(), DataplaneError> {
-    let target = c_path(root);
+    let target = c_path(root)?;
     let fstype = c"bpf";
     // SAFETY: all pointers are valid C strings; no data argument.
     let rc = unsafe {

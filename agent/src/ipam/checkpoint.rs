@@ -32,6 +32,11 @@ pub enum CheckpointError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("encoding the checkpoint for {path}: {source}")]
+    Encode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error(
         "checkpoint {path} has format {found}, this agent reads {FORMAT_VERSION}; it was written \
          by another version"
@@ -69,7 +74,10 @@ pub fn save(path: &Path, store: &Store) -> Result<(), CheckpointError> {
         version: FORMAT_VERSION,
         store,
     })
-    .expect("the store serialises");
+    .map_err(|source| CheckpointError::Encode {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let tmp = dir.join(format!(
         ".{}.tmp",
         path.file_name()

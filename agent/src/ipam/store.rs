@@ -270,17 +270,16 @@ impl Store {
         now_ms: u64,
     ) -> Result<Assigned, StoreError> {
         if let Some(ip) = self.by_key.get(key).copied() {
-            let e = self
-                .enis
-                .values()
-                .find(|e| e.addrs.contains_key(&ip))
-                .expect("indexed");
-            return Ok(Assigned {
-                ip,
-                eni_id: e.id.clone(),
-                device_index: e.device_index,
-                existing: true,
-            });
+            if let Some(e) = self.enis.values().find(|e| e.addrs.contains_key(&ip)) {
+                return Ok(Assigned {
+                    ip,
+                    eni_id: e.id.clone(),
+                    device_index: e.device_index,
+                    existing: true,
+                });
+            }
+            // Its address left the store (the ENI went away): the key gets a new one.
+            self.by_key.remove(key);
         }
         let Some((eni_id, ip)) = self.pick(now_ms) else {
             let (total, cooling) =
@@ -297,7 +296,10 @@ impl Store {
                     });
             return Err(StoreError::NoFreeAddress { cooling, total });
         };
-        let e = self.enis.get_mut(&eni_id).expect("picked from enis");
+        let e = self
+            .enis
+            .get_mut(&eni_id)
+            .ok_or_else(|| StoreError::UnknownEni(eni_id.clone()))?;
         e.addrs.insert(
             ip,
             AddrState::Assigned {

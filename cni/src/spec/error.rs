@@ -85,7 +85,13 @@ impl CniError {
             msg: &self.msg,
             details: &self.details,
         })
-        .expect("serialising strings and integers cannot fail")
+        .unwrap_or_else(|_| {
+            // Unreachable for strings and integers, but the error path must never panic.
+            format!(
+                r#"{{"cniVersion":"{cni_version}","code":{},"msg":"error"}}"#,
+                self.code.code()
+            )
+        })
     }
 }
 

@@ -6,6 +6,7 @@ use super::version::Version;
 
 /// The pod's gateway: a link-local address answered on the host veth, as in VPC CNI.
 pub const GATEWAY: &str = "169.254.1.1";
+pub const GATEWAY_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AddResult {
