@@ -14,6 +14,11 @@ pub struct Config {
     pub cluster_name: Option<String>,
     pub additional_eni_tags: BTreeMap<String, String>,
     pub disable_leaked_eni_cleanup: bool,
+    /// VPC_EBPF_LEAKED_ENI_AGE: how old a detached ENI of ours must be before cleanup
+    /// deletes it (younger ones may be in the middle of our own attach).
+    pub leaked_eni_age: Duration,
+    /// AWS_EC2_METADATA_SERVICE_ENDPOINT, as the AWS SDKs name it.
+    pub imds_endpoint: String,
     pub external_snat: bool,
     pub exclude_snat_cidrs: Vec<ipnet_lite::Cidr>,
     pub veth_prefix: String,
@@ -155,6 +160,7 @@ impl Config {
         Self::from_lookup(&|k| std::env::var(k).ok())
     }
 
+    #[allow(clippy::too_many_lines)] // one flat list of variables reads best
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut r = Reader {
             get,
@@ -226,6 +232,12 @@ impl Config {
             cluster_name: r.raw("CLUSTER_NAME"),
             additional_eni_tags,
             disable_leaked_eni_cleanup: r.flag("DISABLE_LEAKED_ENI_CLEANUP", false),
+            leaked_eni_age: Duration::from_secs(u64::from(
+                r.count("VPC_EBPF_LEAKED_ENI_AGE").unwrap_or(300),
+            )),
+            imds_endpoint: r
+                .raw("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+                .unwrap_or_else(|| crate::aws::imds::DEFAULT_ENDPOINT.into()),
             external_snat: r.flag("AWS_VPC_K8S_CNI_EXTERNALSNAT", false),
             exclude_snat_cidrs,
             veth_prefix,
@@ -254,6 +266,39 @@ impl Config {
         } else {
             Err(ConfigError(r.problems))
         }
+    }
+}
+
+impl Config {
+    /// The effective configuration under the variable names that set it, for
+    /// introspection and the start-up log.
+    pub fn to_json(&self) -> serde_json::Value {
+        let opt = |v: Option<u32>| v.map_or(serde_json::Value::Null, serde_json::Value::from);
+        serde_json::json!({
+            "ENABLE_PREFIX_DELEGATION": self.mode == Mode::Prefix,
+            "WARM_ENI_TARGET": self.targets.warm_eni,
+            "WARM_IP_TARGET": opt(self.targets.warm_ip),
+            "MINIMUM_IP_TARGET": opt(self.targets.minimum_ip),
+            "WARM_PREFIX_TARGET": opt(self.targets.warm_prefix),
+            "MAX_ENI": opt(self.targets.max_eni),
+            "MAX_PODS": opt(self.targets.max_pods),
+            "IP_COOLDOWN_PERIOD": self.ip_cooldown.as_secs(),
+            "CLUSTER_NAME": self.cluster_name,
+            "ADDITIONAL_ENI_TAGS": self.additional_eni_tags,
+            "DISABLE_LEAKED_ENI_CLEANUP": self.disable_leaked_eni_cleanup,
+            "VPC_EBPF_LEAKED_ENI_AGE": self.leaked_eni_age.as_secs(),
+            "AWS_VPC_K8S_CNI_EXTERNALSNAT": self.external_snat,
+            "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS": self.exclude_snat_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "AWS_VPC_K8S_CNI_VETHPREFIX": self.veth_prefix,
+            "AWS_VPC_ENI_MTU": self.mtu,
+            "AWS_EC2_ENDPOINT": self.ec2_endpoint,
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": self.imds_endpoint,
+            "VPC_EBPF_AGENT_SOCKET": self.agent_socket,
+            "VPC_EBPF_CHECKPOINT": self.checkpoint,
+            "METRICS_BIND_ADDRESS": self.metrics_addr.to_string(),
+            "INTROSPECTION_BIND_ADDRESS": self.introspection_addr.to_string(),
+            "AWS_VPC_K8S_CNI_LOGLEVEL": self.log_level,
+        })
     }
 }
 

@@ -2,8 +2,13 @@
 //! drive them directly.
 
 pub mod aws;
+pub mod bootstrap;
 pub mod config;
 pub mod dataplane;
+pub mod host;
+pub mod http;
 pub mod ipam;
+pub mod metrics;
 pub mod pending;
+pub mod reconcile;
 pub mod rpc;

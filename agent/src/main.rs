@@ -1,65 +1,289 @@
-//! `vpc-ebpf-agent`: the per-node daemon.
-//!
-//! Today it loads the dataplane and counts packets on the interfaces it is given; IPAM,
-//! the plugin's gRPC API and the Kubernetes watchers arrive with their issues.
+//! `vpc-ebpf-agent`: the per-node daemon. Wiring only: configuration, then the
+//! endpoints that must answer early (gRPC for the plugin, metrics, introspection), then
+//! discovery and restore, then the reconciler; SIGTERM stops it without touching pods.
 
-use std::{thread, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use clap::Parser;
-use tracing::info;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
-use vpc_ebpf_agent::dataplane::{AttachMode, Dataplane, DataplaneConfig};
-use vpc_ebpf_common::counters::{direction, reason};
+use vpc_ebpf_agent::{
+    aws::{ec2::Ec2, imds::Imds},
+    bootstrap::{self, StartError},
+    config::Config,
+    host::Host,
+    http,
+    ipam::{checkpoint, store::Store},
+    metrics::Metrics,
+    reconcile::{Reconciler, Settings},
+    rpc::{Backend, Shared, State, now_ms},
+};
+use vpc_ebpf_rpc::{server, v1::cni_backend_server::CniBackendServer};
 
-#[derive(Debug, Parser)]
-#[command(name = "vpc-ebpf-agent", version, about)]
-struct Args {
-    /// Interfaces to attach the packet counters to (repeatable).
-    #[arg(long = "count-interface", value_name = "IFACE")]
-    count_interfaces: Vec<String>,
-    /// bpffs directory for pinned maps.
-    #[arg(long, env = "VPC_EBPF_PIN_ROOT", default_value = vpc_ebpf_agent::dataplane::DEFAULT_PIN_ROOT)]
-    pin_root: std::path::PathBuf,
-    /// Force the clsact attach mode even where tcx is available.
-    #[arg(long)]
-    clsact: bool,
-    /// Print the counters every this many seconds (0: once, after attaching, then exit).
-    #[arg(long, default_value_t = 10)]
-    report_interval: u64,
-}
-
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vpc-ebpf-agent: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("VPC_EBPF_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            EnvFilter::try_from_env("VPC_EBPF_LOG")
+                .unwrap_or_else(|_| EnvFilter::new(&config.log_level)),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
-    let config = DataplaneConfig {
-        pin_root: args.pin_root,
-        attach_mode: args.clsact.then_some(AttachMode::Clsact),
-    };
-    let mut dataplane = Dataplane::load(&config).context("starting the dataplane")?;
-    for iface in &args.count_interfaces {
-        dataplane
-            .attach_counters(iface)
-            .with_context(|| format!("attaching counters to {iface}"))?;
-        info!(iface, "counting packets");
-    }
-    loop {
-        for row in dataplane.counters()? {
-            info!(
-                ifindex = row.key.ifindex,
-                direction = direction::name(row.key.direction),
-                reason = reason::name(row.key.reason),
-                packets = row.value.packets,
-                bytes = row.value.bytes,
-                "counter"
-            );
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return std::process::ExitCode::FAILURE;
         }
-        if args.report_interval == 0 {
+    };
+    match rt.block_on(run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    info!(config = %config.to_json(), "starting");
+    let metrics = Arc::new(Metrics::new());
+    let mut initial = State::new(
+        Store::new(
+            config.mode,
+            u64::try_from(config.ip_cooldown.as_millis()).unwrap_or(u64::MAX),
+        ),
+        config.checkpoint.clone(),
+    );
+    initial.ready = false;
+    "discovering the instance (IMDS, EC2)".clone_into(&mut initial.not_ready_reason);
+    let shared = Shared::new(initial, metrics.clone());
+    let (stop_tx, stop) = watch::channel(false);
+    let (node_tx, node_rx) = watch::channel(None);
+
+    let (health, tasks) = serve_early(&config, &shared, node_rx, &stop).await?;
+
+    let started = tokio::select! {
+        r = start(&config, &shared) => r?,
+        () = shutdown_signal() => {
+            info!("stopping before discovery finished");
+            let _ = stop_tx.send(true);
             return Ok(());
         }
-        thread::sleep(Duration::from_secs(args.report_interval));
+    };
+    let (node, ec2, unmanaged, host) = started;
+    let settings = Settings {
+        mode: config.mode,
+        targets: config.targets.clone(),
+        cluster_name: config.cluster_name.clone(),
+        additional_tags: config.additional_eni_tags.clone(),
+        leaked_eni_cleanup: !config.disable_leaked_eni_cleanup,
+        leaked_eni_age: config.leaked_eni_age,
+        ..Settings::default()
+    };
+    let _ = node_tx.send(Some((node.clone(), settings.clone())));
+    health.set_serving::<CniBackendServer<Backend>>().await;
+
+    let reconciler = tokio::spawn(
+        Reconciler::new(
+            ec2,
+            shared.clone(),
+            node,
+            settings,
+            unmanaged,
+            metrics.clone(),
+        )
+        .run(stop.clone()),
+    );
+    let sweeper = tokio::spawn(sweep_recovered(
+        host,
+        config.veth_prefix.clone(),
+        shared.clone(),
+        stop.clone(),
+    ));
+
+    shutdown_signal().await;
+    info!("stopping; pods and their addresses stay as they are");
+    let _ = stop_tx.send(true);
+    for t in [reconciler, sweeper].into_iter().chain(tasks) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
+    let st = shared.state.lock().await;
+    checkpoint::save(&st.checkpoint, &st.store).context("saving the checkpoint at exit")?;
+    Ok(())
+}
+
+/// Starts what must answer before discovery: the plugin gets a clear "not ready" instead
+/// of a connection error, and probes see the agent alive while EC2 is slow.
+async fn serve_early(
+    config: &Config,
+    shared: &Shared,
+    node_rx: watch::Receiver<Option<(vpc_ebpf_agent::reconcile::Node, Settings)>>,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<(
+    tonic_health::server::HealthReporter,
+    Vec<tokio::task::JoinHandle<()>>,
+)> {
+    let http_ctx = http::Context {
+        shared: shared.clone(),
+        config: Arc::new(config.to_json()),
+        node: node_rx,
+    };
+    let metrics_task = http::serve(config.metrics_addr, http_ctx.clone(), true, stop.clone())
+        .await
+        .with_context(|| format!("binding METRICS_BIND_ADDRESS={}", config.metrics_addr))?;
+    let intro_task = http::serve(config.introspection_addr, http_ctx, false, stop.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "binding INTROSPECTION_BIND_ADDRESS={}",
+                config.introspection_addr
+            )
+        })?;
+    let incoming = server::bind(&config.agent_socket)
+        .await
+        .with_context(|| format!("VPC_EBPF_AGENT_SOCKET={}", config.agent_socket.display()))?;
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_not_serving::<CniBackendServer<Backend>>().await;
+    let grpc = {
+        let shared = shared.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(health_svc)
+                .add_service(CniBackendServer::new(Backend { shared }))
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.changed().await;
+                })
+                .await;
+            if let Err(e) = r {
+                error!(error = %e, "the gRPC server stopped");
+            }
+        })
+    };
+    info!(socket = %config.agent_socket.display(), metrics = %config.metrics_addr, introspection = %config.introspection_addr, "serving");
+
+    Ok((health, vec![grpc, metrics_task, intro_task]))
+}
+
+type Started = (
+    vpc_ebpf_agent::reconcile::Node,
+    Ec2,
+    std::collections::BTreeSet<u32>,
+    Host,
+);
+
+/// Discovery and restore, retried until they work: EC2 or IMDS being down at start is
+/// reported (not ready, with the reason) and waited out, not a crash loop.
+async fn start(config: &Config, shared: &Shared) -> anyhow::Result<Started> {
+    let host = Host::open().context("opening netlink")?;
+    let mut imds = Imds::new(&config.imds_endpoint);
+    let mut attempt = 0;
+    let mut ec2: Option<Ec2> = None;
+    loop {
+        let r: Result<_, StartError> = async {
+            let meta = imds.discover().await?;
+            let client = if let Some(c) = &ec2 {
+                c.clone()
+            } else {
+                let c = Ec2::new(
+                    &meta.region,
+                    config.ec2_endpoint.as_deref(),
+                    shared.metrics.clone(),
+                )
+                .await;
+                ec2 = Some(c.clone());
+                c
+            };
+            let (node, enis) = bootstrap::discover(&meta, &client).await?;
+            let routes = host.pod_routes(&config.veth_prefix).await?;
+            Ok((node, enis, routes, client))
+        }
+        .await;
+        match r {
+            Ok((node, enis, routes, client)) => {
+                let restored = bootstrap::restore(config, &node, &enis, &routes, now_ms());
+                info!(
+                    instance = %node.instance_id,
+                    instance_type = %node.instance_type,
+                    enis = restored.store.enis().count(),
+                    assignments = restored.store.assignments().count(),
+                    released_pending = restored.released_pending,
+                    recovered = restored.recovered.len(),
+                    lost = restored.sync.lost.len(),
+                    "ready"
+                );
+                let mut st = shared.state.lock().await;
+                st.store = restored.store;
+                st.ready = true;
+                st.not_ready_reason.clear();
+                drop(st);
+                shared.pool_changed.notify_one();
+                return Ok((node, client, restored.unmanaged_indexes, host));
+            }
+            Err(e) if e.retryable() => {
+                let wait = bootstrap::retry_delay(attempt);
+                attempt += 1;
+                warn!(error = %e, retry_in = ?wait, "discovery failed; retrying");
+                shared.state.lock().await.not_ready_reason = format!("discovery failed: {e}");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e).context("discovering the node"),
+        }
+    }
+}
+
+/// Releases addresses held for pods found only by their host route, once those pods go.
+async fn sweep_recovered(
+    host: Host,
+    veth_prefix: String,
+    shared: Shared,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        let routes = match host.pod_routes(&veth_prefix).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "listing pod routes failed");
+                continue;
+            }
+        };
+        let mut st = shared.state.lock().await;
+        if bootstrap::sweep_recovered(&mut st.store, &routes, now_ms()) > 0 {
+            if let Err(e) = vpc_ebpf_agent::rpc::persist(&st) {
+                warn!(error = %e, "checkpoint after sweep failed");
+            }
+            shared.pool_changed.notify_one();
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
     }
 }

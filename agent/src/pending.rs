@@ -2,7 +2,7 @@
 //! then). Applied at start, before the agent serves, so those addresses go through
 //! cooldown instead of being held forever by pods that no longer exist.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -16,13 +16,32 @@ struct Pending {
     ifname: String,
 }
 
-/// Releases every recorded attachment and removes its record; returns how many addresses
-/// were freed. Unreadable records are left in place and logged, never guessed at.
-pub fn apply(dir: &Path, store: &mut Store, now_ms: u64) -> usize {
+/// What `apply` did: the addresses it freed and the records it consumed. The records
+/// must be removed (`Applied::remove`) only after the store is checkpointed, or a crash in
+/// between would forget the release.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub freed: usize,
+    pub records: Vec<PathBuf>,
+}
+
+impl Applied {
+    pub fn remove(self) {
+        for path in self.records {
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!(path = %path.display(), error = %e, "could not remove a pending release");
+            }
+        }
+    }
+}
+
+/// Releases every recorded attachment. Unreadable records are left in place and logged,
+/// never guessed at.
+pub fn apply(dir: &Path, store: &mut Store, now_ms: u64) -> Applied {
+    let mut out = Applied::default();
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
+        return out;
     };
-    let mut freed = 0;
     for entry in entries.flatten() {
         let path = entry.path();
         if path.extension().is_none_or(|e| e != "json") {
@@ -42,13 +61,11 @@ pub fn apply(dir: &Path, store: &mut Store, now_ms: u64) -> usize {
         };
         if let Some(ip) = store.release(&key, now_ms) {
             info!(%ip, container = %key.container_id, "released a DEL recorded while the agent was down");
-            freed += 1;
+            out.freed += 1;
         }
-        if let Err(e) = std::fs::remove_file(&path) {
-            warn!(path = %path.display(), error = %e, "could not remove a pending release");
-        }
+        out.records.push(path);
     }
-    freed
+    out
 }
 
 #[cfg(test)]
@@ -76,14 +93,20 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.join("broken.json"), b"{").unwrap();
-        assert_eq!(apply(&dir, &mut s, 10), 1);
+        let applied = apply(&dir, &mut s, 10);
+        assert_eq!(applied.freed, 1);
         assert_eq!(s.lookup(&key), None);
+        assert!(
+            dir.join("aws-cni_gone_eth0.json").exists(),
+            "records stay until the caller has checkpointed"
+        );
+        applied.remove();
         assert!(!dir.join("aws-cni_gone_eth0.json").exists());
         assert!(
             dir.join("broken.json").exists(),
             "unreadable records are kept"
         );
-        assert_eq!(apply(&dir, &mut s, 20), 0);
+        assert_eq!(apply(&dir, &mut s, 20).freed, 0);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

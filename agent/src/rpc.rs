@@ -15,10 +15,13 @@ use tonic::{Request, Response, Status, metadata::MetadataValue};
 use tracing::{info, warn};
 use vpc_ebpf_rpc::{REASON_KEY, reason, v1};
 
-use crate::ipam::{
-    checkpoint,
-    pool::Blocked,
-    store::{AttachmentKey, PodMeta, Store, StoreError},
+use crate::{
+    ipam::{
+        checkpoint,
+        pool::Blocked,
+        store::{AttachmentKey, PodMeta, Store, StoreError},
+    },
+    metrics::{Metrics, ReasonLabels},
 };
 
 /// Why the pool cannot grow, as the reconciler last saw it.
@@ -48,12 +51,37 @@ pub struct State {
     pub endpoints: HashMap<AttachmentKey, Endpoint>,
 }
 
+impl State {
+    /// A ready state over `store`, checkpointed to `checkpoint`.
+    pub fn new(store: Store, checkpoint: PathBuf) -> Self {
+        Self {
+            store,
+            checkpoint,
+            ready: true,
+            not_ready_reason: String::new(),
+            blocked: None,
+            endpoints: HashMap::new(),
+        }
+    }
+}
+
 /// Shared between the RPC service, the reconciler and introspection.
 #[derive(Clone)]
 pub struct Shared {
     pub state: Arc<Mutex<State>>,
     /// Poked whenever the pool changed, so the reconciler looks again at once.
     pub pool_changed: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    pub fn new(state: State, metrics: Arc<Metrics>) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(state)),
+            pool_changed: Arc::new(Notify::new()),
+            metrics,
+        }
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -83,7 +111,7 @@ fn exhausted(msg: String, why: &'static str) -> Status {
     s
 }
 
-fn persist(state: &State) -> Result<(), Status> {
+pub fn persist(state: &State) -> Result<(), Status> {
     checkpoint::save(&state.checkpoint, &state.store).map_err(|e| {
         warn!(error = %e, "checkpoint failed");
         Status::internal(format!("the agent could not save its checkpoint: {e}"))
@@ -107,6 +135,7 @@ impl v1::cni_backend_server::CniBackend for Backend {
             name: p.name,
             uid: p.uid,
         });
+        self.shared.metrics.add_requests.inc();
         let mut st = self.shared.state.lock().await;
         if !st.ready {
             return Err(Status::unavailable(format!(
@@ -136,6 +165,17 @@ impl v1::cni_backend_server::CniBackend for Backend {
             Err(StoreError::NoFreeAddress { cooling, total }) => {
                 let base =
                     format!("no free address on this node ({total} held, {cooling} cooling down)");
+                let why = match st.blocked {
+                    Some(GrowthBlock::Pool(Blocked::EniLimit)) => reason::ENI_LIMIT,
+                    Some(GrowthBlock::Pool(Blocked::MaxPods)) => reason::MAX_PODS,
+                    Some(GrowthBlock::SubnetExhausted) => reason::SUBNET_EXHAUSTED,
+                    None => reason::POOL_REFILLING,
+                };
+                self.shared
+                    .metrics
+                    .no_ip
+                    .get_or_create(&ReasonLabels { reason: why.into() })
+                    .inc();
                 Err(match st.blocked {
                     Some(GrowthBlock::Pool(Blocked::EniLimit)) => exhausted(
                         format!("{base}; every ENI this instance type allows is attached and full"),
@@ -194,6 +234,7 @@ impl v1::cni_backend_server::CniBackend for Backend {
         req: Request<v1::DelNetworkRequest>,
     ) -> Result<Response<v1::DelNetworkReply>, Status> {
         let key = key(req.into_inner().attachment)?;
+        self.shared.metrics.del_requests.inc();
         let mut st = self.shared.state.lock().await;
         st.endpoints.remove(&key);
         let released = st.store.release(&key, now_ms());

@@ -3,7 +3,6 @@
 
 use std::{os::unix::fs::PermissionsExt as _, path::PathBuf, sync::Arc, time::Duration};
 
-use tokio::sync::{Mutex, Notify};
 use tonic::Code;
 use vpc_ebpf_agent::{
     ipam::{
@@ -57,17 +56,10 @@ async fn start(tag: &str) -> (Shared, PathBuf, PathBuf) {
             &["10.0.0.20".parse().unwrap(), "10.0.0.21".parse().unwrap()],
         )
         .unwrap();
-    let shared = Shared {
-        state: Arc::new(Mutex::new(State {
-            store,
-            checkpoint: d.join("ipam.json"),
-            ready: true,
-            not_ready_reason: String::new(),
-            blocked: None,
-            endpoints: std::collections::HashMap::default(),
-        })),
-        pool_changed: Arc::new(Notify::new()),
-    };
+    let shared = Shared::new(
+        State::new(store, d.join("ipam.json")),
+        Arc::new(vpc_ebpf_agent::metrics::Metrics::new()),
+    );
     let sock = d.join("agent.sock");
     let incoming = server::bind(&sock).await.unwrap();
     let svc = v1::cni_backend_server::CniBackendServer::new(Backend {

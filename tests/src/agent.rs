@@ -3,7 +3,7 @@
 
 use std::{net::Ipv4Addr, path::PathBuf, sync::Arc};
 
-use tokio::sync::{Mutex, Notify, oneshot};
+use tokio::sync::oneshot;
 use vpc_ebpf_agent::{
     ipam::{checkpoint, pool::Mode, store::Store},
     rpc::{Backend, Shared, State},
@@ -39,28 +39,23 @@ impl TestAgent {
         let mut store = checkpoint::load(&dir.join("ipam.json"))
             .unwrap()
             .expect("checkpoint");
-        vpc_ebpf_agent::pending::apply(
+        let applied = vpc_ebpf_agent::pending::apply(
             &dir.join("pending-release"),
             &mut store,
             vpc_ebpf_agent::rpc::now_ms(),
         );
+        checkpoint::save(&dir.join("ipam.json"), &store).unwrap();
+        applied.remove();
         Self::serve(dir, store)
     }
 
     fn serve(dir: &std::path::Path, store: Store) -> Self {
         let socket = dir.join("agent.sock");
         let checkpoint = dir.join("ipam.json");
-        let shared = Shared {
-            state: Arc::new(Mutex::new(State {
-                store,
-                checkpoint: checkpoint.clone(),
-                ready: true,
-                not_ready_reason: String::new(),
-                blocked: None,
-                endpoints: std::collections::HashMap::new(),
-            })),
-            pool_changed: Arc::new(Notify::new()),
-        };
+        let shared = Shared::new(
+            State::new(store, checkpoint.clone()),
+            Arc::new(vpc_ebpf_agent::metrics::Metrics::new()),
+        );
         let (stop, stopped) = oneshot::channel::<()>();
         let (up_tx, up_rx) = std::sync::mpsc::channel();
         let svc_shared = shared.clone();

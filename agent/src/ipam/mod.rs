@@ -5,3 +5,4 @@
 pub mod checkpoint;
 pub mod pool;
 pub mod store;
+pub mod sync;

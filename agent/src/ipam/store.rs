@@ -262,6 +262,92 @@ impl Store {
         Ok(())
     }
 
+    /// Marks a specific address as held by `key`, for addresses found in use on the host
+    /// (a pod veth routes to it) that the checkpoint did not know. Cooling or free
+    /// addresses can be claimed; one held by another attachment cannot.
+    pub fn claim(
+        &mut self,
+        ip: Ipv4Addr,
+        key: &AttachmentKey,
+        pod: &PodMeta,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let eni = self
+            .owner(ip)
+            .ok_or_else(|| StoreError::UnknownEni(format!("(none holds {ip})")))?
+            .to_owned();
+        let e = self
+            .enis
+            .get_mut(&eni)
+            .ok_or_else(|| StoreError::UnknownEni(eni.clone()))?;
+        if e.primary_ip == ip {
+            return Err(StoreError::InUse {
+                what: format!("{ip} (the ENI's primary address)"),
+                eni,
+            });
+        }
+        if let Some(AddrState::Assigned { key: k, .. }) = e.addrs.get(&ip) {
+            if k == key {
+                return Ok(());
+            }
+            return Err(StoreError::InUse {
+                what: ip.to_string(),
+                eni,
+            });
+        }
+        e.addrs.insert(
+            ip,
+            AddrState::Assigned {
+                key: key.clone(),
+                pod: pod.clone(),
+                since_ms: now_ms,
+            },
+        );
+        self.by_key.insert(key.clone(), ip);
+        Ok(())
+    }
+
+    /// Drops an address whatever its state, because EC2 no longer has it; returns the
+    /// attachment that held it, which has lost its address.
+    pub fn forget_ip(&mut self, eni: &str, ip: Ipv4Addr) -> Option<AttachmentKey> {
+        let e = self.enis.get_mut(eni)?;
+        match e.addrs.remove(&ip)? {
+            AddrState::Assigned { key, .. } => {
+                self.by_key.remove(&key);
+                Some(key)
+            }
+            _ => None,
+        }
+    }
+
+    /// Drops a prefix and its addresses whatever their state; returns the attachments that
+    /// lost their address.
+    pub fn forget_prefix(&mut self, eni: &str, base: Ipv4Addr) -> Vec<(AttachmentKey, Ipv4Addr)> {
+        let lost = Eni::prefix_addrs(base)
+            .filter_map(|ip| self.forget_ip(eni, ip).map(|k| (k, ip)))
+            .collect();
+        if let Some(e) = self.enis.get_mut(eni) {
+            e.prefixes.retain(|p| *p != base);
+        }
+        lost
+    }
+
+    /// Drops an ENI whatever its addresses' states; returns the attachments that lost
+    /// their address.
+    pub fn forget_eni(&mut self, eni: &str) -> Vec<(AttachmentKey, Ipv4Addr)> {
+        let Some(e) = self.enis.remove(eni) else {
+            return Vec::new();
+        };
+        let mut lost = Vec::new();
+        for (ip, s) in e.addrs {
+            if let AddrState::Assigned { key, .. } = s {
+                self.by_key.remove(&key);
+                lost.push((key, ip));
+            }
+        }
+        lost
+    }
+
     /// Gives `key` an address; a key that has one gets the same one again.
     pub fn assign(
         &mut self,

@@ -1,0 +1,171 @@
+//! Typed access to the dataplane's maps.
+
+use std::{collections::HashSet, net::Ipv4Addr};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
+};
+use vpc_ebpf_common::{
+    maps,
+    nat::{HostPortKey, HostPortTarget},
+    node::{Endpoint, Eni, NodeConfig},
+};
+
+use super::{DataplaneError, spec::be};
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+fn data<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut MapData, DataplaneError> {
+    match ebpf.map_mut(name) {
+        Some(aya::maps::Map::Array(m) | aya::maps::Map::HashMap(m) | aya::maps::Map::LpmTrie(m)) => {
+            Ok(m)
+        }
+        Some(aya::maps::Map::LruHashMap(m)) => Ok(m),
+        _ => Err(DataplaneError::MissingMap(name)),
+    }
+}
+
+pub fn set_config(ebpf: &mut Ebpf, cfg: &NodeConfig) -> Result<(), DataplaneError> {
+    let mut m: Array<_, NodeConfig> =
+        Array::try_from(data(ebpf, maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
+    m.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
+}
+
+pub fn config(ebpf: &mut Ebpf) -> Result<NodeConfig, DataplaneError> {
+    let m: Array<_, NodeConfig> =
+        Array::try_from(data(ebpf, maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
+    m.get(&0, 0).map_err(map_err(maps::CONFIG))
+}
+
+/// Makes the LPM trie `name` hold exactly `cidrs` (host bits are masked off).
+pub fn sync_cidrs(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cidrs: &[(Ipv4Addr, u8)],
+) -> Result<(), DataplaneError> {
+    let mut want = HashSet::new();
+    for &(addr, len) in cidrs {
+        if len > 32 {
+            return Err(DataplaneError::InvalidSpec(format!(
+                "{addr}/{len} in {name}: prefix length over 32"
+            )));
+        }
+        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+        want.insert((u32::from(len), be(Ipv4Addr::from(u32::from(addr) & mask))));
+    }
+    let mut m: LpmTrie<_, u32, u32> =
+        LpmTrie::try_from(data(ebpf, name)?).map_err(map_err(name))?;
+    let have: Vec<Key<u32>> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
+    for k in have {
+        if !want.remove(&(k.prefix_len(), k.data())) {
+            m.remove(&k).map_err(map_err(name))?;
+        }
+    }
+    for (len, addr) in want {
+        m.insert(&Key::new(len, addr), 1, 0).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+macro_rules! hash_map {
+    ($ebpf:expr, $name:expr, $k:ty, $v:ty) => {
+        HashMap::<_, $k, $v>::try_from(data($ebpf, $name)?).map_err(map_err($name))
+    };
+}
+
+pub fn put_endpoint(ebpf: &mut Ebpf, ip: Ipv4Addr, ep: &Endpoint) -> Result<(), DataplaneError> {
+    let mut m = hash_map!(ebpf, maps::ENDPOINTS, u32, Endpoint)?;
+    m.insert(be(ip), ep, 0).map_err(map_err(maps::ENDPOINTS))
+}
+
+pub fn endpoint(ebpf: &mut Ebpf, ip: Ipv4Addr) -> Result<Option<Endpoint>, DataplaneError> {
+    let m = hash_map!(ebpf, maps::ENDPOINTS, u32, Endpoint)?;
+    absent_is_none(m.get(&be(ip), 0), maps::ENDPOINTS)
+}
+
+pub fn endpoints(ebpf: &mut Ebpf) -> Result<Vec<(Ipv4Addr, Endpoint)>, DataplaneError> {
+    let m = hash_map!(ebpf, maps::ENDPOINTS, u32, Endpoint)?;
+    m.iter()
+        .map(|r| r.map(|(k, v)| (super::spec::from_be(k), v)))
+        .collect::<Result<_, _>>()
+        .map_err(map_err(maps::ENDPOINTS))
+}
+
+/// Removes the endpoint; returns what was there.
+pub fn remove_endpoint(ebpf: &mut Ebpf, ip: Ipv4Addr) -> Result<Option<Endpoint>, DataplaneError> {
+    let old = endpoint(ebpf, ip)?;
+    let mut m = hash_map!(ebpf, maps::ENDPOINTS, u32, Endpoint)?;
+    absent_is_none(m.remove(&be(ip)), maps::ENDPOINTS)?;
+    Ok(old)
+}
+
+pub fn put_eni(ebpf: &mut Ebpf, ifindex: u32, eni: &Eni) -> Result<(), DataplaneError> {
+    let mut m = hash_map!(ebpf, maps::ENIS, u32, Eni)?;
+    m.insert(ifindex, eni, 0).map_err(map_err(maps::ENIS))
+}
+
+pub fn remove_eni(ebpf: &mut Ebpf, ifindex: u32) -> Result<(), DataplaneError> {
+    let mut m = hash_map!(ebpf, maps::ENIS, u32, Eni)?;
+    absent_is_none(m.remove(&ifindex), maps::ENIS).map(|_| ())
+}
+
+pub fn enis(ebpf: &mut Ebpf) -> Result<Vec<(u32, Eni)>, DataplaneError> {
+    let m = hash_map!(ebpf, maps::ENIS, u32, Eni)?;
+    m.iter()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(maps::ENIS))
+}
+
+/// Makes the hostports of `pod` exactly `ports` ((proto, host port, container port)),
+/// leaving other pods' ports alone.
+pub fn sync_hostports(
+    ebpf: &mut Ebpf,
+    pod: Ipv4Addr,
+    ports: &[(u8, u16, u16)],
+) -> Result<(), DataplaneError> {
+    let mut m = hash_map!(ebpf, maps::HOSTPORTS, HostPortKey, HostPortTarget)?;
+    let pod = be(pod);
+    let mine: Vec<HostPortKey> = m
+        .iter()
+        .filter_map(|r| match r {
+            Ok((k, v)) if v.pod_ip == pod => Some(Ok(k)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<_, _>>()
+        .map_err(map_err(maps::HOSTPORTS))?;
+    let want: Vec<HostPortKey> = ports
+        .iter()
+        .map(|&(proto, host, _)| HostPortKey::new(proto, host))
+        .collect();
+    for k in mine.iter().filter(|k| !want.contains(k)) {
+        absent_is_none(m.remove(k), maps::HOSTPORTS)?;
+    }
+    for &(proto, host, container) in ports {
+        let target = HostPortTarget {
+            pod_ip: pod,
+            container_port: container,
+            pad: 0,
+        };
+        m.insert(HostPortKey::new(proto, host), target, 0)
+            .map_err(map_err(maps::HOSTPORTS))?;
+    }
+    Ok(())
+}
+
+fn absent_is_none<T>(
+    r: Result<T, MapError>,
+    name: &'static str,
+) -> Result<Option<T>, DataplaneError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(None)
+        }
+        Err(source) => Err(DataplaneError::Map { name, source }),
+    }
+}

@@ -1,0 +1,200 @@
+//! The agent's two local HTTP endpoints: Prometheus metrics (`/metrics`, default
+//! 127.0.0.1:61678) and read-only introspection JSON (default 127.0.0.1:61679: `/v1/enis`,
+//! `/v1/assignments`, `/v1/config`). Both are GET-only and bound to loopback by default,
+//! as aws-node's are.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{debug, warn};
+
+use crate::{
+    ipam::store::AddrState,
+    reconcile::{Node, Settings, refresh_gauges},
+    rpc::{Shared, now_ms},
+};
+
+/// What the handlers read.
+#[derive(Clone)]
+pub struct Context {
+    pub shared: Shared,
+    /// The effective configuration, as `/v1/config` shows it.
+    pub config: Arc<Value>,
+    /// Known once discovery is done.
+    pub node: watch::Receiver<Option<(Node, Settings)>>,
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn json_reply(v: &Value) -> Response<Full<Bytes>> {
+    reply(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_string_pretty(v).unwrap_or_default(),
+    )
+}
+
+async fn metrics(ctx: &Context) -> Response<Full<Bytes>> {
+    {
+        let st = ctx.shared.state.lock().await;
+        let node = ctx.node.borrow().clone();
+        if let Some((node, settings)) = node {
+            refresh_gauges(&st, &ctx.shared.metrics, node.limits, &settings);
+        }
+    }
+    reply(
+        StatusCode::OK,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ctx.shared.metrics.encode(),
+    )
+}
+
+async fn enis(ctx: &Context) -> Value {
+    let st = ctx.shared.state.lock().await;
+    let now = now_ms();
+    let enis: Vec<Value> = st
+        .store
+        .enis()
+        .map(|e| {
+            let mut free = 0;
+            let mut cooling = Vec::new();
+            let mut assigned = 0;
+            for (ip, s) in &e.addrs {
+                match s {
+                    AddrState::Cooling { until_ms } if *until_ms > now => {
+                        cooling.push(json!({"ip": ip, "reusable_in_ms": until_ms - now}));
+                    }
+                    AddrState::Free | AddrState::Cooling { .. } => free += 1,
+                    AddrState::Assigned { .. } => assigned += 1,
+                }
+            }
+            json!({
+                "id": e.id,
+                "device_index": e.device_index,
+                "mac": e.mac,
+                "primary_ip": e.primary_ip,
+                "prefixes": e.prefixes.iter().map(|p| format!("{p}/28")).collect::<Vec<_>>(),
+                "addresses": e.addrs.keys().collect::<Vec<_>>(),
+                "assigned": assigned,
+                "free": free,
+                "cooling": cooling,
+            })
+        })
+        .collect();
+    let node = ctx.node.borrow().clone();
+    json!({
+        "ready": st.ready,
+        "not_ready_reason": st.not_ready_reason,
+        "mode": st.store.mode,
+        "growth_blocked": st.blocked.map(|b| format!("{b:?}")),
+        "instance": node.as_ref().map(|(n, _)| json!({
+            "id": n.instance_id,
+            "type": n.instance_type,
+            "subnet": n.subnet_id,
+            "subnet_cidr": n.subnet_cidr,
+            "vpc_cidrs": n.vpc_cidrs,
+            "max_enis": n.limits.max_enis,
+            "ipv4_per_eni": n.limits.slots_per_eni,
+        })),
+        "enis": enis,
+    })
+}
+
+async fn assignments(ctx: &Context) -> Value {
+    let st = ctx.shared.state.lock().await;
+    let list: Vec<Value> = st
+        .store
+        .assignments()
+        .map(|(k, pod, ip, eni)| {
+            let ep = st.endpoints.get(k);
+            json!({
+                "network": k.network,
+                "container_id": k.container_id,
+                "ifname": k.ifname,
+                "ip": ip,
+                "eni": eni.id,
+                "device_index": eni.device_index,
+                "pod": {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid},
+                "host_veth": ep.map(|e| e.host_ifname.clone()),
+            })
+        })
+        .collect();
+    json!({ "assignments": list })
+}
+
+async fn route(
+    ctx: Context,
+    req: Request<hyper::body::Incoming>,
+    metrics_port: bool,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "read-only: GET only\n".into(),
+        );
+    }
+    match (metrics_port, req.uri().path()) {
+        (true, "/metrics") => metrics(&ctx).await,
+        (false, "/v1/enis") => json_reply(&enis(&ctx).await),
+        (false, "/v1/assignments") => json_reply(&assignments(&ctx).await),
+        (false, "/v1/config") => json_reply(&ctx.config),
+        (_, path) => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            if metrics_port {
+                format!("{path}: not found; try /metrics\n")
+            } else {
+                format!("{path}: not found; try /v1/enis, /v1/assignments or /v1/config\n")
+            },
+        ),
+    }
+}
+
+/// Binds now (so a port conflict is reported at start) and serves until `stop`.
+pub async fn serve(
+    addr: SocketAddr,
+    ctx: Context,
+    metrics_port: bool,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = stop.changed() => return,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                },
+            };
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let ctx = ctx.clone();
+                    async move { Ok::<_, Infallible>(route(ctx, req, metrics_port).await) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    debug!(%peer, error = %e, "HTTP connection ended with an error");
+                }
+            });
+        }
+    }))
+}
