@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod cni;
+pub mod containerd;
 pub mod lab;
 pub mod netns;
 pub mod packets;

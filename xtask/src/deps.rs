@@ -12,6 +12,12 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("tc", "iproute2"),
     ("ping", "iputils-ping"),
     ("python3", "python3"),
+    // tests/tests/containerd.rs: a real libcni client (ctr run --cni) and a static busybox
+    // as the container's only binary.
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("runc", "runc"),
+    ("busybox", "busybox-static"),
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.10.0";
