@@ -131,7 +131,7 @@ impl Drop for TempDir {
 pub struct ChildGuard(pub Child);
 
 impl ChildGuard {
-    /// Waits up to `timeout` for the process to exit; kills it and panics past that.
+    /// Waits up to `timeout` for the process to exit; panics past that (and the drop ends it).
     pub fn wait_for(&mut self, timeout: Duration, what: &str) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
@@ -145,9 +145,7 @@ impl ChildGuard {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
 
-impl ChildGuard {
     /// Ends the process. SIGTERM first: `timeout` passes it on, and `ctr run` forwards it to
     /// its task and then cleans up; SIGKILL only if that does not end it within 10 s.
     pub fn stop(&mut self) {
