@@ -102,6 +102,74 @@ pub fn arp_request(sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
     a
 }
 
+/// An Ethernet frame with the given addresses.
+pub fn eth_with(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = eth(ether_type, payload);
+    f[..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f
+}
+
+/// ARP who-has `target` from (`sha`, `spa`).
+pub fn arp_request_from(sha: [u8; 6], spa: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    let mut a = arp_request(spa, target);
+    a[8..14].copy_from_slice(&sha);
+    a
+}
+
+/// A TCP segment with `flags` (0x02 SYN, 0x10 ACK, ...), no payload.
+pub fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = tcp_syn(sport, dport);
+    t[13] = flags;
+    t
+}
+
+/// Fills in the TCP, UDP or ICMP checksum of a whole IPv4 packet (header included).
+pub fn fill_l4_checksum(p: &mut [u8]) {
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let off = match p[9] {
+        6 => 16,
+        17 => 6,
+        1 => 2,
+        _ => return,
+    };
+    p[ihl + off] = 0;
+    p[ihl + off + 1] = 0;
+    let c = l4_checksum(p);
+    p[ihl + off..ihl + off + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+/// The checksum the L4 header of IPv4 packet `p` should carry (computed with its own
+/// checksum field as is: a correct packet gives 0).
+pub fn l4_checksum(p: &[u8]) -> u16 {
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+    let l4 = &p[ihl..total];
+    let mut buf = Vec::new();
+    if p[9] != 1 {
+        buf.extend_from_slice(&p[12..20]);
+        buf.push(0);
+        buf.push(p[9]);
+        buf.extend_from_slice(&u16::try_from(l4.len()).expect("fits").to_be_bytes());
+    }
+    buf.extend_from_slice(l4);
+    checksum(&buf)
+}
+
+/// Asserts that the IPv4 header checksum and the L4 checksum of the IPv4 packet inside
+/// Ethernet frame `f` are right (a zero UDP checksum means none and is accepted).
+pub fn assert_checksums(f: &[u8]) {
+    let p = &f[14..];
+    let ihl = usize::from(p[0] & 0x0f) * 4;
+    assert_eq!(checksum(&p[..ihl]), 0, "IPv4 header checksum of {f:02x?}");
+    if p[9] == 17 && p[ihl + 6..ihl + 8] == [0, 0] {
+        return;
+    }
+    if matches!(p[9], 1 | 6 | 17) {
+        assert_eq!(l4_checksum(p), 0, "L4 checksum of {f:02x?}");
+    }
+}
+
 /// The Internet checksum (RFC 1071).
 pub fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = data

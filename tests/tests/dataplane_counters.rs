@@ -31,6 +31,7 @@ impl PinRoot {
         DataplaneConfig {
             pin_root: self.0.clone(),
             attach_mode,
+            nat_max_entries: Some(4096),
         }
     }
 }

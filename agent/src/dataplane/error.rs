@@ -2,7 +2,8 @@ use std::path::PathBuf;
 
 use aya::{
     maps::MapError,
-    programs::{ProgramError, tc::TcError},
+    pin::PinError,
+    programs::{ProgramError, links::LinkError, tc::TcError},
 };
 
 /// Failures of the dataplane, each naming the operation (and so the syscall family) that
@@ -62,9 +63,25 @@ pub enum DataplaneError {
         name: &'static str,
         source: ProgramError,
     },
-    #[error("reading map {name}: {source}")]
+    #[error("accessing map {name}: {source}")]
     Map {
         name: &'static str,
         source: MapError,
+    },
+    #[error("pinning a link at {path}: {source}")]
+    PinLink { path: PathBuf, source: PinError },
+    #[error("re-opening the pinned link {path}: {source}")]
+    Link { path: PathBuf, source: LinkError },
+    #[error("no interface with ifindex {ifindex} in this network namespace: {source}")]
+    NoInterface {
+        ifindex: u32,
+        source: std::io::Error,
+    },
+    #[error("invalid dataplane input: {0}")]
+    InvalidSpec(String),
+    #[error("reading {path} to size the maps: {source}")]
+    Meminfo {
+        path: PathBuf,
+        source: std::io::Error,
     },
 }

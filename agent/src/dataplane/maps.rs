@@ -4,7 +4,7 @@ use std::{collections::HashSet, net::Ipv4Addr};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapError, lpm_trie::Key},
 };
 use vpc_ebpf_common::{
     maps,
@@ -18,26 +18,14 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
-fn data<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut MapData, DataplaneError> {
-    match ebpf.map_mut(name) {
-        Some(aya::maps::Map::Array(m) | aya::maps::Map::HashMap(m) | aya::maps::Map::LpmTrie(m)) => {
-            Ok(m)
-        }
-        Some(aya::maps::Map::LruHashMap(m)) => Ok(m),
-        _ => Err(DataplaneError::MissingMap(name)),
-    }
+fn data<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Map, DataplaneError> {
+    ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))
 }
 
 pub fn set_config(ebpf: &mut Ebpf, cfg: &NodeConfig) -> Result<(), DataplaneError> {
     let mut m: Array<_, NodeConfig> =
         Array::try_from(data(ebpf, maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
     m.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
-}
-
-pub fn config(ebpf: &mut Ebpf) -> Result<NodeConfig, DataplaneError> {
-    let m: Array<_, NodeConfig> =
-        Array::try_from(data(ebpf, maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
-    m.get(&0, 0).map_err(map_err(maps::CONFIG))
 }
 
 /// Makes the LPM trie `name` hold exactly `cidrs` (host bits are masked off).
@@ -65,7 +53,8 @@ pub fn sync_cidrs(
         }
     }
     for (len, addr) in want {
-        m.insert(&Key::new(len, addr), 1, 0).map_err(map_err(name))?;
+        m.insert(&Key::new(len, addr), 1, 0)
+            .map_err(map_err(name))?;
     }
     Ok(())
 }
@@ -110,13 +99,6 @@ pub fn put_eni(ebpf: &mut Ebpf, ifindex: u32, eni: &Eni) -> Result<(), Dataplane
 pub fn remove_eni(ebpf: &mut Ebpf, ifindex: u32) -> Result<(), DataplaneError> {
     let mut m = hash_map!(ebpf, maps::ENIS, u32, Eni)?;
     absent_is_none(m.remove(&ifindex), maps::ENIS).map(|_| ())
-}
-
-pub fn enis(ebpf: &mut Ebpf) -> Result<Vec<(u32, Eni)>, DataplaneError> {
-    let m = hash_map!(ebpf, maps::ENIS, u32, Eni)?;
-    m.iter()
-        .collect::<Result<_, _>>()
-        .map_err(map_err(maps::ENIS))
 }
 
 /// Makes the hostports of `pod` exactly `ports` ((proto, host port, container port)),
@@ -168,4 +150,10 @@ fn absent_is_none<T>(
         }
         Err(source) => Err(DataplaneError::Map { name, source }),
     }
+}
+
+/// Read-only lookup for `&self` callers; any failure reads as absent.
+pub fn endpoint_ro(ebpf: &Ebpf, ip: Ipv4Addr) -> Option<Endpoint> {
+    let m: HashMap<_, u32, Endpoint> = HashMap::try_from(ebpf.map(maps::ENDPOINTS)?).ok()?;
+    m.get(&be(ip), 0).ok()
 }

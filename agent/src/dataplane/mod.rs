@@ -1,16 +1,25 @@
 //! The eBPF dataplane: loads the embedded object, attaches its TC programs to interfaces
-//! and reads its maps.
+//! and feeds its maps.
 //!
-//! Maps are pinned under a versioned bpffs directory so their contents outlive the agent;
-//! programs are attached with tcx on kernels that have it (>= 6.6) and with a clsact qdisc
-//! otherwise.
+//! Maps and attachments are pinned under a versioned bpffs directory so that they outlive
+//! the agent: a restarted agent re-opens them and swaps its own program instances in
+//! without detaching anything, so traffic keeps flowing while it is down. Programs are
+//! attached with tcx on kernels that have it (>= 6.6) and with a clsact qdisc otherwise.
+//!
+//! Call order: [`Dataplane::set_node`], then [`Dataplane::upsert_eni`] for every ENI, then
+//! endpoints. Until `set_node` the programs hand every packet to the kernel.
 
+mod attach;
 mod bpffs;
+mod conntrack;
 mod counters;
 mod error;
+mod maps;
+mod spec;
 
 use std::{
     collections::HashMap,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
@@ -22,10 +31,28 @@ use aya::{
     },
     util::KernelVersion,
 };
+pub use conntrack::{GcTimeouts, entries_for_memory, monotonic_now_ns};
 pub use counters::CounterRow;
 pub use error::DataplaneError;
-use tracing::{debug, info};
-use vpc_ebpf_common::{PIN_VERSION, programs};
+pub use spec::{EndpointSpec, EniSpec, NodeSpec};
+use tracing::{debug, info, warn};
+use vpc_ebpf_common::{
+    PIN_VERSION, maps as map_names,
+    nat::{NatEntry, NatKey},
+    programs,
+};
+
+/// Every program in the object, loaded at start.
+const PROGRAMS: [&str; 4] = [
+    programs::COUNT_INGRESS,
+    programs::COUNT_EGRESS,
+    programs::FROM_POD,
+    programs::FROM_ENI,
+];
+
+/// The programs attached through pinned links (the counters are diagnostics and are
+/// attached for the life of the process only).
+const PINNED_PROGRAMS: [&str; 2] = [programs::FROM_POD, programs::FROM_ENI];
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded so the agent binary is
 /// self-contained.
@@ -60,6 +87,10 @@ pub struct DataplaneConfig {
     pub pin_root: PathBuf,
     /// `None`: detect from the kernel version.
     pub attach_mode: Option<AttachMode>,
+    /// Size of the NAT/conntrack table; `None`: from the node's memory
+    /// ([`entries_for_memory`]). Only applies when the table is created: a table pinned by
+    /// an earlier run keeps its size.
+    pub nat_max_entries: Option<u32>,
 }
 
 impl Default for DataplaneConfig {
@@ -67,6 +98,7 @@ impl Default for DataplaneConfig {
         Self {
             pin_root: PathBuf::from(DEFAULT_PIN_ROOT),
             attach_mode: None,
+            nat_max_entries: None,
         }
     }
 }
@@ -85,17 +117,33 @@ impl Hook {
             Self::Egress => TcAttachType::Egress,
         }
     }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "ingress" => Some(Self::Ingress),
+            "egress" => Some(Self::Egress),
+            _ => None,
+        }
+    }
 }
 
-/// The loaded object and the attachments this process made.
+/// The loaded object and its attachments.
 ///
-/// Dropping it detaches the programs it attached (links are not pinned yet); pinned maps
-/// stay in bpffs.
+/// Dropping it detaches only the packet counters; the dataplane programs stay attached
+/// through their pinned links (tcx) or filters (clsact), and the maps stay pinned.
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     mode: AttachMode,
     attached: HashMap<(String, Hook), (&'static str, SchedClassifierLinkId)>,
+    links: attach::Attachments,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -118,26 +166,169 @@ impl Dataplane {
             path: pin_dir.clone(),
             source,
         })?;
+        let nat_entries = match config.nat_max_entries {
+            Some(n) => n,
+            None => conntrack::entries_for_memory(conntrack::mem_total()?),
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
+            .map_max_entries(map_names::NAT, nat_entries)
             .load(OBJECT)
             .map_err(|source| DataplaneError::Load {
                 pin_dir: pin_dir.clone(),
                 source: Box::new(source),
             })?;
-        for name in [programs::COUNT_INGRESS, programs::COUNT_EGRESS] {
+        for name in PROGRAMS {
             classifier(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DataplaneError::ProgramLoad { name, source })?;
         }
         let mode = config.attach_mode.unwrap_or_else(AttachMode::detect);
-        info!(pin_dir = %pin_dir.display(), ?mode, "eBPF object loaded");
+        let links = attach::Attachments::restore(&mut ebpf, mode, &pin_dir, &PINNED_PROGRAMS)?;
+        info!(pin_dir = %pin_dir.display(), ?mode, nat_entries, "eBPF object loaded");
         Ok(Self {
             ebpf,
             pin_dir,
             mode,
             attached: HashMap::new(),
+            links,
         })
+    }
+
+    /// Writes the node configuration and the CIDR tables. Idempotent; until the first
+    /// call the programs hand every packet to the kernel.
+    pub fn set_node(&mut self, n: &NodeSpec) -> Result<(), DataplaneError> {
+        if !n.external_snat && (n.snat_ports.0 == 0 || n.snat_ports.0 > n.snat_ports.1) {
+            return Err(DataplaneError::InvalidSpec(format!(
+                "SNAT port range {}-{} is empty or starts at 0",
+                n.snat_ports.0, n.snat_ports.1
+            )));
+        }
+        maps::sync_cidrs(&mut self.ebpf, map_names::VPC_CIDRS, &n.vpc_cidrs)?;
+        maps::sync_cidrs(
+            &mut self.ebpf,
+            map_names::SNAT_EXCLUSIONS,
+            &n.snat_exclusions,
+        )?;
+        maps::sync_cidrs(
+            &mut self.ebpf,
+            map_names::PASSTHROUGH_CIDRS,
+            &n.passthrough_cidrs,
+        )?;
+        // Last: the programs start acting on the flag only once the tables are in place.
+        maps::set_config(&mut self.ebpf, &n.value())
+    }
+
+    /// Records the ENI and attaches the ENI program to it. Idempotent.
+    pub fn upsert_eni(&mut self, e: &EniSpec) -> Result<(), DataplaneError> {
+        maps::put_eni(&mut self.ebpf, e.ifindex, &e.value())?;
+        self.links
+            .attach(&mut self.ebpf, e.ifindex, Hook::Ingress, programs::FROM_ENI)
+    }
+
+    /// Detaches the ENI program and forgets the ENI. An unknown ENI is success.
+    pub fn remove_eni(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        self.links
+            .detach(ifindex, Hook::Ingress, programs::FROM_ENI)?;
+        maps::remove_eni(&mut self.ebpf, ifindex)
+    }
+
+    /// Records the pod and attaches the pod program to its host veth. Idempotent; the map
+    /// entry is written first so that the pod's first packet already finds it.
+    pub fn upsert_endpoint(&mut self, ep: &EndpointSpec) -> Result<(), DataplaneError> {
+        if ep.host_ifindex == 0 || ep.eni_ifindex == 0 {
+            return Err(DataplaneError::InvalidSpec(format!(
+                "endpoint {} needs a host veth and an ENI ifindex",
+                ep.ipv4
+            )));
+        }
+        if let Some(old) = maps::endpoint(&mut self.ebpf, ep.ipv4)?
+            && old.host_ifindex != ep.host_ifindex
+        {
+            // The address moved to another veth (a pod re-created under the same IP).
+            self.links
+                .detach(old.host_ifindex, Hook::Ingress, programs::FROM_POD)?;
+        }
+        maps::put_endpoint(&mut self.ebpf, ep.ipv4, &ep.value())?;
+        self.links.attach(
+            &mut self.ebpf,
+            ep.host_ifindex,
+            Hook::Ingress,
+            programs::FROM_POD,
+        )
+    }
+
+    /// Detaches the pod program, drops the pod's hostPorts and forgets the pod. An
+    /// unknown pod is success.
+    pub fn remove_endpoint(&mut self, ipv4: Ipv4Addr) -> Result<(), DataplaneError> {
+        let Some(old) = maps::endpoint(&mut self.ebpf, ipv4)? else {
+            return maps::sync_hostports(&mut self.ebpf, ipv4, &[]);
+        };
+        // Another endpoint may share the veth only if the agent's state is confused;
+        // detaching would cut that one off too, so leave the program then.
+        let shared = maps::endpoints(&mut self.ebpf)?
+            .iter()
+            .any(|(ip, e)| *ip != ipv4 && e.host_ifindex == old.host_ifindex);
+        if shared {
+            warn!(%ipv4, ifindex = old.host_ifindex, "another endpoint uses this veth; program left attached");
+        } else {
+            self.links
+                .detach(old.host_ifindex, Hook::Ingress, programs::FROM_POD)?;
+        }
+        maps::sync_hostports(&mut self.ebpf, ipv4, &[])?;
+        maps::remove_endpoint(&mut self.ebpf, ipv4).map(|_| ())
+    }
+
+    /// Whether the pod's map entry exists and this process's pod program runs on its
+    /// host veth.
+    pub fn endpoint_attached(&self, ipv4: Ipv4Addr) -> bool {
+        let Some(ep) = maps::endpoint_ro(&self.ebpf, ipv4) else {
+            return false;
+        };
+        self.links.is_attached(
+            &self.ebpf,
+            ep.host_ifindex,
+            Hook::Ingress,
+            programs::FROM_POD,
+        )
+    }
+
+    /// Makes the pod's hostPorts exactly `maps` ((IPPROTO_TCP or IPPROTO_UDP, host
+    /// port, container port)). An empty slice removes them.
+    pub fn set_hostports(
+        &mut self,
+        ipv4: Ipv4Addr,
+        maps: &[(u8, u16, u16)],
+    ) -> Result<(), DataplaneError> {
+        if let Some(bad) = maps
+            .iter()
+            .find(|(p, h, c)| (*p != 6 && *p != 17) || *h == 0 || *c == 0)
+        {
+            return Err(DataplaneError::InvalidSpec(format!(
+                "hostPort {bad:?} of {ipv4}: protocol must be 6 (TCP) or 17 (UDP), ports non-zero"
+            )));
+        }
+        maps::sync_hostports(&mut self.ebpf, ipv4, maps)
+    }
+
+    /// Removes translated flows idle past [`GcTimeouts::default`] at `now_ns`
+    /// ([`monotonic_now_ns`]). Returns the number of entries removed.
+    pub fn gc_conntrack(&mut self, now_ns: u64) -> Result<usize, DataplaneError> {
+        conntrack::gc(&mut self.ebpf, now_ns, &GcTimeouts::default())
+    }
+
+    /// [`Self::gc_conntrack`] with other timeouts.
+    pub fn gc_conntrack_with(
+        &mut self,
+        now_ns: u64,
+        timeouts: &GcTimeouts,
+    ) -> Result<usize, DataplaneError> {
+        conntrack::gc(&mut self.ebpf, now_ns, timeouts)
+    }
+
+    /// Every NAT/conntrack entry (two per translated flow), for introspection and tests.
+    pub fn nat_entries(&self) -> Result<Vec<(NatKey, NatEntry)>, DataplaneError> {
+        conntrack::entries(&self.ebpf)
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -209,16 +400,30 @@ impl Dataplane {
     /// The kernel presents the frame as received on the loopback device of the calling
     /// thread's network namespace.
     pub fn test_run(&mut self, program: &'static str, frame: &[u8]) -> Result<i32, DataplaneError> {
+        self.test_run_frame(program, frame)
+            .map(|(verdict, _)| verdict)
+    }
+
+    /// [`Self::test_run`] that also returns the frame as the program left it.
+    pub fn test_run_frame(
+        &mut self,
+        program: &'static str,
+        frame: &[u8],
+    ) -> Result<(i32, Vec<u8>), DataplaneError> {
         let prog = classifier(&mut self.ebpf, program)?;
+        // Room for what the programs may add (they only rewrite in place today).
+        let mut out = vec![0u8; frame.len() + 256];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
         let result = prog
             .test_run(opts)
             .map_err(|source| DataplaneError::TestRun {
                 name: program,
                 source,
             })?;
-        Ok(result.return_value.cast_signed())
+        out.truncate(usize::try_from(result.data_size_out).unwrap_or(0));
+        Ok((result.return_value.cast_signed(), out))
     }
 
     /// Current value of every counter, summed over CPUs.
@@ -227,7 +432,7 @@ impl Dataplane {
     }
 }
 
-fn classifier<'a>(
+pub(crate) fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, DataplaneError> {
@@ -238,7 +443,7 @@ fn classifier<'a>(
 }
 
 /// Adds the clsact qdisc, accepting one that is already there.
-fn add_clsact(iface: &str) -> Result<(), DataplaneError> {
+pub(crate) fn add_clsact(iface: &str) -> Result<(), DataplaneError> {
     match tc::qdisc_add_clsact(iface) {
         Ok(()) => Ok(()),
         Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),

@@ -77,7 +77,11 @@ impl EniSpec {
         Eni {
             primary_ip: be(self.primary_ip),
             gateway_ip: be(self.gateway),
-            flags: if self.is_primary { eni_flags::PRIMARY } else { 0 },
+            flags: if self.is_primary {
+                eni_flags::PRIMARY
+            } else {
+                0
+            },
             mac: self.mac,
             pad: [0; 2],
         }

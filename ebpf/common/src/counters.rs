@@ -61,68 +61,95 @@ pub mod direction {
     }
 }
 
-/// Reason codes. `PASS_*`: handed to the kernel unchanged; `DROP_*`: dropped (none yet);
-/// later programs add `FWD_*` for packets they redirect themselves. Codes are stable
-/// (they are stored in pinned maps and exported as metric labels); never renumber.
+/// Reason codes. `PASS_*`: handed to the kernel unchanged; `DROP_*`: dropped; `FWD_*`:
+/// forwarded by the program itself (redirected, possibly rewritten). Codes are stable (they
+/// are stored in pinned maps and exported as metric labels); never renumber.
 pub mod reason {
-    /// Frame too short for an Ethernet header.
-    pub const PASS_TRUNCATED_ETH: u16 = 1;
-    /// ARP.
-    pub const PASS_ARP: u16 = 2;
-    /// IPv4 TCP.
-    pub const PASS_IPV4_TCP: u16 = 3;
-    /// IPv4 UDP.
-    pub const PASS_IPV4_UDP: u16 = 4;
-    /// IPv4 ICMP.
-    pub const PASS_IPV4_ICMP: u16 = 5;
-    /// IPv4 with another L4 protocol.
-    pub const PASS_IPV4_OTHER: u16 = 6;
-    /// A non-first IPv4 fragment: no L4 header to look at.
-    pub const PASS_IPV4_FRAGMENT: u16 = 7;
-    /// Ethertype IPv4 but fewer bytes than the IPv4 header or its L4 header needs.
-    pub const PASS_TRUNCATED_IPV4: u16 = 8;
-    /// IPv4 header with a version other than 4 or an IHL below 5.
-    pub const PASS_MALFORMED_IPV4: u16 = 9;
-    /// IPv6 (not handled by the dataplane yet).
-    pub const PASS_IPV6: u16 = 10;
-    /// 802.1Q / 802.1ad tagged frames.
-    pub const PASS_VLAN: u16 = 11;
-    /// Any other ethertype.
-    pub const PASS_OTHER_ETHERTYPE: u16 = 12;
+    macro_rules! reasons {
+        ($($(#[$doc:meta])* $name:ident = $code:literal, $label:literal;)*) => {
+            $($(#[$doc])* pub const $name: u16 = $code;)*
 
-    /// All codes, for exporting every series even when zero.
-    pub const ALL: [u16; 12] = [
-        PASS_TRUNCATED_ETH,
-        PASS_ARP,
-        PASS_IPV4_TCP,
-        PASS_IPV4_UDP,
-        PASS_IPV4_ICMP,
-        PASS_IPV4_OTHER,
-        PASS_IPV4_FRAGMENT,
-        PASS_TRUNCATED_IPV4,
-        PASS_MALFORMED_IPV4,
-        PASS_IPV6,
-        PASS_VLAN,
-        PASS_OTHER_ETHERTYPE,
-    ];
+            /// All codes, for exporting every series even when zero.
+            pub const ALL: &[u16] = &[$($name),*];
 
-    /// Stable `snake_case` name used as the metric label.
-    pub const fn name(r: u16) -> &'static str {
-        match r {
-            PASS_TRUNCATED_ETH => "pass_truncated_eth",
-            PASS_ARP => "pass_arp",
-            PASS_IPV4_TCP => "pass_ipv4_tcp",
-            PASS_IPV4_UDP => "pass_ipv4_udp",
-            PASS_IPV4_ICMP => "pass_ipv4_icmp",
-            PASS_IPV4_OTHER => "pass_ipv4_other",
-            PASS_IPV4_FRAGMENT => "pass_ipv4_fragment",
-            PASS_TRUNCATED_IPV4 => "pass_truncated_ipv4",
-            PASS_MALFORMED_IPV4 => "pass_malformed_ipv4",
-            PASS_IPV6 => "pass_ipv6",
-            PASS_VLAN => "pass_vlan",
-            PASS_OTHER_ETHERTYPE => "pass_other_ethertype",
-            _ => "unknown",
-        }
+            /// Stable `snake_case` name used as the metric label.
+            pub const fn name(r: u16) -> &'static str {
+                match r {
+                    $($code => $label,)*
+                    _ => "unknown",
+                }
+            }
+        };
+    }
+
+    reasons! {
+        /// Frame too short for an Ethernet header.
+        PASS_TRUNCATED_ETH = 1, "pass_truncated_eth";
+        /// ARP the dataplane does not answer.
+        PASS_ARP = 2, "pass_arp";
+        /// IPv4 TCP (the counting programs only).
+        PASS_IPV4_TCP = 3, "pass_ipv4_tcp";
+        /// IPv4 UDP (the counting programs only).
+        PASS_IPV4_UDP = 4, "pass_ipv4_udp";
+        /// IPv4 ICMP (the counting programs only).
+        PASS_IPV4_ICMP = 5, "pass_ipv4_icmp";
+        /// IPv4 with another L4 protocol.
+        PASS_IPV4_OTHER = 6, "pass_ipv4_other";
+        /// An IPv4 fragment the program cannot handle (no L4 header to translate).
+        PASS_IPV4_FRAGMENT = 7, "pass_ipv4_fragment";
+        /// Ethertype IPv4 but fewer bytes than the IPv4 header or its L4 header needs.
+        PASS_TRUNCATED_IPV4 = 8, "pass_truncated_ipv4";
+        /// IPv4 header with a version other than 4 or an IHL below 5.
+        PASS_MALFORMED_IPV4 = 9, "pass_malformed_ipv4";
+        /// IPv6 (not handled by the dataplane yet).
+        PASS_IPV6 = 10, "pass_ipv6";
+        /// 802.1Q / 802.1ad tagged frames.
+        PASS_VLAN = 11, "pass_vlan";
+        /// Any other ethertype.
+        PASS_OTHER_ETHERTYPE = 12, "pass_other_ethertype";
+        /// The node configuration has not been written yet: the kernel decides.
+        PASS_NOT_CONFIGURED = 13, "pass_not_configured";
+        /// Addressed to the node itself.
+        PASS_TO_HOST = 14, "pass_to_host";
+        /// Destination in the pass-through CIDRs (Service ClusterIPs and the like): the
+        /// kernel and kube-proxy handle it.
+        PASS_PASSTHROUGH_CIDR = 15, "pass_passthrough_cidr";
+        /// TTL would reach zero: the kernel forwards nothing and sends the ICMP error.
+        PASS_TTL_EXPIRED = 16, "pass_ttl_expired";
+        /// Needs SNAT but is not TCP, UDP or ICMP echo.
+        PASS_NOT_TRANSLATABLE = 17, "pass_not_translatable";
+        /// Arrived on an ENI and is not for a local pod, a NATed flow or a hostPort.
+        PASS_NOT_FOR_POD = 18, "pass_not_for_pod";
+        /// A NAT entry points at a pod that no longer has an endpoint.
+        PASS_NAT_STALE = 19, "pass_nat_stale";
+        /// Source IPv4 is not the address of the pod behind this interface.
+        DROP_SPOOFED_IP = 20, "drop_spoofed_ip";
+        /// Source MAC is not the MAC of the pod behind this interface.
+        DROP_SPOOFED_MAC = 21, "drop_spoofed_mac";
+        /// The ENI owning the pod's address (or the primary ENI, for SNAT) is not in the
+        /// ENI map; sending it out of another ENI would be dropped by the VPC anyway.
+        DROP_NO_ENI = 22, "drop_no_eni";
+        /// Every SNAT port tried for the flow was taken.
+        DROP_NO_SNAT_PORT = 23, "drop_no_snat_port";
+        /// A packet rewrite or redirect helper failed half way; the packet cannot be sent
+        /// on in a consistent state.
+        DROP_REWRITE_FAILED = 24, "drop_rewrite_failed";
+        /// ARP request for the pod gateway answered with the host veth MAC.
+        FWD_ARP_REPLY = 30, "fwd_arp_reply";
+        /// Delivered to a local pod with bpf_redirect_peer.
+        FWD_LOCAL_POD = 31, "fwd_local_pod";
+        /// Sent out of the ENI owning the source address, to the subnet gateway.
+        FWD_ENI = 32, "fwd_eni";
+        /// Source-NATed to the node IP and sent out of the primary ENI.
+        FWD_SNAT = 33, "fwd_snat";
+        /// Reply to a source-NATed flow translated back and delivered to its pod.
+        FWD_REVERSE_NAT = 34, "fwd_reverse_nat";
+        /// hostPort traffic destination-NATed to its pod.
+        FWD_HOSTPORT_DNAT = 35, "fwd_hostport_dnat";
+        /// Reply from a hostPort pod translated back to the node address.
+        FWD_HOSTPORT_REPLY = 36, "fwd_hostport_reply";
+        /// ICMP error about a NATed flow translated and delivered to its pod.
+        FWD_ICMP_ERROR_NAT = 37, "fwd_icmp_error_nat";
     }
 }
 

@@ -6,6 +6,8 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod counters;
+pub mod nat;
+pub mod node;
 
 /// Version of the pinned-object layout. Pinned maps live under
 /// `/sys/fs/bpf/vpc-ebpf/<PIN_VERSION>/`; a change of any map's key or value layout bumps
@@ -16,9 +18,21 @@ pub const PIN_VERSION: &str = "v1";
 pub mod programs {
     pub const COUNT_INGRESS: &str = "count_ingress";
     pub const COUNT_EGRESS: &str = "count_egress";
+    /// TC ingress of a pod's host veth: traffic from the pod.
+    pub const FROM_POD: &str = "from_pod";
+    /// TC ingress of an ENI: traffic from the VPC.
+    pub const FROM_ENI: &str = "from_eni";
 }
 
 /// Names of the maps in the eBPF object (also their pin file names).
 pub mod maps {
     pub const COUNTERS: &str = "VPC_COUNTERS";
+    pub const CONFIG: &str = "VPC_CONFIG";
+    pub const ENDPOINTS: &str = "VPC_ENDPOINTS";
+    pub const ENIS: &str = "VPC_ENIS";
+    pub const VPC_CIDRS: &str = "VPC_CIDRS";
+    pub const SNAT_EXCLUSIONS: &str = "VPC_SNAT_EXCL";
+    pub const PASSTHROUGH_CIDRS: &str = "VPC_PASSTHRU";
+    pub const NAT: &str = "VPC_NAT";
+    pub const HOSTPORTS: &str = "VPC_HOSTPORTS";
 }

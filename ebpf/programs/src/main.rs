@@ -1,12 +1,21 @@
 //! vpc-ebpf kernel programs.
 //!
-//! Each entry point is a thin wrapper that turns the program's logic into a TC verdict;
-//! every packet byte is read through [`packet::ptr_at`], the one bounds-checked accessor.
+//! Each entry point is a thin wrapper that turns the program's logic into a TC verdict
+//! and counts it; every packet byte is read through [`packet::ptr_at`], the one
+//! bounds-checked accessor, and written through [`rewrite`], which keeps checksums right.
 #![no_std]
 #![no_main]
 
+mod arp;
 mod counters;
+mod deliver;
+mod from_eni;
+mod from_pod;
+mod icmp_error;
+mod maps;
+mod nat;
 mod packet;
+mod rewrite;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use vpc_ebpf_common::counters::direction;
@@ -27,6 +36,23 @@ pub fn count_ingress(ctx: TcContext) -> i32 {
 pub fn count_egress(ctx: TcContext) -> i32 {
     counters::observe(&ctx, direction::EGRESS);
     TC_ACT_NEXT
+}
+
+/// Host side of a pod veth, ingress: ARP for the gateway, anti-spoofing, pod-to-pod,
+/// pod-to-VPC through the owning ENI, SNAT to outside the VPC.
+#[classifier]
+pub fn from_pod(ctx: TcContext) -> i32 {
+    let (reason, verdict) = from_pod::handle(&ctx);
+    counters::count(&ctx, reason, direction::INGRESS);
+    verdict
+}
+
+/// ENI ingress: reverse NAT, hostPort DNAT, delivery to local pods.
+#[classifier]
+pub fn from_eni(ctx: TcContext) -> i32 {
+    let (reason, verdict) = from_eni::handle(&ctx);
+    counters::count(&ctx, reason, direction::INGRESS);
+    verdict
 }
 
 #[cfg(not(test))]

@@ -91,3 +91,125 @@ fn classify_ipv4(ctx: &TcContext, offset: usize) -> u16 {
         _ => reason::PASS_IPV4_ICMP,
     }
 }
+
+/// Where the IPv4 header starts (untagged Ethernet only: tagged frames go to the kernel).
+pub const IP_OFF: usize = EthHdr::LEN;
+
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+
+/// What the programs need of an IPv4 header, read once before any rewrite (rewrites
+/// invalidate packet pointers).
+#[derive(Clone, Copy)]
+pub struct Ipv4 {
+    /// Network order, as in the packet.
+    pub src: u32,
+    pub dst: u32,
+    pub proto: u8,
+    pub ttl: u8,
+    /// Offset of the L4 header.
+    pub l4: usize,
+    /// More-fragments set or a non-zero offset: ports cannot be translated consistently.
+    pub fragment: bool,
+    /// A non-zero offset: no L4 header at all.
+    pub later_fragment: bool,
+}
+
+/// Parses the IPv4 header after an untagged Ethernet header; `Err` is the pass reason.
+#[inline(always)]
+pub fn ipv4(ctx: &TcContext) -> Result<Ipv4, u16> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, IP_OFF).map_err(|()| reason::PASS_TRUNCATED_IPV4)?;
+    // SAFETY: ptr_at checked that the whole fixed header lies inside the packet.
+    let (vihl, frags, proto, ttl, src, dst) = unsafe {
+        (
+            (*ip).vihl,
+            (*ip).frags,
+            (*ip).proto,
+            (*ip).ttl,
+            (*ip).src_addr,
+            (*ip).dst_addr,
+        )
+    };
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Err(reason::PASS_MALFORMED_IPV4);
+    }
+    // Options must be there too before anything is rewritten behind them.
+    if ctx.data() + IP_OFF + ihl > ctx.data_end() {
+        return Err(reason::PASS_TRUNCATED_IPV4);
+    }
+    let frags = u16::from_be_bytes(frags);
+    Ok(Ipv4 {
+        src: u32::from_ne_bytes(src),
+        dst: u32::from_ne_bytes(dst),
+        proto,
+        ttl,
+        l4: IP_OFF + ihl,
+        fragment: frags & (IP_MF | IP_OFFSET_MASK) != 0,
+        later_fragment: frags & IP_OFFSET_MASK != 0,
+    })
+}
+
+/// The translatable part of an L4 header. Ports are host order; ICMP echo carries its
+/// identifier as the source port of a request and the destination port of a reply.
+#[derive(Clone, Copy)]
+pub struct Ports {
+    pub src: u16,
+    pub dst: u16,
+    /// TCP flags byte (zero for UDP and ICMP).
+    pub tcp_flags: u8,
+}
+
+/// Reads the ports of a TCP, UDP or ICMP echo packet. `Ok(None)`: no ports to translate
+/// (another protocol, a later fragment, an ICMP message other than echo); `Err`: the L4
+/// header is cut short (the pass reason).
+#[inline(always)]
+pub fn ports(ctx: &TcContext, ip: &Ipv4) -> Result<Option<Ports>, u16> {
+    if ip.later_fragment {
+        return Ok(None);
+    }
+    match ip.proto {
+        IPPROTO_TCP => {
+            let t = ptr_at::<TcpHdr>(ctx, ip.l4).map_err(|()| reason::PASS_TRUNCATED_IPV4)?;
+            // SAFETY: ptr_at checked the whole header; byte 13 is the flags byte.
+            let (s, d, flags) = unsafe { ((*t).source, (*t).dest, *(t.cast::<u8>().add(13))) };
+            Ok(Some(Ports {
+                src: u16::from_be_bytes(s),
+                dst: u16::from_be_bytes(d),
+                tcp_flags: flags,
+            }))
+        }
+        IPPROTO_UDP => {
+            let u = ptr_at::<UdpHdr>(ctx, ip.l4).map_err(|()| reason::PASS_TRUNCATED_IPV4)?;
+            // SAFETY: ptr_at checked the whole header.
+            let (s, d) = unsafe { ((*u).src, (*u).dst) };
+            Ok(Some(Ports {
+                src: u16::from_be_bytes(s),
+                dst: u16::from_be_bytes(d),
+                tcp_flags: 0,
+            }))
+        }
+        IPPROTO_ICMP => {
+            let i = ptr_at::<Icmpv4Hdr>(ctx, ip.l4).map_err(|()| reason::PASS_TRUNCATED_IPV4)?;
+            // SAFETY: ptr_at checked the whole 8-byte header; the id is its bytes 4..6.
+            let (ty, id) = unsafe { ((*i).type_, (*i).data) };
+            let id = u16::from_be_bytes([id[0], id[1]]);
+            Ok(match ty {
+                ICMP_ECHO_REQUEST => Some(Ports {
+                    src: id,
+                    dst: 0,
+                    tcp_flags: 0,
+                }),
+                ICMP_ECHO_REPLY => Some(Ports {
+                    src: 0,
+                    dst: id,
+                    tcp_flags: 0,
+                }),
+                _ => None,
+            })
+        }
+        _ => Ok(None),
+    }
+}

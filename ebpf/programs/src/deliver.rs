@@ -1,0 +1,118 @@
+//! The last step of every forwarded packet: TTL, MACs, redirect.
+
+use aya_ebpf::programs::TcContext;
+use vpc_ebpf_common::{
+    counters::reason,
+    nat::{HostPortKey, NatEntry, nat_kind, nat_origin},
+    node::{Endpoint, NodeConfig},
+};
+
+use crate::{
+    from_pod::{DROP, Outcome, PASS},
+    maps::{VPC_ENDPOINTS, VPC_ENIS, VPC_HOSTPORTS},
+    nat,
+    packet::{IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ports},
+    rewrite,
+};
+
+/// Into the pod's namespace, as if its gateway had routed it there.
+#[inline(always)]
+pub fn to_pod(ctx: &TcContext, ip: &Ipv4, pod: &Endpoint, fwd: u16) -> Outcome {
+    if ip.ttl <= 1 {
+        return (reason::PASS_TTL_EXPIRED, PASS);
+    }
+    if rewrite::dec_ttl(ctx, ip).is_err()
+        || rewrite::set_macs(ctx, &pod.pod_mac, &pod.host_mac).is_err()
+    {
+        return (reason::DROP_REWRITE_FAILED, DROP);
+    }
+    match rewrite::to_peer(pod.host_ifindex) {
+        Ok(v) => (fwd, v),
+        Err(()) => (reason::DROP_REWRITE_FAILED, DROP),
+    }
+}
+
+/// Out of `ifindex` to the subnet gateway; the kernel fills in the MACs.
+#[inline(always)]
+pub fn to_gateway(ctx: &TcContext, ip: &Ipv4, ifindex: u32, gateway: u32, fwd: u16) -> Outcome {
+    if ip.ttl <= 1 {
+        return (reason::PASS_TTL_EXPIRED, PASS);
+    }
+    if rewrite::dec_ttl(ctx, ip).is_err() {
+        return (reason::DROP_REWRITE_FAILED, DROP);
+    }
+    match rewrite::to_gateway(ifindex, gateway) {
+        Ok(v) => (fwd, v),
+        Err(()) => (reason::DROP_REWRITE_FAILED, DROP),
+    }
+}
+
+/// Sends on a packet of a translated flow, translating it with `e`: to a local pod when
+/// the (translated) destination is one; otherwise, when the source became the node
+/// address, out of the primary ENI that owns it.
+#[inline(always)]
+pub fn translated(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    ip: &Ipv4,
+    p: &Ports,
+    e: &NatEntry,
+) -> Outcome {
+    let src_nat = e.kind == nat_kind::REWRITE_SRC;
+    let fwd = match (e.origin, src_nat) {
+        (nat_origin::HOSTPORT, true) => reason::FWD_HOSTPORT_REPLY,
+        (nat_origin::HOSTPORT, false) => reason::FWD_HOSTPORT_DNAT,
+        (_, true) => reason::FWD_SNAT,
+        (_, false) => reason::FWD_REVERSE_NAT,
+    };
+    if ip.ttl <= 1 {
+        return (reason::PASS_TTL_EXPIRED, PASS);
+    }
+    let mut out = *ip;
+    if src_nat {
+        out.src = e.addr;
+    } else {
+        out.dst = e.addr;
+    }
+    // Where it goes is settled before the packet is touched, so that a packet that
+    // cannot be delivered leaves untranslated.
+    // SAFETY: read-only copies of map values.
+    let peer = unsafe { VPC_ENDPOINTS.get(out.dst) }.copied();
+    let eni = unsafe { VPC_ENIS.get(cfg.primary_eni_ifindex) }.copied();
+    let gateway = match (&peer, &eni) {
+        (Some(_), _) => 0,
+        (None, Some(eni)) if src_nat => eni.gateway_ip,
+        (None, None) if src_nat => return (reason::DROP_NO_ENI, DROP),
+        (None, _) => return (reason::PASS_NAT_STALE, PASS),
+    };
+    if nat::apply(ctx, ip, p, e).is_err() {
+        return (reason::DROP_REWRITE_FAILED, DROP);
+    }
+    match peer {
+        Some(peer) => to_pod(ctx, &out, &peer, fwd),
+        None => to_gateway(ctx, &out, cfg.primary_eni_ifindex, gateway, fwd),
+    }
+}
+
+/// A new flow to node-address:hostPort, if the port is published: DNAT to its pod.
+/// `None`: no hostPort there.
+#[inline(always)]
+pub fn hostport(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, p: &Ports) -> Option<Outcome> {
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        return None;
+    }
+    // SAFETY: read-only copy of a map value.
+    let t = unsafe { VPC_HOSTPORTS.get(HostPortKey::new(ip.proto, p.dst)) }.copied()?;
+    // SAFETY: as above.
+    if unsafe { VPC_ENDPOINTS.get(t.pod_ip) }.is_none() {
+        return Some((reason::PASS_NAT_STALE, PASS));
+    }
+    if ip.ttl <= 1 {
+        return Some((reason::PASS_TTL_EXPIRED, PASS));
+    }
+    let key = nat::key(ip, p);
+    let Ok(e) = nat::hostport_new(&key, t.pod_ip, t.container_port) else {
+        return Some((reason::DROP_REWRITE_FAILED, DROP));
+    };
+    Some(translated(ctx, cfg, ip, p, &e))
+}

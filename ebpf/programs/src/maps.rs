@@ -1,0 +1,46 @@
+//! The dataplane's maps. All pinned by name, so user space and a restarted agent see the
+//! same state the programs use.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap},
+};
+use vpc_ebpf_common::{
+    nat::{
+        HOSTPORTS_MAX_ENTRIES, HostPortKey, HostPortTarget, NAT_DEFAULT_MAX_ENTRIES, NatEntry,
+        NatKey,
+    },
+    node::{CIDRS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, ENIS_MAX_ENTRIES, Endpoint, Eni, NodeConfig},
+};
+
+#[map]
+pub static VPC_CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
+
+/// Pod IPv4 (network order) → endpoint.
+#[map]
+pub static VPC_ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(ENDPOINTS_MAX_ENTRIES, 0);
+
+/// ENI ifindex → ENI.
+#[map]
+pub static VPC_ENIS: HashMap<u32, Eni> = HashMap::pinned(ENIS_MAX_ENTRIES, 0);
+
+/// The VPC's CIDR blocks: destinations reached through the owning ENI without SNAT.
+#[map]
+pub static VPC_CIDRS: LpmTrie<u32, u32> = LpmTrie::pinned(CIDRS_MAX_ENTRIES, 0);
+
+/// `AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS`: outside the VPC but reached without SNAT.
+#[map]
+pub static VPC_SNAT_EXCL: LpmTrie<u32, u32> = LpmTrie::pinned(CIDRS_MAX_ENTRIES, 0);
+
+/// Destinations the kernel handles (Service CIDRs, link-local services).
+#[map]
+pub static VPC_PASSTHRU: LpmTrie<u32, u32> = LpmTrie::pinned(CIDRS_MAX_ENTRIES, 0);
+
+/// Two entries per translated flow; LRU so a full table sheds the idlest flows instead of
+/// refusing new ones. User space overrides the size at load.
+#[map]
+pub static VPC_NAT: LruHashMap<NatKey, NatEntry> = LruHashMap::pinned(NAT_DEFAULT_MAX_ENTRIES, 0);
+
+#[map]
+pub static VPC_HOSTPORTS: HashMap<HostPortKey, HostPortTarget> =
+    HashMap::pinned(HOSTPORTS_MAX_ENTRIES, 0);

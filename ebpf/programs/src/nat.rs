@@ -1,0 +1,192 @@
+//! Connection tracking and translation of source-NATed and hostPort flows.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+    programs::TcContext,
+};
+use vpc_ebpf_common::nat::{NatEntry, NatKey, nat_kind, nat_origin, tcp_state};
+
+use crate::{
+    maps::VPC_NAT,
+    packet::{Ipv4, Ports},
+    rewrite,
+};
+
+/// Ports tried for a new SNAT flow before giving up; each try is one hash insert.
+const SNAT_ATTEMPTS: u32 = 8;
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+#[inline(always)]
+pub fn key(ip: &Ipv4, p: &Ports) -> NatKey {
+    NatKey::new(ip.src, ip.dst, p.src, p.dst, ip.proto)
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a plain helper call.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Finds the entry for `key` and marks it used by this packet.
+#[inline(always)]
+pub fn lookup(key: &NatKey, p: &Ports) -> Option<NatEntry> {
+    let e = VPC_NAT.get_ptr_mut(key)?;
+    let mut state = 0;
+    if p.tcp_flags & TCP_FIN != 0 {
+        state |= tcp_state::FIN;
+    }
+    if p.tcp_flags & TCP_RST != 0 {
+        state |= tcp_state::RST;
+    }
+    // SAFETY: a valid map value; concurrent updates from other CPUs only race on the
+    // timestamp and state bits, where any of the racing values is fine.
+    unsafe {
+        (*e).last_seen_ns = now();
+        (*e).state |= state;
+        Some(*e)
+    }
+}
+
+/// Applies `e` to the packet: rewrites the source or destination address and port.
+#[inline(always)]
+pub fn apply(ctx: &TcContext, ip: &Ipv4, p: &Ports, e: &NatEntry) -> Result<(), ()> {
+    if e.kind == nat_kind::REWRITE_SRC {
+        rewrite::set_addr(ctx, ip, true, ip.src, e.addr)?;
+        if p.src != e.port {
+            rewrite::set_port(ctx, ip, true, p.src, e.port)?;
+        }
+    } else {
+        rewrite::set_addr(ctx, ip, false, ip.dst, e.addr)?;
+        if p.dst != e.port {
+            rewrite::set_port(ctx, ip, false, p.dst, e.port)?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the other direction of the flow `fwd` belongs to still points back at it.
+/// LRU eviction removes entries one at a time, so a surviving forward entry may have lost
+/// its reverse, or see its translated tuple reused by a newer flow.
+#[inline(always)]
+pub fn peer_intact(key: &NatKey, e: &NatEntry) -> bool {
+    let peer = e.peer_key(key);
+    // SAFETY: read-only copy of a map value.
+    if let Some(r) = unsafe { VPC_NAT.get(peer) } {
+        return r.peer_key(&peer) == *key;
+    }
+    // Re-create the lost half; if another flow took the tuple in between, the insert
+    // fails and the caller starts over with a fresh port.
+    let back = reverse_of(key, e);
+    VPC_NAT.insert(peer, back, u64::from(BPF_NOEXIST)).is_ok()
+}
+
+/// The entry that undoes `e` for packets of the other direction.
+#[inline(always)]
+fn reverse_of(key: &NatKey, e: &NatEntry) -> NatEntry {
+    let (addr, port, kind) = if e.kind == nat_kind::REWRITE_SRC {
+        (key.src_ip, key.src_port, nat_kind::REWRITE_DST)
+    } else {
+        (key.dst_ip, key.dst_port, nat_kind::REWRITE_SRC)
+    };
+    NatEntry {
+        last_seen_ns: now(),
+        addr,
+        port,
+        kind,
+        origin: e.origin,
+        state: 0,
+        pad: [0; 7],
+    }
+}
+
+/// Drops a forward entry whose reverse is gone for good.
+#[inline(always)]
+pub fn forget(key: &NatKey) {
+    let _ = VPC_NAT.remove(key);
+}
+
+/// Allocates a port in `[min, max]` for a new flow `key` from a pod and records both
+/// directions. The pod's own port is kept when it is in range and free (as Linux does),
+/// then hashed candidates are tried. `None`: every try was taken.
+#[inline(always)]
+pub fn snat_new(key: &NatKey, node_ip: u32, min: u16, max: u16) -> Option<NatEntry> {
+    if min == 0 || max < min {
+        return None;
+    }
+    let span = u32::from(max - min) + 1;
+    let h = hash(key);
+    let mut i = 0;
+    while i < SNAT_ATTEMPTS {
+        let port = if i == 0 && key.src_port >= min && key.src_port <= max {
+            key.src_port
+        } else {
+            #[expect(clippy::cast_possible_truncation, reason = "< span <= 65536")]
+            let off = (h.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % span) as u16;
+            min + off
+        };
+        i += 1;
+        let fwd = NatEntry {
+            last_seen_ns: now(),
+            addr: node_ip,
+            port,
+            kind: nat_kind::REWRITE_SRC,
+            origin: nat_origin::SNAT,
+            state: 0,
+            pad: [0; 7],
+        };
+        let rev_key = fwd.peer_key(key);
+        let rev = reverse_of(key, &fwd);
+        if VPC_NAT
+            .insert(rev_key, rev, u64::from(BPF_NOEXIST))
+            .is_err()
+        {
+            continue;
+        }
+        if VPC_NAT.insert(key, fwd, u64::from(BPF_NOEXIST)).is_ok() {
+            return Some(fwd);
+        }
+        // Another CPU created this flow meanwhile: give our port back and use theirs.
+        let _ = VPC_NAT.remove(rev_key);
+        // SAFETY: read-only copy of a map value.
+        return unsafe { VPC_NAT.get(key) }.copied();
+    }
+    None
+}
+
+/// Records a new hostPort flow `key` (client → node:hostPort) translated to
+/// `pod_ip:container_port`, both directions; returns the forward entry.
+#[inline(always)]
+pub fn hostport_new(key: &NatKey, pod_ip: u32, container_port: u16) -> Result<NatEntry, ()> {
+    let fwd = NatEntry {
+        last_seen_ns: now(),
+        addr: pod_ip,
+        port: container_port,
+        kind: nat_kind::REWRITE_DST,
+        origin: nat_origin::HOSTPORT,
+        state: 0,
+        pad: [0; 7],
+    };
+    let rev_key = fwd.peer_key(key);
+    let rev = reverse_of(key, &fwd);
+    // The hostport map is authoritative: a stale entry for the same tuple is replaced.
+    VPC_NAT
+        .insert(rev_key, rev, u64::from(BPF_ANY))
+        .map_err(|_| ())?;
+    VPC_NAT
+        .insert(key, fwd, u64::from(BPF_ANY))
+        .map_err(|_| ())?;
+    Ok(fwd)
+}
+
+/// A cheap mix of the tuple, so that flows spread over the port range.
+#[inline(always)]
+fn hash(k: &NatKey) -> u32 {
+    let mut h = k.src_ip ^ k.dst_ip.rotate_left(7);
+    h ^= (u32::from(k.src_port) << 16 | u32::from(k.dst_port)) ^ u32::from(k.proto);
+    h = (h ^ (h >> 16)).wrapping_mul(0x7feb_352d);
+    h = (h ^ (h >> 15)).wrapping_mul(0x846c_a68b);
+    h ^ (h >> 16)
+}

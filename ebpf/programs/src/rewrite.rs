@@ -1,0 +1,148 @@
+//! Packet rewrites that keep every checksum right, and the redirect helpers.
+//!
+//! Callers read everything they need first: each helper here may move the packet data,
+//! so no packet pointer survives a call.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_REDIRECT, bpf_redir_neigh,
+        bpf_redir_neigh__bindgen_ty_1,
+    },
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    programs::TcContext,
+};
+
+use crate::packet::{IP_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4};
+
+const IP_CSUM: usize = IP_OFF + 10;
+const IP_TTL: usize = IP_OFF + 8;
+const IP_SRC: usize = IP_OFF + 12;
+const IP_DST: usize = IP_OFF + 16;
+const AF_INET: u32 = 2;
+
+/// Offset of the L4 checksum and the extra `l4_csum_replace` flags it needs, if the
+/// protocol has one that covers what is rewritten.
+#[inline(always)]
+fn l4_csum(ip: &Ipv4) -> Option<(usize, u64)> {
+    match ip.proto {
+        IPPROTO_TCP => Some((ip.l4 + 16, 0)),
+        // A zero UDP checksum means "none" and must stay zero; a computed zero is sent as
+        // 0xffff. MARK_MANGLED_0 does both.
+        IPPROTO_UDP => Some((ip.l4 + 6, u64::from(BPF_F_MARK_MANGLED_0))),
+        IPPROTO_ICMP => Some((ip.l4 + 2, 0)),
+        _ => None,
+    }
+}
+
+/// Replaces the source (`src`) or destination address, fixing the IPv4 header checksum
+/// and the TCP/UDP checksum (whose pseudo-header covers addresses; ICMP's does not).
+#[inline(always)]
+pub fn set_addr(ctx: &TcContext, ip: &Ipv4, src: bool, old: u32, new: u32) -> Result<(), ()> {
+    let off = if src { IP_SRC } else { IP_DST };
+    ctx.store(off, &new, 0).map_err(|_| ())?;
+    ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 4)
+        .map_err(|_| ())?;
+    // A later fragment has no L4 header; callers never translate fragments anyway.
+    if ip.proto != IPPROTO_ICMP
+        && !ip.later_fragment
+        && let Some((csum, flags)) = l4_csum(ip)
+    {
+        ctx.l4_csum_replace(
+            csum,
+            u64::from(old),
+            u64::from(new),
+            flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
+        )
+        .map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// Replaces the source (`src`) or destination port (host order in, network order
+/// written); for ICMP echo both are the identifier.
+#[inline(always)]
+pub fn set_port(ctx: &TcContext, ip: &Ipv4, src: bool, old: u16, new: u16) -> Result<(), ()> {
+    let off = match ip.proto {
+        IPPROTO_ICMP => ip.l4 + 4,
+        _ if src => ip.l4,
+        _ => ip.l4 + 2,
+    };
+    let (old, new) = (old.to_be(), new.to_be());
+    ctx.store(off, &new, 0).map_err(|_| ())?;
+    if let Some((csum, flags)) = l4_csum(ip) {
+        ctx.l4_csum_replace(csum, u64::from(old), u64::from(new), flags | 2)
+            .map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// Decrements the TTL as a router does. The caller hands TTL <= 1 to the kernel, which
+/// sends the ICMP time-exceeded.
+#[inline(always)]
+pub fn dec_ttl(ctx: &TcContext, ip: &Ipv4) -> Result<(), ()> {
+    let ttl = ip.ttl.wrapping_sub(1);
+    // The checksum covers TTL and protocol as one 16-bit word.
+    let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    let new = u16::from_ne_bytes([ttl, ip.proto]);
+    ctx.store(IP_TTL, &ttl, 0).map_err(|_| ())?;
+    ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 2)
+        .map_err(|_| ())
+}
+
+/// Rewrites the Ethernet addresses (no checksum covers them).
+#[inline(always)]
+pub fn set_macs(ctx: &TcContext, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), ()> {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(dst);
+    macs[6..].copy_from_slice(src);
+    ctx.store(0, &macs, 0).map_err(|_| ())
+}
+
+/// Delivers into the network namespace of the veth whose host side is `host_ifindex`,
+/// straight to its peer's ingress (no backlog queue, no host stack). TC ingress only.
+#[inline(always)]
+pub fn to_peer(host_ifindex: u32) -> Result<i32, ()> {
+    // SAFETY: a plain helper call.
+    let rc = unsafe { bpf_redirect_peer(host_ifindex, 0) };
+    verdict(rc)
+}
+
+/// Sends out of `ifindex` to `gateway` (network order), the kernel's neighbour table
+/// resolving (and, when needed, asking ARP for) the gateway's MAC.
+#[inline(always)]
+pub fn to_gateway(ifindex: u32, gateway: u32) -> Result<i32, ()> {
+    let mut nh = bpf_redir_neigh {
+        nh_family: AF_INET,
+        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: gateway },
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "20 bytes"
+    )]
+    let len = core::mem::size_of::<bpf_redir_neigh>() as i32;
+    // SAFETY: `nh` is a valid bpf_redir_neigh of `len` bytes on the stack.
+    let rc = unsafe { bpf_redirect_neigh(ifindex, &raw mut nh, len, 0) };
+    verdict(rc)
+}
+
+/// Sends out of `ifindex` (egress) as is.
+#[inline(always)]
+pub fn to_egress(ifindex: u32) -> Result<i32, ()> {
+    // SAFETY: a plain helper call.
+    let rc = unsafe { bpf_redirect(ifindex, 0) };
+    verdict(rc)
+}
+
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "TC verdicts are small ints"
+)]
+fn verdict(rc: i64) -> Result<i32, ()> {
+    if rc == i64::from(TC_ACT_REDIRECT) {
+        Ok(rc as i32)
+    } else {
+        Err(())
+    }
+}

@@ -1,0 +1,773 @@
+//! Every branch of the pod and ENI programs over hand-built frames (BPF_PROG_TEST_RUN):
+//! verdicts, rewritten bytes and checksums, the one counter each packet adds, and the
+//! conntrack entries translated flows leave behind.
+//!
+//! BPF_PROG_TEST_RUN presents frames as received on the namespace's loopback (ifindex 1),
+//! so pod A's host veth is `lo` here; pod B and the ENIs are veths.
+
+#![expect(
+    clippy::many_single_char_names,
+    reason = "(v, out, r) = verdict, frame, reason: read once, compared at once"
+)]
+
+mod dataplane_common;
+
+use std::net::Ipv4Addr;
+
+use dataplane_common::{PinRoot, counter, ifindex, ip};
+use vpc_ebpf_agent::dataplane::{Dataplane, EndpointSpec, EniSpec, NodeSpec, monotonic_now_ns};
+use vpc_ebpf_common::{
+    counters::reason,
+    nat::{NatKey, nat_kind, nat_origin},
+    programs::{FROM_ENI, FROM_POD},
+};
+use vpc_ebpf_tests::{
+    netns::NetNs,
+    packets::{self, Ipv4},
+};
+
+const REDIRECT: i32 = 7;
+const PASS: i32 = 0;
+const DROP: i32 = 2;
+
+const NODE_IP: Ipv4Addr = ip(10, 0, 0, 10);
+const GW: Ipv4Addr = ip(10, 0, 0, 1);
+const POD_A: Ipv4Addr = ip(10, 0, 1, 5);
+const POD_B: Ipv4Addr = ip(10, 0, 1, 6);
+const A_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0xa1];
+const A_HOST_MAC: [u8; 6] = [0x0e, 0, 0, 0, 0, 0xa2];
+const B_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0xb1];
+const B_HOST_MAC: [u8; 6] = [0x0e, 0, 0, 0, 0, 0xb2];
+const ENI_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xe0];
+const SNAT_PORTS: (u16, u16) = (61000, 61999);
+const INTERNET: [u8; 4] = [8, 8, 8, 8];
+
+struct Node {
+    dp: Dataplane,
+    eni0: u32,
+    eni1: u32,
+    b_host: u32,
+}
+
+fn node_spec(eni0: u32) -> NodeSpec {
+    NodeSpec {
+        node_ip: NODE_IP,
+        primary_eni_ifindex: eni0,
+        vpc_cidrs: vec![(ip(10, 0, 0, 0), 16)],
+        snat_exclusions: vec![(ip(100, 64, 0, 0), 10)],
+        passthrough_cidrs: vec![(ip(172, 20, 0, 0), 16)],
+        external_snat: false,
+        snat_ports: SNAT_PORTS,
+    }
+}
+
+/// Loads the dataplane in `ns` and describes a node: pod A (on `lo`, owned by the
+/// secondary ENI), pod B (on dummy `hvb`, owned by the primary ENI).
+fn node(ns: &NetNs, pins: &PinRoot) -> Node {
+    // No dummy driver on every kernel: veth pairs whose far ends stay unused.
+    for name in ["eni0", "eni1", "hvb"] {
+        let peer = format!("{name}p");
+        ns.ip(&["link", "add", name, "type", "veth", "peer", "name", &peer]);
+        ns.ip(&["link", "set", name, "up"]);
+        ns.ip(&["link", "set", &peer, "up"]);
+    }
+    ns.run(|| {
+        let (eni0, eni1, b_host) = (ifindex("eni0"), ifindex("eni1"), ifindex("hvb"));
+        let mut dp = Dataplane::load(&pins.config(None)).expect("load");
+        dp.set_node(&node_spec(eni0)).expect("set_node");
+        for (i, (ifx, primary)) in [(eni0, true), (eni1, false)].into_iter().enumerate() {
+            dp.upsert_eni(&EniSpec {
+                ifindex: ifx,
+                mac: ENI_MAC,
+                primary_ip: ip(10, 0, 0, 10 + u8::try_from(i).unwrap()),
+                gateway: GW,
+                is_primary: primary,
+            })
+            .expect("upsert_eni");
+        }
+        dp.upsert_endpoint(&EndpointSpec {
+            ipv4: POD_A,
+            host_ifindex: 1,
+            host_mac: A_HOST_MAC,
+            pod_mac: A_MAC,
+            eni_ifindex: eni1,
+        })
+        .expect("endpoint A");
+        dp.upsert_endpoint(&EndpointSpec {
+            ipv4: POD_B,
+            host_ifindex: b_host,
+            host_mac: B_HOST_MAC,
+            pod_mac: B_MAC,
+            eni_ifindex: eni0,
+        })
+        .expect("endpoint B");
+        Node {
+            dp,
+            eni0,
+            eni1,
+            b_host,
+        }
+    })
+}
+
+/// Runs `program` on `frame`: the verdict, the frame as left, and the one reason whose
+/// counter on ifindex 1 went up (asserting it was exactly one packet).
+fn run(dp: &mut Dataplane, program: &'static str, frame: &[u8]) -> (i32, Vec<u8>, u16) {
+    let before = dp.counters().unwrap();
+    let (verdict, out) = dp.test_run_frame(program, frame).expect("test run");
+    let after = dp.counters().unwrap();
+    let grew: Vec<u16> = reason::ALL
+        .iter()
+        .copied()
+        .filter(|r| counter(&after, 1, *r).packets != counter(&before, 1, *r).packets)
+        .collect();
+    assert_eq!(grew.len(), 1, "exactly one reason counted, got {grew:?}");
+    let r = grew[0];
+    assert_eq!(
+        counter(&after, 1, r).packets,
+        counter(&before, 1, r).packets + 1
+    );
+    (verdict, out, r)
+}
+
+fn v4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    let mut p = packets::ipv4(
+        &Ipv4 {
+            proto,
+            src: src.octets(),
+            dst: dst.octets(),
+            ..Ipv4::default()
+        },
+        l4,
+    );
+    packets::fill_l4_checksum(&mut p);
+    p
+}
+
+/// A frame from pod A to its gateway.
+fn from_a(p: &[u8]) -> Vec<u8> {
+    packets::eth_with(A_HOST_MAC, A_MAC, packets::ETH_P_IP, p)
+}
+
+/// A frame from the VPC router to an ENI.
+fn from_vpc(p: &[u8]) -> Vec<u8> {
+    packets::eth_with(ENI_MAC, [0x02, 0, 0, 0, 0, 0x01], packets::ETH_P_IP, p)
+}
+
+fn src_of(f: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(f[26], f[27], f[28], f[29])
+}
+fn dst_of(f: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(f[30], f[31], f[32], f[33])
+}
+fn sport_of(f: &[u8]) -> u16 {
+    u16::from_be_bytes([f[34], f[35]])
+}
+fn dport_of(f: &[u8]) -> u16 {
+    u16::from_be_bytes([f[36], f[37]])
+}
+fn ttl_of(f: &[u8]) -> u8 {
+    f[22]
+}
+
+#[test]
+fn arp_for_the_gateway_is_answered_with_the_host_veth_mac() {
+    let pins = PinRoot::new("arp");
+    let ns = NetNs::new("arp");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let req = packets::eth_with(
+            [0xff; 6],
+            A_MAC,
+            packets::ETH_P_ARP,
+            &packets::arp_request_from(A_MAC, POD_A.octets(), [169, 254, 1, 1]),
+        );
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &req);
+        assert_eq!((v, r), (REDIRECT, reason::FWD_ARP_REPLY));
+        assert_eq!(&out[0..6], &A_MAC, "reply goes to the asking pod");
+        assert_eq!(&out[6..12], &A_HOST_MAC);
+        assert_eq!(&out[12..14], &[0x08, 0x06]);
+        assert_eq!(&out[20..22], &[0, 2], "an ARP reply");
+        assert_eq!(&out[22..28], &A_HOST_MAC, "sender hw: host veth");
+        assert_eq!(&out[28..32], &[169, 254, 1, 1], "sender ip: gateway");
+        assert_eq!(&out[32..38], &A_MAC);
+        assert_eq!(&out[38..42], &POD_A.octets());
+        assert_eq!(out.len(), req.len());
+
+        // Not for the gateway: the kernel's business.
+        let other = packets::eth_with(
+            [0xff; 6],
+            A_MAC,
+            packets::ETH_P_ARP,
+            &packets::arp_request_from(A_MAC, POD_A.octets(), [10, 0, 0, 1]),
+        );
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &other);
+        assert_eq!((v, r), (PASS, reason::PASS_ARP));
+        assert_eq!(out, other);
+
+        // Asking on behalf of another pod, or with another MAC: spoofing.
+        let spoof_ip = packets::eth_with(
+            [0xff; 6],
+            A_MAC,
+            packets::ETH_P_ARP,
+            &packets::arp_request_from(A_MAC, POD_B.octets(), [169, 254, 1, 1]),
+        );
+        assert_eq!(
+            run(&mut n.dp, FROM_POD, &spoof_ip).2,
+            reason::DROP_SPOOFED_IP
+        );
+        let spoof_mac = packets::eth_with(
+            [0xff; 6],
+            A_MAC,
+            packets::ETH_P_ARP,
+            &packets::arp_request_from(B_MAC, POD_A.octets(), [169, 254, 1, 1]),
+        );
+        let (v, _, r) = run(&mut n.dp, FROM_POD, &spoof_mac);
+        assert_eq!((v, r), (DROP, reason::DROP_SPOOFED_MAC));
+
+        // Truncated ARP: passed on untouched.
+        let short = packets::eth_with(
+            [0xff; 6],
+            A_MAC,
+            packets::ETH_P_ARP,
+            &[0, 1, 8, 0, 6, 4, 0, 1],
+        );
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &short);
+        assert_eq!((v, r), (PASS, reason::PASS_ARP));
+        assert_eq!(out, short);
+    });
+}
+
+#[test]
+fn pod_to_local_pod_is_redirected_to_the_peer_with_macs_and_ttl_rewritten() {
+    let pins = PinRoot::new("p2p");
+    let ns = NetNs::new("p2p");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        for (proto, l4) in [
+            (17, packets::udp(40000, 53, b"hello")),
+            (6, packets::tcp(40000, 80, 0x02)),
+            (1, packets::icmp_echo(7, 1)),
+        ] {
+            let f = from_a(&v4(POD_A, POD_B, proto, &l4));
+            let (v, out, r) = run(&mut n.dp, FROM_POD, &f);
+            assert_eq!((v, r), (REDIRECT, reason::FWD_LOCAL_POD), "proto {proto}");
+            assert_eq!(&out[0..6], &B_MAC);
+            assert_eq!(&out[6..12], &B_HOST_MAC);
+            assert_eq!(ttl_of(&out), 63);
+            assert_eq!((src_of(&out), dst_of(&out)), (POD_A, POD_B));
+            assert_eq!(&out[34..], &f[34..], "L4 untouched");
+            packets::assert_checksums(&out);
+        }
+        // A later fragment needs no L4 header to be routed.
+        let mut frag = packets::ipv4(
+            &Ipv4 {
+                frag: 0x0010,
+                src: POD_A.octets(),
+                dst: POD_B.octets(),
+                ..Ipv4::default()
+            },
+            &[0u8; 24],
+        );
+        frag[8] = 64;
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &from_a(&frag));
+        assert_eq!((v, r), (REDIRECT, reason::FWD_LOCAL_POD));
+        assert_eq!(packets::checksum(&out[14..34]), 0, "IPv4 header checksum");
+        assert_eq!(ttl_of(&out), 63);
+        // TTL 1: the kernel must send time-exceeded; nothing changed.
+        let mut p = v4(POD_A, POD_B, 17, &packets::udp(1, 2, b""));
+        p[8] = 1;
+        p[10..12].copy_from_slice(&[0, 0]);
+        let c = packets::checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        let f = from_a(&p);
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &f);
+        assert_eq!((v, r, out), (PASS, reason::PASS_TTL_EXPIRED, f));
+        let _ = n.b_host;
+    });
+}
+
+#[test]
+fn spoofed_sources_are_dropped_and_counted() {
+    let pins = PinRoot::new("spoof");
+    let ns = NetNs::new("spoof");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let udp = packets::udp(1, 2, b"x");
+        // An address nobody has, and pod B's address (whose veth is not this one).
+        for src in [ip(10, 0, 1, 99), POD_B, ip(0, 0, 0, 0)] {
+            let (v, _, r) = run(&mut n.dp, FROM_POD, &from_a(&v4(src, POD_B, 17, &udp)));
+            assert_eq!((v, r), (DROP, reason::DROP_SPOOFED_IP), "src {src}");
+        }
+        let f = packets::eth_with(
+            A_HOST_MAC,
+            B_MAC,
+            packets::ETH_P_IP,
+            &v4(POD_A, POD_B, 17, &udp),
+        );
+        let (v, _, r) = run(&mut n.dp, FROM_POD, &f);
+        assert_eq!((v, r), (DROP, reason::DROP_SPOOFED_MAC));
+    });
+}
+
+#[test]
+fn vpc_and_excluded_destinations_leave_unchanged_through_the_owning_eni() {
+    let pins = PinRoot::new("vpc");
+    let ns = NetNs::new("vpc");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        for dst in [ip(10, 0, 2, 7), ip(100, 64, 3, 3)] {
+            let f = from_a(&v4(POD_A, dst, 6, &packets::tcp(40000, 443, 0x02)));
+            let (v, out, r) = run(&mut n.dp, FROM_POD, &f);
+            assert_eq!((v, r), (REDIRECT, reason::FWD_ENI), "dst {dst}");
+            assert_eq!((src_of(&out), dst_of(&out)), (POD_A, dst), "no SNAT");
+            assert_eq!(ttl_of(&out), 63);
+            packets::assert_checksums(&out);
+        }
+        // Without its ENI in the map the packet has no correct way out: dropped.
+        n.dp.remove_eni(n.eni1).unwrap();
+        let f = from_a(&v4(POD_A, ip(10, 0, 2, 7), 17, &packets::udp(1, 2, b"")));
+        let (v, _, r) = run(&mut n.dp, FROM_POD, &f);
+        assert_eq!((v, r), (DROP, reason::DROP_NO_ENI));
+        assert!(n.dp.nat_entries().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn kernel_destinations_pass_unchanged() {
+    let pins = PinRoot::new("kern");
+    let ns = NetNs::new("kern");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let udp = packets::udp(5353, 53, b"q");
+        for (dst, want) in [
+            (ip(172, 20, 0, 10), reason::PASS_PASSTHROUGH_CIDR),
+            (NODE_IP, reason::PASS_TO_HOST),
+        ] {
+            let f = from_a(&v4(POD_A, dst, 17, &udp));
+            let (v, out, r) = run(&mut n.dp, FROM_POD, &f);
+            assert_eq!((v, r), (PASS, want), "dst {dst}");
+            assert_eq!(out, f);
+        }
+        // Outside the VPC but nothing to translate.
+        let gre = from_a(&v4(POD_A, Ipv4Addr::from(INTERNET), 47, &[0u8; 8]));
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &gre);
+        assert_eq!((v, r, out), (PASS, reason::PASS_NOT_TRANSLATABLE, gre));
+        let mut unreach = vec![3, 1, 0, 0, 0, 0, 0, 0];
+        unreach.extend_from_slice(&[0u8; 28]);
+        let f = from_a(&v4(POD_A, Ipv4Addr::from(INTERNET), 1, &unreach));
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &f);
+        assert_eq!((v, r, out), (PASS, reason::PASS_NOT_TRANSLATABLE, f));
+    });
+}
+
+#[test]
+fn malformed_and_foreign_frames_pass_unchanged() {
+    let pins = PinRoot::new("malformed");
+    let ns = NetNs::new("malformed");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let tcp = v4(
+            POD_A,
+            Ipv4Addr::from(INTERNET),
+            6,
+            &packets::tcp(40000, 80, 0x02),
+        );
+        let bad_ihl = {
+            let mut p = tcp.clone();
+            p[0] = 0x43;
+            p
+        };
+        let v6_in_v4 = {
+            let mut p = tcp.clone();
+            p[0] = 0x65;
+            p
+        };
+        let long_ihl = {
+            // IHL 15 (60 bytes) in a 40-byte packet.
+            let mut p = tcp.clone();
+            p[0] = 0x4f;
+            p
+        };
+        let first_fragment = {
+            let mut p = packets::ipv4(
+                &Ipv4 {
+                    frag: 0x2000,
+                    proto: 17,
+                    src: POD_A.octets(),
+                    dst: INTERNET,
+                    ..Ipv4::default()
+                },
+                &packets::udp(1000, 53, &[0; 16]),
+            );
+            p[8] = 64;
+            p
+        };
+        let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+            (
+                "truncated tcp",
+                from_a(&tcp[..30]),
+                reason::PASS_TRUNCATED_IPV4,
+            ),
+            ("ihl 3", from_a(&bad_ihl), reason::PASS_MALFORMED_IPV4),
+            ("version 6", from_a(&v6_in_v4), reason::PASS_MALFORMED_IPV4),
+            (
+                "ihl past the end",
+                from_a(&long_ihl),
+                reason::PASS_TRUNCATED_IPV4,
+            ),
+            (
+                "fragment to snat",
+                from_a(&first_fragment),
+                reason::PASS_IPV4_FRAGMENT,
+            ),
+            (
+                "vlan",
+                packets::eth_with(
+                    A_HOST_MAC,
+                    A_MAC,
+                    packets::ETH_P_8021Q,
+                    &[0, 5, 8, 0, 0x45, 0, 0, 20],
+                ),
+                reason::PASS_VLAN,
+            ),
+            (
+                "ipv6",
+                packets::eth_with(A_HOST_MAC, A_MAC, packets::ETH_P_IPV6, &[0x60; 40]),
+                reason::PASS_IPV6,
+            ),
+            (
+                "lldp",
+                packets::eth_with(A_HOST_MAC, A_MAC, packets::ETH_P_LLDP, &[0; 20]),
+                reason::PASS_OTHER_ETHERTYPE,
+            ),
+        ];
+        for program in [FROM_POD, FROM_ENI] {
+            for (name, f, want) in &cases {
+                // On an ENI a fragment to elsewhere is simply not for a pod.
+                let want = if program == FROM_ENI && *name == "fragment to snat" {
+                    &reason::PASS_NOT_FOR_POD
+                } else {
+                    want
+                };
+                let (v, out, r) = run(&mut n.dp, program, f);
+                assert_eq!((v, r), (PASS, *want), "{program}: {name}");
+                assert_eq!(&out, f, "{program}: {name} must not be changed");
+            }
+        }
+        assert!(n.dp.nat_entries().unwrap().is_empty(), "nothing translated");
+    });
+}
+
+#[test]
+fn nothing_is_steered_before_the_node_is_configured() {
+    let pins = PinRoot::new("unconf");
+    let ns = NetNs::new("unconf");
+    ns.run(|| {
+        let mut dp = Dataplane::load(&pins.config(None)).unwrap();
+        let f = from_a(&v4(POD_A, POD_B, 17, &packets::udp(1, 2, b"")));
+        for program in [FROM_POD, FROM_ENI] {
+            let (v, out, r) = run(&mut dp, program, &f);
+            assert_eq!((v, r), (PASS, reason::PASS_NOT_CONFIGURED));
+            assert_eq!(out, f);
+        }
+    });
+}
+
+/// Sends `l4` from pod A to the internet, checks the SNAT, then sends `reply_l4` back
+/// to the allocated port through the ENI program and checks the reverse translation.
+fn snat_round_trip(n: &mut Node, proto: u8, l4: &[u8], reply: impl Fn(u16) -> Vec<u8>) -> u16 {
+    let f = from_a(&v4(POD_A, Ipv4Addr::from(INTERNET), proto, l4));
+    let (v, out, r) = run(&mut n.dp, FROM_POD, &f);
+    assert_eq!((v, r), (REDIRECT, reason::FWD_SNAT), "proto {proto}");
+    assert_eq!(src_of(&out), NODE_IP);
+    assert_eq!(dst_of(&out), Ipv4Addr::from(INTERNET));
+    assert_eq!(ttl_of(&out), 63);
+    packets::assert_checksums(&out);
+    let port = if proto == 1 {
+        u16::from_be_bytes([out[38], out[39]])
+    } else {
+        assert_eq!(dport_of(&out), dport_of(&f));
+        sport_of(&out)
+    };
+    assert!(
+        (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port),
+        "port {port} outside the range"
+    );
+    // Same flow again: same translation, no new entries.
+    let entries = n.dp.nat_entries().unwrap().len();
+    let (_, again, _) = run(&mut n.dp, FROM_POD, &f);
+    assert_eq!(again, out);
+    assert_eq!(n.dp.nat_entries().unwrap().len(), entries);
+
+    let back = from_vpc(&v4(Ipv4Addr::from(INTERNET), NODE_IP, proto, &reply(port)));
+    let (v, out, r) = run(&mut n.dp, FROM_ENI, &back);
+    assert_eq!((v, r), (REDIRECT, reason::FWD_REVERSE_NAT));
+    assert_eq!(
+        (src_of(&out), dst_of(&out)),
+        (Ipv4Addr::from(INTERNET), POD_A)
+    );
+    assert_eq!(&out[0..6], &A_MAC);
+    assert_eq!(&out[6..12], &A_HOST_MAC);
+    packets::assert_checksums(&out);
+    if proto == 1 {
+        assert_eq!(&out[38..40], &f[38..40], "echo id restored");
+    } else {
+        assert_eq!(dport_of(&out), sport_of(&f), "pod port restored");
+    }
+    port
+}
+
+#[test]
+fn snat_translates_tcp_udp_and_icmp_echo_and_their_replies() {
+    let pins = PinRoot::new("snat");
+    let ns = NetNs::new("snat");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        // The pod's own port is in range: kept.
+        let p = snat_round_trip(&mut n, 17, &packets::udp(61500, 53, b"query"), |port| {
+            packets::udp(53, port, b"answer")
+        });
+        assert_eq!(p, 61500, "a free in-range port is kept");
+        let p2 = snat_round_trip(&mut n, 6, &packets::tcp(40000, 443, 0x02), |port| {
+            packets::tcp(443, port, 0x12)
+        });
+        assert_ne!(p2, 40000);
+        snat_round_trip(&mut n, 1, &packets::icmp_echo(0x1234, 1), |port| {
+            let mut r = packets::icmp_echo(port, 1);
+            r[0] = 0;
+            r
+        });
+        // A UDP datagram without a checksum keeps having none.
+        let mut nocsum = v4(
+            POD_A,
+            Ipv4Addr::from(INTERNET),
+            17,
+            &packets::udp(40001, 123, b"t"),
+        );
+        nocsum[26..28].copy_from_slice(&[0, 0]);
+        let (v, out, _) = run(&mut n.dp, FROM_POD, &from_a(&nocsum));
+        assert_eq!(v, REDIRECT);
+        assert_eq!(&out[40..42], &[0, 0]);
+
+        let entries = n.dp.nat_entries().unwrap();
+        assert_eq!(entries.len(), 8, "two per flow: {entries:?}");
+        let fwd = entries
+            .iter()
+            .find(|(k, _)| {
+                *k == NatKey::new(be(POD_A), u32::from_ne_bytes(INTERNET), 40000, 443, 6)
+            })
+            .expect("forward TCP entry");
+        assert_eq!(fwd.1.kind, nat_kind::REWRITE_SRC);
+        assert_eq!(fwd.1.origin, nat_origin::SNAT);
+        assert_eq!(fwd.1.addr, be(NODE_IP));
+        assert!(
+            entries.contains(&(
+                fwd.1.peer_key(&fwd.0),
+                entries
+                    .iter()
+                    .find(|(k, _)| *k == fwd.1.peer_key(&fwd.0))
+                    .unwrap()
+                    .1
+            ))
+        );
+
+        // A reply to a port nobody uses goes to the kernel untouched.
+        let stray = from_vpc(&v4(
+            Ipv4Addr::from(INTERNET),
+            NODE_IP,
+            17,
+            &packets::udp(53, 61999, b""),
+        ));
+        let (v, out, r) = run(&mut n.dp, FROM_ENI, &stray);
+        assert_eq!((v, r, out), (PASS, reason::PASS_NOT_FOR_POD, stray));
+    });
+}
+
+fn be(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+#[test]
+fn snat_gives_up_with_a_counted_drop_when_the_range_is_exhausted() {
+    let pins = PinRoot::new("exhaust");
+    let ns = NetNs::new("exhaust");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let mut spec = node_spec(n.eni0);
+        spec.snat_ports = (62000, 62000);
+        n.dp.set_node(&spec).unwrap();
+        let dst = Ipv4Addr::from(INTERNET);
+        let first = from_a(&v4(POD_A, dst, 17, &packets::udp(1000, 53, b"")));
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &first);
+        assert_eq!((v, r, sport_of(&out)), (REDIRECT, reason::FWD_SNAT, 62000));
+        let second = from_a(&v4(POD_A, dst, 17, &packets::udp(1001, 53, b"")));
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &second);
+        assert_eq!((v, r), (DROP, reason::DROP_NO_SNAT_PORT));
+        assert_eq!(out, second);
+        // Another destination port is another tuple: the same source port is free for it.
+        let third = from_a(&v4(POD_A, dst, 17, &packets::udp(1001, 54, b"")));
+        assert_eq!(run(&mut n.dp, FROM_POD, &third).2, reason::FWD_SNAT);
+    });
+}
+
+#[test]
+fn external_snat_sends_outside_traffic_untranslated_through_the_owning_eni() {
+    let pins = PinRoot::new("extsnat");
+    let ns = NetNs::new("extsnat");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let mut spec = node_spec(n.eni0);
+        spec.external_snat = true;
+        n.dp.set_node(&spec).unwrap();
+        let f = from_a(&v4(
+            POD_A,
+            Ipv4Addr::from(INTERNET),
+            17,
+            &packets::udp(1000, 53, b""),
+        ));
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &f);
+        assert_eq!((v, r), (REDIRECT, reason::FWD_ENI));
+        assert_eq!(src_of(&out), POD_A);
+        assert!(n.dp.nat_entries().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn eni_traffic_to_local_pods_is_delivered_and_the_rest_passes() {
+    let pins = PinRoot::new("eni");
+    let ns = NetNs::new("eni");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let f = from_vpc(&v4(
+            ip(10, 0, 3, 3),
+            POD_B,
+            6,
+            &packets::tcp(5000, 80, 0x02),
+        ));
+        let (v, out, r) = run(&mut n.dp, FROM_ENI, &f);
+        assert_eq!((v, r), (REDIRECT, reason::FWD_LOCAL_POD));
+        assert_eq!(&out[0..12], &[B_MAC, B_HOST_MAC].concat()[..]);
+        assert_eq!(ttl_of(&out), 63);
+        packets::assert_checksums(&out);
+        for dst in [NODE_IP, ip(10, 0, 1, 200)] {
+            let f = from_vpc(&v4(ip(10, 0, 3, 3), dst, 6, &packets::tcp(5000, 80, 0x02)));
+            let (v, out, r) = run(&mut n.dp, FROM_ENI, &f);
+            assert_eq!(
+                (v, r, out),
+                (PASS, reason::PASS_NOT_FOR_POD, f),
+                "dst {dst}"
+            );
+        }
+        let arp = packets::eth(
+            packets::ETH_P_ARP,
+            &packets::arp_request([10, 0, 0, 1], NODE_IP.octets()),
+        );
+        let (v, out, r) = run(&mut n.dp, FROM_ENI, &arp);
+        assert_eq!((v, r, out), (PASS, reason::PASS_ARP, arp));
+    });
+}
+
+#[test]
+fn hostport_is_dnated_to_the_pod_and_its_replies_translated_back() {
+    let pins = PinRoot::new("hostport");
+    let ns = NetNs::new("hostport");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        n.dp.set_hostports(POD_A, &[(6, 8080, 80), (17, 5353, 53)])
+            .unwrap();
+        let client = ip(10, 0, 9, 9);
+        let syn = from_vpc(&v4(client, NODE_IP, 6, &packets::tcp(40000, 8080, 0x02)));
+        let (v, out, r) = run(&mut n.dp, FROM_ENI, &syn);
+        assert_eq!((v, r), (REDIRECT, reason::FWD_HOSTPORT_DNAT));
+        assert_eq!((src_of(&out), dst_of(&out)), (client, POD_A));
+        assert_eq!((sport_of(&out), dport_of(&out)), (40000, 80));
+        assert_eq!(&out[0..6], &A_MAC);
+        packets::assert_checksums(&out);
+
+        let synack = from_a(&v4(POD_A, client, 6, &packets::tcp(80, 40000, 0x12)));
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &synack);
+        assert_eq!((v, r), (REDIRECT, reason::FWD_HOSTPORT_REPLY));
+        assert_eq!((src_of(&out), sport_of(&out)), (NODE_IP, 8080));
+        assert_eq!((dst_of(&out), dport_of(&out)), (client, 40000));
+        packets::assert_checksums(&out);
+
+        // The second packet of the flow is translated from the conntrack entry.
+        let ack = from_vpc(&v4(client, NODE_IP, 6, &packets::tcp(40000, 8080, 0x10)));
+        assert_eq!(run(&mut n.dp, FROM_ENI, &ack).2, reason::FWD_HOSTPORT_DNAT);
+
+        // Unpublished port and other protocol: the kernel's.
+        let other = from_vpc(&v4(client, NODE_IP, 6, &packets::tcp(40000, 8081, 0x02)));
+        assert_eq!(run(&mut n.dp, FROM_ENI, &other).2, reason::PASS_NOT_FOR_POD);
+        n.dp.set_hostports(POD_A, &[(17, 5353, 53)]).unwrap();
+        let syn2 = from_vpc(&v4(client, NODE_IP, 6, &packets::tcp(40001, 8080, 0x02)));
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &syn2).2,
+            reason::PASS_NOT_FOR_POD,
+            "withdrawn hostPort"
+        );
+        let dns = from_vpc(&v4(client, NODE_IP, 17, &packets::udp(999, 5353, b"q")));
+        let (_, out, r) = run(&mut n.dp, FROM_ENI, &dns);
+        assert_eq!((r, dport_of(&out)), (reason::FWD_HOSTPORT_DNAT, 53));
+
+        // A pod on the node reaching the hostPort through the node address.
+        let from_b = packets::eth_with(
+            B_HOST_MAC,
+            B_MAC,
+            packets::ETH_P_IP,
+            &v4(POD_B, NODE_IP, 17, &packets::udp(777, 5353, b"q")),
+        );
+        let _ = from_b; // B's veth is not lo, so its own path is covered by the traffic test.
+
+        assert!(
+            n.dp.set_hostports(POD_A, &[(1, 1, 1)]).is_err(),
+            "ICMP cannot be a hostPort"
+        );
+        n.dp.remove_endpoint(POD_A).unwrap();
+        let dns = from_vpc(&v4(client, NODE_IP, 17, &packets::udp(998, 5353, b"q")));
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &dns).2,
+            reason::PASS_NOT_FOR_POD,
+            "gone with its pod"
+        );
+    });
+}
+
+#[test]
+fn conntrack_gc_expires_idle_flows_in_pairs() {
+    let pins = PinRoot::new("gc");
+    let ns = NetNs::new("gc");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let dst = Ipv4Addr::from(INTERNET);
+        run(
+            &mut n.dp,
+            FROM_POD,
+            &from_a(&v4(POD_A, dst, 17, &packets::udp(1000, 53, b""))),
+        );
+        run(
+            &mut n.dp,
+            FROM_POD,
+            &from_a(&v4(POD_A, dst, 6, &packets::tcp(1000, 443, 0x02))),
+        );
+        assert_eq!(n.dp.nat_entries().unwrap().len(), 4);
+        let now = monotonic_now_ns();
+        assert_eq!(n.dp.gc_conntrack(now).unwrap(), 0, "nothing idle yet");
+        // Two minutes on: the UDP flow (60 s) is gone, the TCP one (6 h) stays.
+        assert_eq!(n.dp.gc_conntrack(now + 120_000_000_000).unwrap(), 2);
+        let left = n.dp.nat_entries().unwrap();
+        assert!(left.iter().all(|(k, _)| k.proto == 6), "{left:?}");
+        // A RST makes the TCP flow a closing one (10 s).
+        run(
+            &mut n.dp,
+            FROM_POD,
+            &from_a(&v4(POD_A, dst, 6, &packets::tcp(1000, 443, 0x04))),
+        );
+        assert_eq!(
+            n.dp.gc_conntrack(monotonic_now_ns() + 20_000_000_000)
+                .unwrap(),
+            2
+        );
+        assert!(n.dp.nat_entries().unwrap().is_empty());
+    });
+}
