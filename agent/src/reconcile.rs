@@ -367,6 +367,8 @@ impl Reconciler {
             warn!(%eni, error = %e, "could not record what EC2 assigned");
         }
         save(&st, &self.metrics);
+        drop(st);
+        self.shared.pool_grown.notify_waiters();
     }
 
     fn tags(&self) -> BTreeMap<String, String> {
@@ -427,6 +429,7 @@ impl Reconciler {
         }
         save(&st, &self.metrics);
         drop(st);
+        self.shared.pool_grown.notify_waiters();
         Ok(())
     }
 

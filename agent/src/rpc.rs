@@ -71,6 +71,8 @@ pub struct Shared {
     pub state: Arc<Mutex<State>>,
     /// Poked whenever the pool changed, so the reconciler looks again at once.
     pub pool_changed: Arc<Notify>,
+    /// Poked by the reconciler when addresses were added, for ADDs waiting on a refill.
+    pub pool_grown: Arc<Notify>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -79,10 +81,15 @@ impl Shared {
         Self {
             state: Arc::new(Mutex::new(state)),
             pool_changed: Arc::new(Notify::new()),
+            pool_grown: Arc::new(Notify::new()),
             metrics,
         }
     }
 }
+
+/// How long an ADD waits for a refill in progress before answering "try again later";
+/// well inside the plugin's 10 s deadline.
+pub const REFILL_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -136,15 +143,32 @@ impl v1::cni_backend_server::CniBackend for Backend {
             uid: p.uid,
         });
         self.shared.metrics.add_requests.inc();
+        let deadline = tokio::time::Instant::now() + REFILL_WAIT;
         let mut st = self.shared.state.lock().await;
-        if !st.ready {
-            return Err(Status::unavailable(format!(
-                "the agent is not ready yet: {}",
-                st.not_ready_reason
-            )));
-        }
-        let result = st.store.assign(&key, &pod, now_ms());
-        self.shared.pool_changed.notify_one();
+        let result = loop {
+            if !st.ready {
+                return Err(Status::unavailable(format!(
+                    "the agent is not ready yet: {}",
+                    st.not_ready_reason
+                )));
+            }
+            let result = st.store.assign(&key, &pod, now_ms());
+            self.shared.pool_changed.notify_one();
+            // The pool is being refilled right now: a short wait here beats failing the
+            // pod into kubelet's much longer retry backoff.
+            let refilling = st.blocked.is_none()
+                && matches!(result, Err(StoreError::NoFreeAddress { .. }))
+                && tokio::time::Instant::now() < deadline;
+            if !refilling {
+                break result;
+            }
+            let grown = self.shared.pool_grown.notified();
+            tokio::pin!(grown);
+            grown.as_mut().enable();
+            drop(st);
+            let _ = tokio::time::timeout_at(deadline, grown).await;
+            st = self.shared.state.lock().await;
+        };
         match result {
             Ok(a) => {
                 if !a.existing {

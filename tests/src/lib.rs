@@ -5,6 +5,7 @@ pub mod agent;
 pub mod cni;
 pub mod containerd;
 pub mod lab;
+pub mod lab_agent;
 pub mod netns;
 pub mod packets;
 pub mod raw;

@@ -191,6 +191,14 @@ pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, enis: &[EniUsage]) 
         place(&mut out, enis, cap, max_enis, grow_units, warm_eni_mode);
     } else if warm_eni_mode {
         out.release_eni = surplus_eni(enis, t.warm_eni * cap, cap, sums.available);
+    } else if out.release_units == 0 {
+        // Address and prefix targets release units one by one; an ENI they emptied is
+        // then of no use and goes too.
+        out.release_eni = enis
+            .iter()
+            .filter(|e| e.device_index != 0 && e.units == 0 && e.assigned == 0 && e.cooling == 0)
+            .max_by_key(|e| e.device_index)
+            .map(|e| e.device_index);
     }
     out
 }
@@ -246,6 +254,27 @@ fn surplus_eni(enis: &[EniUsage], want: u32, cap: u32, available: u32) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_eni_emptied_by_ip_targets_is_released() {
+        let t = Targets {
+            warm_ip: Some(3),
+            minimum_ip: Some(8),
+            ..Targets::default()
+        };
+        // Primary holds the 8 the targets want; device 1 was emptied address by address.
+        let p = plan(Mode::SecondaryIp, &t, M5, &[eni(0, 8, 0), eni(1, 0, 0)]);
+        assert_eq!((p.release_units, p.release_eni), (0, Some(1)));
+        // Not while it still holds addresses (those go first) ...
+        let p = plan(Mode::SecondaryIp, &t, M5, &[eni(0, 8, 0), eni(1, 2, 0)]);
+        assert_eq!((p.release_units, p.release_eni), (2, None));
+        // ... and never the primary.
+        let p = plan(Mode::SecondaryIp, &t, M5, &[eni(0, 0, 0)]);
+        assert_eq!(p.release_eni, None);
+        // Prefix targets too.
+        let p = plan(Mode::Prefix, &t, M5, &[eni(0, 1, 0), eni(1, 0, 0)]);
+        assert_eq!(p.release_eni, Some(1));
+    }
 
     /// m5.large: 3 ENIs, 10 addresses each (9 usable units).
     const M5: InstanceLimits = InstanceLimits {
