@@ -51,12 +51,18 @@ pub fn ifindex(name: &str) -> u32 {
     idx
 }
 
-/// The MAC of `name` in the calling thread's namespace.
+/// The MAC of `name` in the calling thread's namespace (sysfs shows the mounter's
+/// namespace, so ask netlink through `ip`, which inherits the thread's).
 pub fn mac_of(name: &str) -> [u8; 6] {
-    let s = std::fs::read_to_string(format!("/sys/class/net/{name}/address"))
-        .unwrap_or_else(|e| panic!("MAC of {name}: {e}"));
-    let v: Vec<u8> = s
-        .trim()
+    let out = vpc_ebpf_tests::netns::run(
+        std::process::Command::new("ip").args(["-o", "link", "show", "dev", name]),
+    );
+    let mac = out
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {out}"));
+    let v: Vec<u8> = mac
         .split(':')
         .map(|b| u8::from_str_radix(b, 16).unwrap())
         .collect();

@@ -1,0 +1,317 @@
+//! Real packets through the attached programs: two pod namespaces and a node namespace
+//! joined by veths, plus a "VPC" namespace behind two ENIs that, like the VPC, drops a
+//! source address arriving on an ENI that does not own it (strict rp_filter) and also
+//! holds an "internet" address reachable only through SNAT.
+//!
+//! The pods have no static neighbour entry: their gateway's ARP is answered by the
+//! program.
+
+mod dataplane_common;
+
+use std::{net::UdpSocket, time::Duration};
+
+use dataplane_common::{PinRoot, counter, ifindex, ip, mac_of};
+use vpc_ebpf_agent::dataplane::{AttachMode, Dataplane, EndpointSpec, EniSpec, NodeSpec};
+use vpc_ebpf_common::counters::reason;
+use vpc_ebpf_tests::netns::NetNs;
+
+const POD_A: &str = "10.0.1.5";
+const POD_B: &str = "10.0.1.6";
+const VPC_HOST: &str = "10.0.2.7";
+const INTERNET: &str = "203.0.113.9";
+
+struct Lab {
+    node: NetNs,
+    pa: NetNs,
+    pb: NetNs,
+    vpc: NetNs,
+}
+
+/// Builds the namespaces; nothing is attached yet.
+fn lab(tag: &str) -> Lab {
+    let node = NetNs::new(&format!("{tag}-node"));
+    let pa = NetNs::new(&format!("{tag}-pa"));
+    let pb = NetNs::new(&format!("{tag}-pb"));
+    let vpc = NetNs::new(&format!("{tag}-vpc"));
+    for (pod, host, addr) in [(&pa, "hva", POD_A), (&pb, "hvb", POD_B)] {
+        pod.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            host,
+            "netns",
+            node.name(),
+        ]);
+        pod.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        pod.ip(&[
+            "route",
+            "add",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ]);
+        pod.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ]);
+        node.ip(&["link", "set", host, "up"]);
+    }
+    // eni0 (primary, node IP 10.0.0.10) and eni1 (secondary, owns pod A).
+    for (eni, peer, addr, gw) in [
+        ("eni0", "v0", "10.0.0.10/24", "10.0.0.1/24"),
+        ("eni1", "v1", "10.0.16.11/20", "10.0.16.1/20"),
+    ] {
+        node.ip(&[
+            "link",
+            "add",
+            eni,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            vpc.name(),
+        ]);
+        node.ip(&["addr", "add", addr, "dev", eni]);
+        node.ip(&["link", "set", eni, "up"]);
+        vpc.ip(&["addr", "add", gw, "dev", peer]);
+        vpc.ip(&["link", "set", peer, "up"]);
+    }
+    vpc.ip(&["addr", "add", &format!("{VPC_HOST}/32"), "dev", "lo"]);
+    vpc.ip(&["addr", "add", &format!("{INTERNET}/32"), "dev", "lo"]);
+    // The VPC routes each pod address to the ENI that owns it ...
+    vpc.ip(&["route", "add", POD_A, "via", "10.0.16.11", "dev", "v1"]);
+    vpc.ip(&["route", "add", POD_B, "via", "10.0.0.10", "dev", "v0"]);
+    // ... and drops what arrives on the wrong one.
+    for conf in ["all", "v0", "v1"] {
+        vpc.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{conf}.rp_filter=1"),
+        ]);
+    }
+    Lab { node, pa, pb, vpc }
+}
+
+/// Loads the dataplane and describes the lab to it (in the node namespace).
+fn describe(lab: &Lab, pins: &PinRoot, mode: AttachMode) -> Dataplane {
+    let mac_a = lab.pa.run(|| mac_of("eth0"));
+    let mac_b = lab.pb.run(|| mac_of("eth0"));
+    lab.node.run(|| {
+        let mut dp = Dataplane::load(&pins.config(Some(mode))).expect("load");
+        let (eni0, eni1) = (ifindex("eni0"), ifindex("eni1"));
+        dp.set_node(&NodeSpec {
+            node_ip: ip(10, 0, 0, 10),
+            primary_eni_ifindex: eni0,
+            vpc_cidrs: vec![(ip(10, 0, 0, 0), 16)],
+            snat_exclusions: vec![],
+            passthrough_cidrs: vec![],
+            external_snat: false,
+            snat_ports: (61000, 61999),
+        })
+        .unwrap();
+        for (ifx, mac, primary_ip, gateway, is_primary) in [
+            (
+                eni0,
+                mac_of("eni0"),
+                ip(10, 0, 0, 10),
+                ip(10, 0, 0, 1),
+                true,
+            ),
+            (
+                eni1,
+                mac_of("eni1"),
+                ip(10, 0, 16, 11),
+                ip(10, 0, 16, 1),
+                false,
+            ),
+        ] {
+            dp.upsert_eni(&EniSpec {
+                ifindex: ifx,
+                mac,
+                primary_ip,
+                gateway,
+                is_primary,
+            })
+            .unwrap();
+        }
+        for (addr, host, pod_mac, eni) in [
+            (ip(10, 0, 1, 5), "hva", mac_a, eni1),
+            (ip(10, 0, 1, 6), "hvb", mac_b, eni0),
+        ] {
+            let spec = EndpointSpec {
+                ipv4: addr,
+                host_ifindex: ifindex(host),
+                host_mac: mac_of(host),
+                pod_mac,
+                eni_ifindex: eni,
+            };
+            dp.upsert_endpoint(&spec).unwrap();
+            dp.upsert_endpoint(&spec).unwrap(); // idempotent
+            assert!(dp.endpoint_attached(addr));
+        }
+        dp
+    })
+}
+
+fn ping(from: &NetNs, to: &str) -> bool {
+    std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            from.name(),
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            to,
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn rx_packets(ns: &NetNs, iface: &str) -> u64 {
+    ns.exec(&[
+        "cat",
+        &format!("/sys/class/net/{iface}/statistics/rx_packets"),
+    ])
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+fn pod_paths(mode: AttachMode) {
+    let tag = format!("tr{}", if mode == AttachMode::Tcx { "x" } else { "c" });
+    let pins = PinRoot::new(&tag);
+    let lab = lab(&tag);
+    let dp = describe(&lab, &pins, mode);
+
+    // Same node, both ways: ARP answered by the program, then redirect_peer.
+    assert!(ping(&lab.pa, POD_B), "pod A → pod B");
+    assert!(ping(&lab.pb, POD_A), "pod B → pod A");
+    let neigh = lab.pa.exec(&["ip", "neigh", "show", "169.254.1.1"]);
+    let hva_mac = lab.node.run(|| mac_of("hva"));
+    let hva_mac = hva_mac.map(|b| format!("{b:02x}")).join(":");
+    assert!(
+        neigh.contains(&hva_mac),
+        "gateway resolved to the host veth: {neigh}"
+    );
+    assert!(!neigh.contains("PERMANENT"), "no static entry: {neigh}");
+
+    // UDP from A to B.
+    let got = lab.pb.run(|| {
+        let sink = UdpSocket::bind(format!("{POD_B}:9000")).unwrap();
+        sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        lab.pa.run(|| {
+            let s = UdpSocket::bind(format!("{POD_A}:0")).unwrap();
+            s.send_to(b"through redirect_peer", format!("{POD_B}:9000"))
+                .unwrap();
+        });
+        let mut buf = [0u8; 64];
+        let (n, from) = sink.recv_from(&mut buf).expect("datagram from pod A");
+        (buf[..n].to_vec(), from.ip().to_string())
+    });
+    assert_eq!(got, (b"through redirect_peer".to_vec(), POD_A.to_owned()));
+
+    // To the VPC: pod A's address is owned by eni1; the VPC namespace would drop it from
+    // eni0, so the reply proves the way out. B is owned by eni0.
+    let v1_before = rx_packets(&lab.vpc, "v1");
+    assert!(ping(&lab.pa, VPC_HOST), "pod A → VPC host through eni1");
+    assert!(rx_packets(&lab.vpc, "v1") >= v1_before + 2);
+    assert!(ping(&lab.pb, VPC_HOST), "pod B → VPC host through eni0");
+
+    // To the internet: SNATed to the node address (the VPC namespace has no route back
+    // to pod addresses through eni0 for that), reply reverse-NATed.
+    assert!(ping(&lab.pa, INTERNET), "pod A → internet through SNAT");
+    let seen_from = lab.vpc.run(|| {
+        let sink = UdpSocket::bind(format!("{INTERNET}:53")).unwrap();
+        sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        lab.pa.run(|| {
+            let s = UdpSocket::bind(format!("{POD_A}:0")).unwrap();
+            s.send_to(b"q", format!("{INTERNET}:53")).unwrap();
+        });
+        let mut buf = [0u8; 8];
+        let (_, from) = sink.recv_from(&mut buf).expect("datagram from pod A");
+        from
+    });
+    assert_eq!(seen_from.ip().to_string(), "10.0.0.10", "source translated");
+    assert!((61000..=61999).contains(&seen_from.port()));
+
+    let rows = dp.counters().unwrap();
+    let (hva, hvb, eni0, eni1) = lab.node.run(|| {
+        (
+            ifindex("hva"),
+            ifindex("hvb"),
+            ifindex("eni0"),
+            ifindex("eni1"),
+        )
+    });
+    assert!(counter(&rows, hva, reason::FWD_ARP_REPLY).packets >= 1);
+    assert!(counter(&rows, hva, reason::FWD_LOCAL_POD).packets >= 3);
+    assert!(counter(&rows, hvb, reason::FWD_LOCAL_POD).packets >= 2);
+    assert!(counter(&rows, hva, reason::FWD_ENI).packets >= 2);
+    assert!(counter(&rows, hva, reason::FWD_SNAT).packets >= 3);
+    assert!(counter(&rows, eni0, reason::FWD_REVERSE_NAT).packets >= 2);
+    assert!(
+        counter(&rows, eni1, reason::FWD_LOCAL_POD).packets >= 2,
+        "replies to A via eni1"
+    );
+    assert_eq!(counter(&rows, hva, reason::DROP_SPOOFED_IP).packets, 0);
+
+    // The agent goes away: traffic keeps flowing through the pinned attachments.
+    drop(dp);
+    assert!(ping(&lab.pa, POD_B), "after the agent stopped");
+    assert!(ping(&lab.pa, INTERNET), "SNAT after the agent stopped");
+
+    // A new agent takes everything over without detaching, and can remove a pod.
+    lab.node.run(|| {
+        let mut dp = Dataplane::load(&pins.config(Some(mode))).expect("reload");
+        if mode == AttachMode::Tcx {
+            // tcx links are re-opened from their pins.
+            assert!(dp.endpoint_attached(ip(10, 0, 1, 5)));
+        }
+        dp.upsert_endpoint(&EndpointSpec {
+            ipv4: ip(10, 0, 1, 5),
+            host_ifindex: ifindex("hva"),
+            host_mac: mac_of("hva"),
+            pod_mac: lab.pa.run(|| mac_of("eth0")),
+            eni_ifindex: ifindex("eni1"),
+        })
+        .unwrap();
+        assert!(dp.endpoint_attached(ip(10, 0, 1, 5)));
+        assert!(ping(&lab.pa, POD_B), "after the restart");
+        dp.remove_endpoint(ip(10, 0, 1, 5)).unwrap();
+        dp.remove_endpoint(ip(10, 0, 1, 5)).unwrap(); // not found: fine
+        assert!(!dp.endpoint_attached(ip(10, 0, 1, 5)));
+        assert!(
+            !ping(&lab.pa, POD_B),
+            "removed: nothing answers ARP or forwards"
+        );
+    });
+}
+
+#[test]
+fn pods_talk_through_the_programs_with_tcx() {
+    pod_paths(AttachMode::Tcx);
+}
+
+#[test]
+fn pods_talk_through_the_programs_with_clsact() {
+    pod_paths(AttachMode::Clsact);
+}
