@@ -54,6 +54,14 @@ impl StartError {
 /// so only the recovery sweep (or CNI GC of a network-less key) ever releases them.
 pub const RECOVERED_NETWORK: &str = "vpc-ebpf-recovered";
 
+/// Where the plugin records releases it could not hand over (next to the socket).
+pub fn pending_dir(agent_socket: &Path) -> std::path::PathBuf {
+    agent_socket
+        .parent()
+        .unwrap_or_else(|| Path::new("/"))
+        .join("pending-release")
+}
+
 /// Reads the instance's limits and ENIs from EC2, given what IMDS said.
 pub async fn discover(
     meta: &InstanceMetadata,
@@ -138,12 +146,7 @@ pub fn restore(
     let (views, unmanaged_indexes) = views(enis, &node.instance_id);
     let report = sync::merge(&mut store, &views);
     crate::reconcile::log_report(&report);
-    let pending_dir = config
-        .agent_socket
-        .parent()
-        .unwrap_or_else(|| Path::new("/"))
-        .join("pending-release");
-    let applied = pending::apply(&pending_dir, &mut store, now_ms);
+    let applied = pending::apply(&pending_dir(&config.agent_socket), &mut store, now_ms);
     let recovered = claim_routed(&mut store, routes, now_ms);
     let released_pending = applied.freed;
     match checkpoint::save(&config.checkpoint, &store) {

@@ -110,6 +110,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let sweeper = tokio::spawn(sweep_recovered(
         host,
         config.veth_prefix.clone(),
+        bootstrap::pending_dir(&config.agent_socket),
         shared.clone(),
         stop.clone(),
     ));
@@ -245,10 +246,12 @@ async fn start(config: &Config, shared: &Shared) -> anyhow::Result<Started> {
     }
 }
 
-/// Releases addresses held for pods found only by their host route, once those pods go.
+/// Every 30 s: releases addresses held for pods found only by their host route once
+/// those pods go, and applies releases the plugin recorded.
 async fn sweep_recovered(
     host: Host,
     veth_prefix: String,
+    pending_dir: std::path::PathBuf,
     shared: Shared,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -265,9 +268,14 @@ async fn sweep_recovered(
             }
         };
         let mut st = shared.state.lock().await;
-        if bootstrap::sweep_recovered(&mut st.store, &routes, now_ms()) > 0 {
-            if let Err(e) = vpc_ebpf_agent::rpc::persist(&st) {
-                warn!(error = %e, "checkpoint after sweep failed");
+        let now = now_ms();
+        let swept = bootstrap::sweep_recovered(&mut st.store, &routes, now);
+        // Releases recorded by a plugin that could not reach us (a restart raced it).
+        let applied = vpc_ebpf_agent::pending::apply(&pending_dir, &mut st.store, now);
+        if swept + applied.freed > 0 || !applied.records.is_empty() {
+            match vpc_ebpf_agent::rpc::persist(&st) {
+                Ok(()) => applied.remove(),
+                Err(e) => warn!(error = %e, "checkpoint after sweep failed"),
             }
             shared.pool_changed.notify_one();
         }

@@ -14,6 +14,9 @@ struct Pending {
     network: String,
     container_id: String,
     ifname: String,
+    /// Wall-clock time of the record; absent in records of older plugins.
+    #[serde(default)]
+    recorded_ms: Option<u64>,
 }
 
 /// What `apply` did: the addresses it freed and the records it consumed. The records
@@ -59,7 +62,13 @@ pub fn apply(dir: &Path, store: &mut Store, now_ms: u64) -> Applied {
             container_id: p.container_id,
             ifname: p.ifname,
         };
-        if let Some(ip) = store.release(&key, now_ms) {
+        let newer = p
+            .recorded_ms
+            .zip(store.assigned_since(&key))
+            .is_some_and(|(recorded, since)| since > recorded);
+        if newer {
+            info!(container = %key.container_id, "ignoring a recorded release older than the attachment's current address");
+        } else if let Some(ip) = store.release(&key, now_ms) {
             info!(%ip, container = %key.container_id, "released a DEL recorded while the agent was down");
             out.freed += 1;
         }
@@ -107,6 +116,20 @@ mod tests {
             "unreadable records are kept"
         );
         assert_eq!(apply(&dir, &mut s, 20).freed, 0);
+
+        // A record older than the key's current assignment is stale: it is consumed
+        // without touching the newer pod.
+        s.assign(&key, &PodMeta::default(), 2_000).unwrap();
+        std::fs::write(
+            dir.join("aws-cni_gone_eth0.json"),
+            br#"{"network":"aws-cni","container_id":"gone","ifname":"eth0","recorded_ms":1500}"#,
+        )
+        .unwrap();
+        let applied = apply(&dir, &mut s, 2_100);
+        assert_eq!(applied.freed, 0);
+        assert!(s.lookup(&key).is_some());
+        applied.remove();
+        assert!(!dir.join("aws-cni_gone_eth0.json").exists());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

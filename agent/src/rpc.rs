@@ -147,10 +147,13 @@ impl v1::cni_backend_server::CniBackend for Backend {
         let mut st = self.shared.state.lock().await;
         let result = loop {
             if !st.ready {
-                return Err(Status::unavailable(format!(
+                let mut s = Status::unavailable(format!(
                     "the agent is not ready yet: {}",
                     st.not_ready_reason
-                )));
+                ));
+                s.metadata_mut()
+                    .insert(REASON_KEY, MetadataValue::from_static(reason::NOT_READY));
+                return Err(s);
             }
             let result = st.store.assign(&key, &pod, now_ms());
             self.shared.pool_changed.notify_one();

@@ -80,7 +80,7 @@ async fn assigns_persists_releases_and_explains_exhaustion() {
         std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let mut c = client::connect(&sock, Duration::from_secs(2))
+    let mut c = client::connect(&sock, Duration::from_secs(6))
         .await
         .unwrap();
 
@@ -101,7 +101,24 @@ async fn assigns_persists_releases_and_explains_exhaustion() {
     assert_eq!(saved.lookup(&k1).unwrap().to_string(), a.ipv4);
 
     c.add_network(add("c2")).await.unwrap();
+    // Pool empty while refilling: the ADD waits for the refill instead of failing.
+    let refill = shared.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut st = refill.state.lock().await;
+        st.store
+            .add_ips("eni-0", &["10.0.0.22".parse().unwrap()])
+            .unwrap();
+        drop(st);
+        refill.pool_grown.notify_waiters();
+    });
+    let waited = std::time::Instant::now();
+    let r = c.add_network(add("c2b")).await.unwrap().into_inner();
+    assert_eq!(r.ipv4, "10.0.0.22");
+    assert!(waited.elapsed() >= Duration::from_millis(250));
+    // No refill comes: after REFILL_WAIT the answer is "try again later", with why.
     let err = c.add_network(add("c3")).await.unwrap_err();
+    assert!(waited.elapsed() >= vpc_ebpf_agent::rpc::REFILL_WAIT);
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert_eq!(reason_of(&err), Some(reason::POOL_REFILLING));
     shared.state.lock().await.blocked = Some(GrowthBlock::Pool(Blocked::EniLimit));
@@ -132,8 +149,13 @@ async fn assigns_persists_releases_and_explains_exhaustion() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(gc.released.len(), 1);
-    assert_eq!(gc.released[0].container_id, "c2");
+    let mut gone: Vec<&str> = gc
+        .released
+        .iter()
+        .map(|a| a.container_id.as_str())
+        .collect();
+    gone.sort_unstable();
+    assert_eq!(gone, ["c2", "c2b"]);
 
     shared.state.lock().await.ready = false;
     let err = c.add_network(add("c5")).await.unwrap_err();

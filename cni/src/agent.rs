@@ -62,6 +62,16 @@ pub fn map_status(what: &str, s: &Status) -> CniError {
     }
 }
 
+/// Whether a failed ADD may still have been carried out by the agent: the connection
+/// broke or timed out before an answer, as opposed to an answer saying no.
+pub fn outcome_unknown(s: &Status) -> bool {
+    vpc_ebpf_rpc::reason_of(s).is_none()
+        && matches!(
+            s.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+        )
+}
+
 /// Where DELs that could not reach the agent are remembered; the agent releases them when
 /// it starts.
 pub fn pending_dir(socket: &Path) -> std::path::PathBuf {
@@ -86,8 +96,14 @@ pub fn remember_release(socket: &Path, a: &v1::Attachment) -> std::io::Result<()
             }
         })
         .collect::<String>();
+    // The time lets the agent ignore a record older than a later assignment of the
+    // same key (a record that raced with a restart must not strip a newer pod).
+    let recorded_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let body = serde_json::json!({
         "network": a.network, "container_id": a.container_id, "ifname": a.ifname,
+        "recorded_ms": recorded_ms,
     });
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::write(&tmp, body.to_string())?;

@@ -79,9 +79,19 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
                 })
                 .collect(),
         })
-        .await
-        .map_err(|s| agent::map_status("ADD", &s))?
-        .into_inner();
+        .await;
+    let reply = match reply {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            // The agent may have assigned and checkpointed before the connection broke
+            // (it was killed mid-call): release, now or when it is back, so the address
+            // is not held for a sandbox the runtime will never DEL by this key.
+            if agent::outcome_unknown(&s) {
+                release_or_remember(&mut agent, conf, &att, pod(env)).await;
+            }
+            return Err(agent::map_status("ADD", &s));
+        }
+    };
     let ip: Ipv4Addr = reply.ipv4.parse().map_err(|_| {
         CniError::new(
             ErrorCode::Agent,
@@ -115,16 +125,30 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
             {
                 let _ = sockets.pod.link().del(l.header.index).execute().await;
             }
-            if let Err(s) = agent
-                .del_network(v1::DelNetworkRequest {
-                    attachment: Some(att),
-                    pod: Some(pod(env)),
-                })
-                .await
-            {
-                warn!(error = %s, "rollback: releasing the address failed");
-            }
+            release_or_remember(&mut agent, conf, &att, pod(env)).await;
             Err(e)
+        }
+    }
+}
+
+/// Releases the attachment's address; when the agent cannot be reached, records the
+/// release for the agent's next start.
+async fn release_or_remember(
+    agent: &mut agent::Client,
+    conf: &NetConf,
+    att: &v1::Attachment,
+    pod: v1::Pod,
+) {
+    let r = agent
+        .del_network(v1::DelNetworkRequest {
+            attachment: Some(att.clone()),
+            pod: Some(pod),
+        })
+        .await;
+    if let Err(s) = r {
+        warn!(error = %s, "rollback: the agent did not take the release; recording it");
+        if let Err(e) = agent::remember_release(Path::new(&conf.agent_socket), att) {
+            warn!(error = %e, "rollback: recording the release failed");
         }
     }
 }

@@ -19,6 +19,8 @@ pub mod reason {
     pub const SUBNET_EXHAUSTED: &str = "subnet-exhausted";
     /// The node holds as many addresses as it may run pods.
     pub const MAX_PODS: &str = "max-pods";
+    /// The agent has not finished discovery; it assigned nothing.
+    pub const NOT_READY: &str = "not-ready";
 }
 
 /// Reads the reason trailer of a status, if any.

@@ -441,6 +441,15 @@ impl Store {
         Some(ip)
     }
 
+    /// When `key` got its current address.
+    pub fn assigned_since(&self, key: &AttachmentKey) -> Option<u64> {
+        let ip = self.by_key.get(key)?;
+        self.enis.values().find_map(|e| match e.addrs.get(ip) {
+            Some(AddrState::Assigned { since_ms, .. }) => Some(*since_ms),
+            _ => None,
+        })
+    }
+
     pub fn lookup(&self, key: &AttachmentKey) -> Option<Ipv4Addr> {
         self.by_key.get(key).copied()
     }
