@@ -279,6 +279,20 @@ impl Dataplane {
         maps::remove_endpoint(&mut self.ebpf, ipv4).map(|_| ())
     }
 
+    /// Every endpoint in the (pinned) map: what a restarted agent had programmed.
+    pub fn endpoints(&mut self) -> Result<Vec<EndpointSpec>, DataplaneError> {
+        Ok(maps::endpoints(&mut self.ebpf)?
+            .into_iter()
+            .map(|(ipv4, e)| EndpointSpec {
+                ipv4,
+                host_ifindex: e.host_ifindex,
+                host_mac: e.host_mac,
+                pod_mac: e.pod_mac,
+                eni_ifindex: e.eni_ifindex,
+            })
+            .collect())
+    }
+
     /// Whether the pod's map entry exists and this process's pod program runs on its
     /// host veth.
     pub fn endpoint_attached(&self, ipv4: Ipv4Addr) -> bool {
