@@ -10,9 +10,14 @@ mod dataplane_common;
 
 use std::{net::UdpSocket, time::Duration};
 
-use dataplane_common::{PinRoot, counter, ifindex, ip, mac_of};
+use dataplane_common::{
+    Exchange, PinRoot, counter, counter_dir, ifindex, ip, mac_of, tcp_exchange, tcp_server,
+};
 use vpc_ebpf_agent::dataplane::{AttachMode, Dataplane, EndpointSpec, EniSpec, NodeSpec};
-use vpc_ebpf_common::counters::reason;
+use vpc_ebpf_common::{
+    counters::{direction, reason},
+    nat::NatKey,
+};
 use vpc_ebpf_tests::netns::NetNs;
 
 const POD_A: &str = "10.0.1.5";
@@ -118,7 +123,8 @@ fn describe(lab: &Lab, pins: &PinRoot, mode: AttachMode) -> Dataplane {
             primary_eni_ifindex: eni0,
             vpc_cidrs: vec![(ip(10, 0, 0, 0), 16)],
             snat_exclusions: vec![],
-            passthrough_cidrs: vec![],
+            // The Service CIDR: kube-proxy's, in the host stack.
+            passthrough_cidrs: vec![(ip(10, 100, 0, 0), 16)],
             external_snat: false,
             snat_ports: (61000, 61999),
         })
@@ -314,4 +320,296 @@ fn pods_talk_through_the_programs_with_tcx() {
 #[test]
 fn pods_talk_through_the_programs_with_clsact() {
     pod_paths(AttachMode::Clsact);
+}
+
+const POD_C: &str = "10.0.33.7";
+const NODE2_IP: &str = "10.0.32.20";
+const CLUSTER_IP_REMOTE: &str = "10.100.0.10";
+const CLUSTER_IP_LOCAL: &str = "10.100.0.11";
+
+/// A second node (its own dataplane, primary ENI only) with pod C, behind the same VPC
+/// router: the place a ClusterIP's remote backend lives.
+struct Node2 {
+    node: NetNs,
+    pc: NetNs,
+}
+
+fn second_node(lab: &Lab, tag: &str) -> Node2 {
+    let node = NetNs::new(&format!("{tag}-node2"));
+    let pc = NetNs::new(&format!("{tag}-pc"));
+    pc.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "hvc",
+        "netns",
+        node.name(),
+    ]);
+    pc.ip(&["addr", "add", &format!("{POD_C}/32"), "dev", "eth0"]);
+    pc.ip(&["link", "set", "eth0", "up"]);
+    pc.ip(&[
+        "route",
+        "add",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ]);
+    pc.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ]);
+    node.ip(&["link", "set", "hvc", "up"]);
+    node.ip(&[
+        "link",
+        "add",
+        "eni0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "w0",
+        "netns",
+        lab.vpc.name(),
+    ]);
+    node.ip(&["addr", "add", &format!("{NODE2_IP}/20"), "dev", "eni0"]);
+    node.ip(&["link", "set", "eni0", "up"]);
+    lab.vpc.ip(&["addr", "add", "10.0.32.1/20", "dev", "w0"]);
+    lab.vpc.ip(&["link", "set", "w0", "up"]);
+    lab.vpc
+        .ip(&["route", "add", POD_C, "via", NODE2_IP, "dev", "w0"]);
+    lab.vpc
+        .exec(&["sysctl", "-qw", "net.ipv4.conf.w0.rp_filter=1"]);
+    // The router now routes between nodes, not only answers for its own addresses.
+    lab.vpc.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    Node2 { node, pc }
+}
+
+fn describe_node2(n2: &Node2, pins: &PinRoot, mode: AttachMode) -> Dataplane {
+    let mac_c = n2.pc.run(|| mac_of("eth0"));
+    n2.node.run(|| {
+        let mut dp = Dataplane::load(&pins.config(Some(mode))).expect("load node 2");
+        let eni0 = ifindex("eni0");
+        dp.set_node(&NodeSpec {
+            node_ip: ip(10, 0, 32, 20),
+            primary_eni_ifindex: eni0,
+            vpc_cidrs: vec![(ip(10, 0, 0, 0), 16)],
+            snat_exclusions: vec![],
+            passthrough_cidrs: vec![(ip(10, 100, 0, 0), 16)],
+            external_snat: false,
+            snat_ports: (61000, 61999),
+        })
+        .unwrap();
+        dp.upsert_eni(&EniSpec {
+            ifindex: eni0,
+            mac: mac_of("eni0"),
+            primary_ip: ip(10, 0, 32, 20),
+            gateway: ip(10, 0, 32, 1),
+            is_primary: true,
+        })
+        .unwrap();
+        dp.upsert_endpoint(&EndpointSpec {
+            ipv4: ip(10, 0, 33, 7),
+            host_ifindex: ifindex("hvc"),
+            host_mac: mac_of("hvc"),
+            pod_mac: mac_c,
+            eni_ifindex: eni0,
+        })
+        .unwrap();
+        dp
+    })
+}
+
+/// What a node running kube-proxy has and the dataplane does not provide: the plugin's
+/// `/32` routes to the pod veths, a default route, forwarding, and kube-proxy's DNAT
+/// rules (iptables, nft backend) for a ClusterIP with a backend on node 2, one with a
+/// backend on this node, and a NodePort. All inside the test's node namespace.
+fn kube_proxy(lab: &Lab) {
+    lab.node
+        .ip(&["route", "add", POD_A, "dev", "hva", "scope", "link"]);
+    lab.node
+        .ip(&["route", "add", POD_B, "dev", "hvb", "scope", "link"]);
+    lab.node
+        .ip(&["route", "add", "default", "via", "10.0.0.1", "dev", "eni0"]);
+    lab.node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    for (dst, dport, to) in [
+        (CLUSTER_IP_REMOTE, "80", format!("{POD_C}:8080")),
+        (CLUSTER_IP_LOCAL, "80", format!("{POD_A}:8081")),
+        ("10.0.0.10", "30080", format!("{POD_A}:8081")),
+    ] {
+        lab.node.exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            dst,
+            "-p",
+            "tcp",
+            "--dport",
+            dport,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &to,
+        ]);
+    }
+}
+
+fn sock(addr: &str, port: u16) -> std::net::SocketAddrV4 {
+    std::net::SocketAddrV4::new(addr.parse().unwrap(), port)
+}
+
+fn kube_proxy_paths(mode: AttachMode) {
+    let tag = format!("kp{}", if mode == AttachMode::Tcx { "x" } else { "c" });
+    let pins = PinRoot::new(&tag);
+    let pins2 = PinRoot::new(&format!("{tag}2"));
+    let lab = lab(&tag);
+    let n2 = second_node(&lab, &tag);
+    let dp = describe(&lab, &pins, mode);
+    let _dp2 = describe_node2(&n2, &pins2, mode);
+    kube_proxy(&lab);
+    let (hva, hvb, eni0) = lab
+        .node
+        .run(|| (ifindex("hva"), ifindex("hvb"), ifindex("eni0")));
+
+    let server_c = tcp_server(n2.pc.name(), &format!("{POD_C}:8080"), 1);
+    let server_a = tcp_server(lab.pa.name(), &format!("{POD_A}:8081"), 4);
+
+    // (a) Pod B → ClusterIP whose backend is pod C on node 2. The reply comes in through
+    // eni0 addressed to pod B; only the host's conntrack can turn its source back into
+    // the ClusterIP. Had it been redirected into pod B, its kernel would have answered
+    // the SYN-ACK from 10.0.33.7 with a RST and the connect would fail.
+    let x: Exchange = lab
+        .pb
+        .run(|| tcp_exchange(None, sock(CLUSTER_IP_REMOTE, 80)))
+        .expect("pod B → ClusterIP → pod C on node 2");
+    assert_eq!(x.peer.to_string(), format!("{CLUSTER_IP_REMOTE}:80"));
+    assert_eq!(
+        x.reply,
+        x.local.to_string(),
+        "pod C saw pod B, not a NAT address"
+    );
+    assert_eq!(server_c.join().unwrap().len(), 1);
+    let rows = dp.counters().unwrap();
+    assert!(
+        counter(&rows, eni0, reason::PASS_KERNEL_FLOW).packets >= 2,
+        "replies from pod C went through the host stack"
+    );
+    let port_b = x.local.port();
+    assert!(
+        dp.kernel_flows()
+            .unwrap()
+            .iter()
+            .any(|(k, _)| *k == NatKey::pod_port(be(POD_B), port_b, 6)),
+        "pod B's port is marked as a host-stack flow"
+    );
+
+    // (b) Pod B → ClusterIP whose backend is pod A on this node: the kernel delivers to
+    // A through its veth (recorded on egress) and A's reply goes back through the kernel,
+    // not straight into pod B.
+    let fwd_local_before = counter(&lab_rows(&dp), hva, reason::FWD_LOCAL_POD).packets;
+    let x = lab
+        .pb
+        .run(|| tcp_exchange(None, sock(CLUSTER_IP_LOCAL, 80)))
+        .expect("pod B → ClusterIP → pod A");
+    assert_eq!(x.peer.to_string(), format!("{CLUSTER_IP_LOCAL}:80"));
+    assert_eq!(x.reply, x.local.to_string());
+    let rows = dp.counters().unwrap();
+    assert_eq!(
+        counter(&rows, hva, reason::FWD_LOCAL_POD).packets,
+        fwd_local_before,
+        "no reply of pod A was redirected into pod B"
+    );
+
+    // (c) NodePort from a VPC host: the kernel DNATs node:30080 to pod A, whose replies
+    // (to a VPC address, which the program would otherwise send out of eni1 untranslated)
+    // must go back through the kernel to leave as node:30080.
+    let x = lab
+        .vpc
+        .run(|| tcp_exchange(Some(VPC_HOST.parse().unwrap()), sock("10.0.0.10", 30080)))
+        .expect("VPC host → NodePort → pod A");
+    assert_eq!(x.peer.to_string(), "10.0.0.10:30080");
+    assert_eq!(x.reply, x.local.to_string(), "pod A saw the client address");
+
+    // (d) Kubelet-style probes from the host, from the node address and from the
+    // secondary ENI's address (a VPC address: without the record the reply would be
+    // sent out of eni1 to the VPC).
+    let fwd_eni_before = counter(&lab_rows(&dp), hva, reason::FWD_ENI).packets;
+    for src in ["10.0.0.10", "10.0.16.11"] {
+        let x = lab
+            .node
+            .run(|| tcp_exchange(Some(src.parse().unwrap()), sock(POD_A, 8081)))
+            .unwrap_or_else(|e| panic!("probe from {src}: {e}"));
+        assert_eq!(x.peer.to_string(), format!("{POD_A}:8081"), "not SNATed");
+        assert_eq!(x.reply, x.local.to_string());
+    }
+    let rows = dp.counters().unwrap();
+    assert_eq!(
+        counter(&rows, hva, reason::FWD_ENI).packets,
+        fwd_eni_before,
+        "no probe reply left through an ENI"
+    );
+    assert!(counter(&rows, hva, reason::PASS_KERNEL_FLOW).packets >= 6);
+    assert!(
+        counter_dir(&rows, hva, reason::PASS_KERNEL_TO_POD, direction::EGRESS).packets >= 6,
+        "the host stack's deliveries to pod A were seen on egress"
+    );
+    assert!(counter_dir(&rows, hvb, reason::PASS_KERNEL_TO_POD, direction::EGRESS).packets >= 2);
+    let seen_by_a = server_a.join().unwrap();
+    assert_eq!(seen_by_a.len(), 4, "{seen_by_a:?}");
+
+    // The fast paths are untouched: pod to pod still goes straight through.
+    assert!(ping(&lab.pa, POD_B));
+    assert!(
+        counter(&dp.counters().unwrap(), hva, reason::FWD_LOCAL_POD).packets > fwd_local_before
+    );
+
+    // Flows carry on through the pinned programs while no agent runs.
+    drop(dp);
+    let server_a = tcp_server(lab.pa.name(), &format!("{POD_A}:8081"), 1);
+    let x = lab
+        .pb
+        .run(|| tcp_exchange(None, sock(CLUSTER_IP_LOCAL, 80)))
+        .expect("ClusterIP with the agent stopped");
+    assert_eq!(x.peer.to_string(), format!("{CLUSTER_IP_LOCAL}:80"));
+    assert_eq!(server_a.join().unwrap().len(), 1);
+
+    // Idle host-stack flows are collected with the conntrack.
+    lab.node.run(|| {
+        let mut dp = Dataplane::load(&pins.config(Some(mode))).expect("reload");
+        assert!(!dp.kernel_flows().unwrap().is_empty());
+        let far = vpc_ebpf_agent::dataplane::monotonic_now_ns() + 7 * 3600 * 1_000_000_000;
+        assert!(dp.gc_conntrack(far).unwrap() > 0);
+        assert!(dp.kernel_flows().unwrap().is_empty());
+    });
+}
+
+fn lab_rows(dp: &Dataplane) -> Vec<vpc_ebpf_agent::dataplane::CounterRow> {
+    dp.counters().unwrap()
+}
+
+fn be(a: &str) -> u32 {
+    u32::from_ne_bytes(a.parse::<std::net::Ipv4Addr>().unwrap().octets())
+}
+
+#[test]
+fn kube_proxy_flows_go_back_through_the_host_stack_with_tcx() {
+    kube_proxy_paths(AttachMode::Tcx);
+}
+
+#[test]
+fn kube_proxy_flows_go_back_through_the_host_stack_with_clsact() {
+    kube_proxy_paths(AttachMode::Clsact);
 }

@@ -8,7 +8,7 @@ use aya::{
 };
 use vpc_ebpf_common::{
     maps,
-    nat::{NatEntry, NatKey, tcp_state},
+    nat::{KernelFlow, NatEntry, NatKey, tcp_state},
 };
 
 use super::DataplaneError;
@@ -96,9 +96,63 @@ pub fn entries(ebpf: &Ebpf) -> Result<Vec<(NatKey, NatEntry)>, DataplaneError> {
     Ok(m.iter().filter_map(Result::ok).collect())
 }
 
-/// Removes the flows idle for longer than their timeout at `now_ns`; both entries of a
-/// flow go together, judged by the more recent of the two. Returns entries removed.
+/// Every entry of the kernel-flows table.
+pub fn kernel_flows(ebpf: &Ebpf) -> Result<Vec<(NatKey, KernelFlow)>, DataplaneError> {
+    let map = ebpf
+        .map(maps::KERNEL_FLOWS)
+        .ok_or(DataplaneError::MissingMap(maps::KERNEL_FLOWS))?;
+    let m: HashMap<_, NatKey, KernelFlow> = HashMap::try_from(map).map_err(kflow_err)?;
+    Ok(m.iter().filter_map(Result::ok).collect())
+}
+
+fn kflow_err(source: MapError) -> DataplaneError {
+    DataplaneError::Map {
+        name: maps::KERNEL_FLOWS,
+        source,
+    }
+}
+
+fn timeout_ns(proto: u8, state: u8, t: &GcTimeouts) -> u64 {
+    let timeout = if proto != IPPROTO_TCP {
+        t.other
+    } else if state & (tcp_state::FIN | tcp_state::RST) != 0 {
+        t.tcp_closing
+    } else {
+        t.tcp
+    };
+    u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Removes the flows idle for longer than their timeout at `now_ns` from the NAT table
+/// (both entries of a flow go together, judged by the more recent of the two) and from
+/// the kernel-flows table. Returns entries removed.
 pub fn gc(ebpf: &mut Ebpf, now_ns: u64, t: &GcTimeouts) -> Result<usize, DataplaneError> {
+    let removed = gc_nat(ebpf, now_ns, t)?;
+    Ok(removed + gc_kernel_flows(ebpf, now_ns, t)?)
+}
+
+fn gc_kernel_flows(ebpf: &mut Ebpf, now_ns: u64, t: &GcTimeouts) -> Result<usize, DataplaneError> {
+    let all = kernel_flows(ebpf)?;
+    let map = ebpf
+        .map_mut(maps::KERNEL_FLOWS)
+        .ok_or(DataplaneError::MissingMap(maps::KERNEL_FLOWS))?;
+    let mut m: HashMap<_, NatKey, KernelFlow> = HashMap::try_from(map).map_err(kflow_err)?;
+    let mut removed = 0;
+    for (key, f) in &all {
+        if now_ns.saturating_sub(f.last_seen_ns) > timeout_ns(key.proto, f.state, t) {
+            match m.remove(key) {
+                Ok(()) => removed += 1,
+                Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(kflow_err(e)),
+            }
+        }
+    }
+    Ok(removed)
+}
+
+fn gc_nat(ebpf: &mut Ebpf, now_ns: u64, t: &GcTimeouts) -> Result<usize, DataplaneError> {
     let all = entries(ebpf)?;
     let index: std::collections::HashMap<NatKey, NatEntry> = all.iter().copied().collect();
     let map = ebpf
@@ -110,15 +164,7 @@ pub fn gc(ebpf: &mut Ebpf, now_ns: u64, t: &GcTimeouts) -> Result<usize, Datapla
         let peer = index.get(&e.peer_key(key));
         let last = peer.map_or(e.last_seen_ns, |p| p.last_seen_ns.max(e.last_seen_ns));
         let state = e.state | peer.map_or(0, |p| p.state);
-        let timeout = if key.proto != IPPROTO_TCP {
-            t.other
-        } else if state & (tcp_state::FIN | tcp_state::RST) != 0 {
-            t.tcp_closing
-        } else {
-            t.tcp
-        };
-        let timeout = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
-        if now_ns.saturating_sub(last) > timeout {
+        if now_ns.saturating_sub(last) > timeout_ns(key.proto, state, t) {
             match m.remove(key) {
                 Ok(()) => removed += 1,
                 Err(MapError::KeyNotFound) => {}

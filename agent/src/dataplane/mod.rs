@@ -38,21 +38,28 @@ pub use spec::{EndpointSpec, EniSpec, NodeSpec};
 use tracing::{debug, info, warn};
 use vpc_ebpf_common::{
     PIN_VERSION, maps as map_names,
-    nat::{NatEntry, NatKey},
+    nat::{KernelFlow, NatEntry, NatKey},
     programs,
 };
 
 /// Every program in the object, loaded at start.
-const PROGRAMS: [&str; 4] = [
+const PROGRAMS: [&str; 5] = [
     programs::COUNT_INGRESS,
     programs::COUNT_EGRESS,
     programs::FROM_POD,
     programs::FROM_ENI,
+    programs::TO_POD,
 ];
 
 /// The programs attached through pinned links (the counters are diagnostics and are
 /// attached for the life of the process only).
-const PINNED_PROGRAMS: [&str; 2] = [programs::FROM_POD, programs::FROM_ENI];
+const PINNED_PROGRAMS: [&str; 3] = [programs::FROM_POD, programs::FROM_ENI, programs::TO_POD];
+
+/// What runs on a pod's host veth: traffic from the pod, and what the host stack hands it.
+const POD_HOOKS: [(Hook, &str); 2] = [
+    (Hook::Ingress, programs::FROM_POD),
+    (Hook::Egress, programs::TO_POD),
+];
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded so the agent binary is
 /// self-contained.
@@ -173,6 +180,7 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
             .map_max_entries(map_names::NAT, nat_entries)
+            .map_max_entries(map_names::KERNEL_FLOWS, nat_entries)
             .load(OBJECT)
             .map_err(|source| DataplaneError::Load {
                 pin_dir: pin_dir.clone(),
@@ -246,16 +254,16 @@ impl Dataplane {
             && old.host_ifindex != ep.host_ifindex
         {
             // The address moved to another veth (a pod re-created under the same IP).
-            self.links
-                .detach(old.host_ifindex, Hook::Ingress, programs::FROM_POD)?;
+            for (hook, program) in POD_HOOKS {
+                self.links.detach(old.host_ifindex, hook, program)?;
+            }
         }
         maps::put_endpoint(&mut self.ebpf, ep.ipv4, &ep.value())?;
-        self.links.attach(
-            &mut self.ebpf,
-            ep.host_ifindex,
-            Hook::Ingress,
-            programs::FROM_POD,
-        )
+        for (hook, program) in POD_HOOKS {
+            self.links
+                .attach(&mut self.ebpf, ep.host_ifindex, hook, program)?;
+        }
+        Ok(())
     }
 
     /// Detaches the pod program, drops the pod's hostPorts and forgets the pod. An
@@ -272,8 +280,9 @@ impl Dataplane {
         if shared {
             warn!(%ipv4, ifindex = old.host_ifindex, "another endpoint uses this veth; program left attached");
         } else {
-            self.links
-                .detach(old.host_ifindex, Hook::Ingress, programs::FROM_POD)?;
+            for (hook, program) in POD_HOOKS {
+                self.links.detach(old.host_ifindex, hook, program)?;
+            }
         }
         maps::sync_hostports(&mut self.ebpf, ipv4, &[])?;
         maps::remove_endpoint(&mut self.ebpf, ipv4).map(|_| ())
@@ -293,18 +302,17 @@ impl Dataplane {
             .collect())
     }
 
-    /// Whether the pod's map entry exists and this process's pod program runs on its
-    /// host veth.
+    /// Whether the pod's map entry exists and this process's pod programs run on both
+    /// hooks of its host veth (a veth programmed by an older agent, ingress only, reads as
+    /// not attached, so that re-upserting it completes it).
     pub fn endpoint_attached(&self, ipv4: Ipv4Addr) -> bool {
         let Some(ep) = maps::endpoint_ro(&self.ebpf, ipv4) else {
             return false;
         };
-        self.links.is_attached(
-            &self.ebpf,
-            ep.host_ifindex,
-            Hook::Ingress,
-            programs::FROM_POD,
-        )
+        POD_HOOKS.iter().all(|(hook, program)| {
+            self.links
+                .is_attached(&self.ebpf, ep.host_ifindex, *hook, program)
+        })
     }
 
     /// Makes the pod's hostPorts exactly `maps` ((IPPROTO_TCP or IPPROTO_UDP, host
@@ -338,6 +346,13 @@ impl Dataplane {
         timeouts: &GcTimeouts,
     ) -> Result<usize, DataplaneError> {
         conntrack::gc(&mut self.ebpf, now_ns, timeouts)
+    }
+
+    /// Every flow the host stack handles (kube-proxy DNAT, host connections), keyed from
+    /// the pod's side; a zero peer address and port is a pod port open toward any peer.
+    /// For introspection and tests.
+    pub fn kernel_flows(&self) -> Result<Vec<(NatKey, KernelFlow)>, DataplaneError> {
+        conntrack::kernel_flows(&self.ebpf)
     }
 
     /// Every NAT/conntrack entry (two per translated flow), for introspection and tests.

@@ -150,6 +150,16 @@ pub mod reason {
         FWD_HOSTPORT_REPLY = 36, "fwd_hostport_reply";
         /// ICMP error about a NATed flow translated and delivered to its pod.
         FWD_ICMP_ERROR_NAT = 37, "fwd_icmp_error_nat";
+        /// A packet of a flow the host stack translates or terminates (kube-proxy DNAT,
+        /// host-originated connections): handed to the kernel so that its conntrack sees
+        /// both directions, instead of being redirected or source-NATed.
+        PASS_KERNEL_FLOW = 38, "pass_kernel_flow";
+        /// Host veth egress: the host stack delivered this to the pod; its flow is recorded
+        /// so that the pod's replies go back through the host stack.
+        PASS_KERNEL_TO_POD = 39, "pass_kernel_to_pod";
+        /// An ICMP error whose quoted packet belongs to no flow translated here, or is cut
+        /// too short to tell: the kernel's.
+        PASS_ICMP_ERROR_UNKNOWN = 40, "pass_icmp_error_unknown";
     }
 }
 

@@ -22,6 +22,8 @@ pub mod programs {
     pub const FROM_POD: &str = "from_pod";
     /// TC ingress of an ENI: traffic from the VPC.
     pub const FROM_ENI: &str = "from_eni";
+    /// TC egress of a pod's host veth: what the host stack delivers to the pod.
+    pub const TO_POD: &str = "to_pod";
 }
 
 /// Names of the maps in the eBPF object (also their pin file names).
@@ -35,4 +37,5 @@ pub mod maps {
     pub const PASSTHROUGH_CIDRS: &str = "VPC_PASSTHRU";
     pub const NAT: &str = "VPC_NAT";
     pub const HOSTPORTS: &str = "VPC_HOSTPORTS";
+    pub const KERNEL_FLOWS: &str = "VPC_KFLOWS";
 }

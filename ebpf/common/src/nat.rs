@@ -133,7 +133,36 @@ pub struct HostPortTarget {
     pub pad: u16,
 }
 
+/// Value of the kernel-flows map, whose key is a [`NatKey`] oriented from the pod (source
+/// = the pod), of a flow the host stack handles: kube-proxy's DNAT, connections from the
+/// host itself. Its packets must cross the host stack both ways, or its conntrack never
+/// un-DNATs the replies.
+///
+/// Two kinds of key: an exact 5-tuple (recorded on the host veth's egress, where the host
+/// stack hands the pod a packet: the pod's replies then go back to the kernel), and a
+/// "wildcard" with peer address and port zero (recorded when the pod sends to a Service
+/// or the node: the peer after DNAT is unknown at that point, so any packet from an ENI
+/// to that pod port goes to the kernel, which knows).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelFlow {
+    /// `bpf_ktime_get_ns` of the last packet seen.
+    pub last_seen_ns: u64,
+    /// [`tcp_state`] bits seen.
+    pub state: u8,
+    /// Explicit padding; zero.
+    pub pad: [u8; 7],
+}
+
+impl NatKey {
+    /// The wildcard kernel-flow key of `pod`'s port `pod_port`.
+    pub const fn pod_port(pod: u32, pod_port: u16, proto: u8) -> Self {
+        Self::new(pod, 0, pod_port, 0, proto)
+    }
+}
+
 const _: () = assert!(core::mem::size_of::<NatKey>() == 16);
+const _: () = assert!(core::mem::size_of::<KernelFlow>() == 16);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<HostPortKey>() == 4);
 const _: () = assert!(core::mem::size_of::<HostPortTarget>() == 8);
@@ -153,6 +182,8 @@ mod pod {
     unsafe impl aya::Pod for super::HostPortKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::HostPortTarget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelFlow {}
 }
 
 #[cfg(test)]

@@ -2,11 +2,15 @@
 
 use aya_ebpf::programs::TcContext;
 use network_types::eth::EthHdr;
-use vpc_ebpf_common::{counters::reason, nat::nat_kind};
+use vpc_ebpf_common::{
+    counters::reason,
+    nat::{NatKey, nat_kind},
+};
 
 use crate::{
     deliver,
     from_pod::{Outcome, PASS, config},
+    kflow,
     maps::VPC_ENDPOINTS,
     nat,
     packet::{self, ETH_P_IP, IPPROTO_ICMP, ptr_at},
@@ -63,6 +67,14 @@ pub fn handle(ctx: &TcContext) -> Outcome {
     }
     // SAFETY: read-only copy of a map value.
     if let Some(pod) = unsafe { VPC_ENDPOINTS.get(ip.dst) }.copied() {
+        // A reply to a flow the pod sent into the host stack (a ClusterIP whose backend
+        // is elsewhere): the host's conntrack must un-DNAT it on its way to the pod.
+        if let Some(p) = ports
+            && !ip.fragment
+            && kflow::touch(&NatKey::pod_port(ip.dst, p.dst, ip.proto), &p)
+        {
+            return (reason::PASS_KERNEL_FLOW, PASS);
+        }
         return deliver::to_pod(ctx, &ip, &pod, reason::FWD_LOCAL_POD);
     }
     (reason::PASS_NOT_FOR_POD, PASS)

@@ -8,11 +8,12 @@ use aya_ebpf::{
 use network_types::eth::EthHdr;
 use vpc_ebpf_common::{
     counters::reason,
+    nat::NatKey,
     node::{Endpoint, NodeConfig, config_flags},
 };
 
 use crate::{
-    arp, deliver,
+    arp, deliver, kflow,
     maps::{VPC_CIDRS, VPC_ENDPOINTS, VPC_ENIS, VPC_PASSTHRU, VPC_SNAT_EXCL},
     nat,
     packet::{self, ETH_P_ARP, ETH_P_IP, Ipv4, Ports, ptr_at},
@@ -77,6 +78,11 @@ fn ipv4(ctx: &TcContext, ifindex: u32, src_mac: &[u8; 6]) -> Outcome {
             }
             nat::forget(&key);
         }
+        // A flow the host stack delivered to the pod (kube-proxy DNAT, the host's own
+        // connections): only the host stack can translate the pod's side back.
+        if kflow::touch(&key, &p) {
+            return (reason::PASS_KERNEL_FLOW, PASS);
+        }
     }
     if ip.dst == cfg.node_ip {
         // A pod reaching a hostPort through the node address.
@@ -86,6 +92,7 @@ fn ipv4(ctx: &TcContext, ifindex: u32, src_mac: &[u8; 6]) -> Outcome {
         {
             return o;
         }
+        to_kernel(&ip, ports);
         return (reason::PASS_TO_HOST, PASS);
     }
     // SAFETY: read-only copy of a map value.
@@ -94,6 +101,7 @@ fn ipv4(ctx: &TcContext, ifindex: u32, src_mac: &[u8; 6]) -> Outcome {
     }
     let dst = Key::new(32, ip.dst);
     if VPC_PASSTHRU.get(&dst).is_some() {
+        to_kernel(&ip, ports);
         return (reason::PASS_PASSTHROUGH_CIDR, PASS);
     }
     if VPC_CIDRS.get(&dst).is_some()
@@ -106,6 +114,20 @@ fn ipv4(ctx: &TcContext, ifindex: u32, src_mac: &[u8; 6]) -> Outcome {
         Some(p) if !ip.fragment => snat(ctx, &cfg, &ip, &p),
         _ if ip.fragment => (reason::PASS_IPV4_FRAGMENT, PASS),
         _ => (reason::PASS_NOT_TRANSLATABLE, PASS),
+    }
+}
+
+/// The pod sends this flow into the host stack, which may DNAT it (a Service, a node port
+/// on the node address) to a backend elsewhere: replies from that backend will come in
+/// through an ENI, addressed to the pod, and must cross the host stack too. Who the
+/// backend is cannot be known here (DNAT happens after this hook), so the pod's port is
+/// recorded with any peer.
+#[inline(always)]
+fn to_kernel(ip: &Ipv4, ports: Option<Ports>) {
+    if let Some(p) = ports
+        && !ip.fragment
+    {
+        kflow::record(&NatKey::pod_port(ip.src, p.src, ip.proto), &p);
     }
 }
 

@@ -12,10 +12,12 @@ mod deliver;
 mod from_eni;
 mod from_pod;
 mod icmp_error;
+mod kflow;
 mod maps;
 mod nat;
 mod packet;
 mod rewrite;
+mod to_pod;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use vpc_ebpf_common::counters::direction;
@@ -52,6 +54,15 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 pub fn from_eni(ctx: TcContext) -> i32 {
     let (reason, verdict) = from_eni::handle(&ctx);
     counters::count(&ctx, reason, direction::INGRESS);
+    verdict
+}
+
+/// Host side of a pod veth, egress: records the flows the host stack delivers to the pod,
+/// so that their replies return through it.
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    let (reason, verdict) = to_pod::handle(&ctx);
+    counters::count(&ctx, reason, direction::EGRESS);
     verdict
 }
 

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use vpc_ebpf_common::{
     nat::{
-        HOSTPORTS_MAX_ENTRIES, HostPortKey, HostPortTarget, NAT_DEFAULT_MAX_ENTRIES, NatEntry,
-        NatKey,
+        HOSTPORTS_MAX_ENTRIES, HostPortKey, HostPortTarget, KernelFlow, NAT_DEFAULT_MAX_ENTRIES,
+        NatEntry, NatKey,
     },
     node::{CIDRS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, ENIS_MAX_ENTRIES, Endpoint, Eni, NodeConfig},
 };
@@ -44,3 +44,9 @@ pub static VPC_NAT: LruHashMap<NatKey, NatEntry> = LruHashMap::pinned(NAT_DEFAUL
 #[map]
 pub static VPC_HOSTPORTS: HashMap<HostPortKey, HostPortTarget> =
     HashMap::pinned(HOSTPORTS_MAX_ENTRIES, 0);
+
+/// Flows the host stack handles (see [`KernelFlow`]); LRU for the same reason as the NAT
+/// table, and sized with it at load.
+#[map]
+pub static VPC_KFLOWS: LruHashMap<NatKey, KernelFlow> =
+    LruHashMap::pinned(NAT_DEFAULT_MAX_ENTRIES, 0);

@@ -25,7 +25,7 @@ pub fn key(ip: &Ipv4, p: &Ports) -> NatKey {
 }
 
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     // SAFETY: a plain helper call.
     unsafe { bpf_ktime_get_ns() }
 }

@@ -72,3 +72,116 @@ pub fn mac_of(name: &str) -> [u8; 6] {
 pub const fn ip(a: u8, b: u8, c: u8, d: u8) -> Ipv4Addr {
     Ipv4Addr::new(a, b, c, d)
 }
+
+pub fn counter_dir(rows: &[CounterRow], ifindex: u32, reason: u16, dir: u8) -> Counter {
+    rows.iter()
+        .find(|r| r.key == CounterKey::new(ifindex, reason, dir))
+        .map(|r| r.value)
+        .unwrap_or_default()
+}
+
+/// A TCP server on `addr` in namespace `ns` that answers each of `n` connections with
+/// the address it saw the client at, then closes it. Returns once it listens; joining
+/// gives the addresses seen (fewer than `n` if clients stopped coming for 30 s).
+pub fn tcp_server(ns: &str, addr: &str, n: usize) -> std::thread::JoinHandle<Vec<String>> {
+    use std::io::Write as _;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ns, addr) = (ns.to_owned(), addr.to_owned());
+    let h = std::thread::spawn(move || {
+        vpc_ebpf_tests::netns::run_in(&ns, || {
+            let l = std::net::TcpListener::bind(&addr).expect("bind the server");
+            l.set_nonblocking(true).unwrap();
+            tx.send(()).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let mut seen = Vec::new();
+            while seen.len() < n && std::time::Instant::now() < deadline {
+                match l.accept() {
+                    Ok((mut s, peer)) => {
+                        s.set_nonblocking(false).unwrap();
+                        let _ = s.write_all(peer.to_string().as_bytes());
+                        seen.push(peer.to_string());
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("accept on {addr}: {e}"),
+                }
+            }
+            seen
+        })
+    });
+    rx.recv().expect("server listening");
+    h
+}
+
+/// What a TCP client saw of one exchange with [`tcp_server`].
+#[derive(Debug)]
+pub struct Exchange {
+    /// What the server said: the client address as the server saw it.
+    pub reply: String,
+    pub local: std::net::SocketAddr,
+    /// The address the connection is established with, as the client's kernel sees it.
+    pub peer: std::net::SocketAddr,
+}
+
+/// Connects (from `bind`, when given) to `to` in the calling thread's namespace and reads
+/// the server's answer; connect and read each give up after 3 s.
+pub fn tcp_exchange(
+    bind: Option<Ipv4Addr>,
+    to: std::net::SocketAddrV4,
+) -> std::io::Result<Exchange> {
+    use std::{io::Read as _, os::fd::FromRawFd as _};
+    fn sockaddr(a: std::net::SocketAddrV4) -> libc::sockaddr_in {
+        libc::sockaddr_in {
+            sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap(),
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        }
+    }
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap();
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket we own; the stream closes it.
+    let mut stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let tv = libc::timeval {
+        tv_sec: 3,
+        tv_usec: 0,
+    };
+    // A blocking connect() gives up after SO_SNDTIMEO.
+    // SAFETY: valid fd, option value of the stated size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const tv).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::timeval>()).unwrap(),
+        );
+    }
+    if let Some(b) = bind {
+        let sa = sockaddr(std::net::SocketAddrV4::new(b, 0));
+        // SAFETY: valid fd and address.
+        if unsafe { libc::bind(fd, (&raw const sa).cast(), len) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let sa = sockaddr(to);
+    // SAFETY: valid fd and address.
+    if unsafe { libc::connect(fd, (&raw const sa).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(Exchange {
+        reply,
+        local: stream.local_addr()?,
+        peer: stream.peer_addr()?,
+    })
+}
