@@ -27,6 +27,15 @@ pub struct Config {
     pub ec2_endpoint: Option<String>,
     pub agent_socket: PathBuf,
     pub checkpoint: PathBuf,
+    /// VPC_EBPF_DATAPLANE=false runs IPAM only (pods then get a static gateway ARP entry).
+    pub dataplane: bool,
+    /// VPC_EBPF_PIN_ROOT: bpffs directory of the pinned maps and links.
+    pub pin_root: PathBuf,
+    /// VPC_EBPF_SERVICE_CIDRS: ClusterIP ranges handed to the kernel (kube-proxy);
+    /// default as EKS picks it from the VPC CIDR.
+    pub service_cidrs: Option<Vec<ipnet_lite::Cidr>>,
+    /// VPC_EBPF_NAT_MAX_ENTRIES: size of the NAT table; default from memory.
+    pub nat_max_entries: Option<u32>,
     pub metrics_addr: SocketAddr,
     pub introspection_addr: SocketAddr,
     pub log_level: String,
@@ -138,20 +147,23 @@ impl Reader<'_> {
         tags
     }
 
-    fn snat_exclusions(&mut self) -> Vec<ipnet_lite::Cidr> {
-        let mut exclude_snat_cidrs = Vec::new();
-        if let Some(v) = self.raw("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS") {
-            for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                match part.parse() {
-                    Ok(c) => exclude_snat_cidrs.push(c),
-                    Err(()) => self.problems.push(format!(
-                        "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS: {part:?} is not an IPv4 CIDR such as \
-                         10.10.0.0/16"
-                    )),
-                }
+    fn cidrs(&mut self, key: &str) -> Option<Vec<ipnet_lite::Cidr>> {
+        let v = self.raw(key)?;
+        let mut out = Vec::new();
+        for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.parse() {
+                Ok(c) => out.push(c),
+                Err(()) => self.problems.push(format!(
+                    "{key}: {part:?} is not an IPv4 CIDR such as 10.10.0.0/16"
+                )),
             }
         }
-        exclude_snat_cidrs
+        Some(out)
+    }
+
+    fn snat_exclusions(&mut self) -> Vec<ipnet_lite::Cidr> {
+        self.cidrs("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS")
+            .unwrap_or_default()
     }
 }
 
@@ -251,6 +263,13 @@ impl Config {
                 .raw("VPC_EBPF_CHECKPOINT")
                 .unwrap_or_else(|| crate::ipam::checkpoint::DEFAULT_PATH.into())
                 .into(),
+            dataplane: r.flag("VPC_EBPF_DATAPLANE", true),
+            pin_root: r
+                .raw("VPC_EBPF_PIN_ROOT")
+                .unwrap_or_else(|| crate::dataplane::DEFAULT_PIN_ROOT.into())
+                .into(),
+            service_cidrs: r.cidrs("VPC_EBPF_SERVICE_CIDRS"),
+            nat_max_entries: r.count("VPC_EBPF_NAT_MAX_ENTRIES"),
             metrics_addr: r.addr(
                 "METRICS_BIND_ADDRESS",
                 SocketAddr::from(([127, 0, 0, 1], 61678)),
@@ -295,6 +314,10 @@ impl Config {
             "AWS_EC2_METADATA_SERVICE_ENDPOINT": self.imds_endpoint,
             "VPC_EBPF_AGENT_SOCKET": self.agent_socket,
             "VPC_EBPF_CHECKPOINT": self.checkpoint,
+            "VPC_EBPF_DATAPLANE": self.dataplane,
+            "VPC_EBPF_PIN_ROOT": self.pin_root,
+            "VPC_EBPF_SERVICE_CIDRS": self.service_cidrs.as_ref().map(|v| v.iter().map(ToString::to_string).collect::<Vec<_>>()),
+            "VPC_EBPF_NAT_MAX_ENTRIES": self.nat_max_entries,
             "METRICS_BIND_ADDRESS": self.metrics_addr.to_string(),
             "INTROSPECTION_BIND_ADDRESS": self.introspection_addr.to_string(),
             "AWS_VPC_K8S_CNI_LOGLEVEL": self.log_level,

@@ -5,7 +5,7 @@ use std::{collections::HashMap, net::Ipv4Addr};
 
 use futures_util::TryStreamExt as _;
 use rtnetlink::{
-    Handle, RouteMessageBuilder,
+    Handle, LinkUnspec, RouteMessageBuilder,
     packet_route::{
         link::{LinkAttribute, LinkMessage},
         route::{RouteAddress, RouteAttribute},
@@ -97,6 +97,39 @@ impl Host {
             .filter(|l| !l.mac.is_empty())
             .map(|l| (l.mac.clone(), l))
             .collect())
+    }
+
+    /// Brings a secondary ENI up with its primary address as a `/32`: enough for the
+    /// kernel to ARP for the subnet gateway on it, without a connected route that would
+    /// compete with the primary ENI's.
+    pub async fn ensure_up_with_address(&self, index: u32, ip: Ipv4Addr) -> Result<(), HostError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|source| HostError::Netlink {
+                what: "setting an ENI up",
+                source,
+            })?;
+        let r = self
+            .handle
+            .address()
+            .add(index, std::net::IpAddr::V4(ip), 32)
+            .execute()
+            .await;
+        match r {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(m))
+                if m.code.is_some_and(|c| -c.get() == libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(HostError::Netlink {
+                what: "adding an ENI's address",
+                source,
+            }),
+        }
     }
 
     /// `/32` routes whose interface name starts with `veth_prefix`.

@@ -4,6 +4,7 @@
 pub mod aws;
 pub mod bootstrap;
 pub mod config;
+pub mod datapath;
 pub mod dataplane;
 pub mod host;
 pub mod http;

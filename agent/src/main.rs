@@ -12,6 +12,9 @@ use vpc_ebpf_agent::{
     aws::{ec2::Ec2, imds::Imds},
     bootstrap::{self, StartError},
     config::Config,
+    config::ipnet_lite::Cidr,
+    datapath::{self, Datapath},
+    dataplane::{Dataplane, DataplaneConfig, NodeSpec},
     host::Host,
     http,
     ipam::{checkpoint, store::Store},
@@ -94,7 +97,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ..Settings::default()
     };
     let _ = node_tx.send(Some((node.clone(), settings.clone())));
+    let datapath_task = if config.dataplane {
+        let dp = start_dataplane(&config, &node, &shared).await?;
+        Some(tokio::spawn(datapath::run(
+            dp,
+            shared.clone(),
+            stop.clone(),
+        )))
+    } else {
+        warn!(
+            "VPC_EBPF_DATAPLANE=false: IPAM only; pods get a static gateway ARP entry and the kernel routes their traffic"
+        );
+        None
+    };
+    {
+        let mut st = shared.state.lock().await;
+        st.ready = true;
+        st.not_ready_reason.clear();
+    }
+    shared.pool_changed.notify_one();
     health.set_serving::<CniBackendServer<Backend>>().await;
+    info!("ready");
 
     let reconciler = tokio::spawn(
         Reconciler::new(
@@ -105,6 +128,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             unmanaged,
             metrics.clone(),
         )
+        .with_host(Host::open().context("opening netlink")?)
         .run(stop.clone()),
     );
     let sweeper = tokio::spawn(sweep_recovered(
@@ -118,7 +142,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     shutdown_signal().await;
     info!("stopping; pods and their addresses stay as they are");
     let _ = stop_tx.send(true);
-    for t in [reconciler, sweeper].into_iter().chain(tasks) {
+    for t in [reconciler, sweeper]
+        .into_iter()
+        .chain(datapath_task)
+        .chain(tasks)
+    {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
     let st = shared.state.lock().await;
@@ -179,6 +207,136 @@ async fn serve_early(
     Ok((health, vec![grpc, metrics_task, intro_task]))
 }
 
+fn node_gateway(node: &vpc_ebpf_agent::reconcile::Node) -> anyhow::Result<std::net::Ipv4Addr> {
+    let subnet: Cidr = node.subnet_cidr.parse().map_err(|()| {
+        anyhow::anyhow!(
+            "IMDS gave the subnet CIDR {:?}, not an IPv4 CIDR",
+            node.subnet_cidr
+        )
+    })?;
+    Ok(datapath::gateway_of(subnet))
+}
+
+/// Loads (or re-opens) the dataplane, programs the node and its ENIs, and takes over the
+/// endpoints a previous run programmed: pods that still exist keep flowing, pods deleted
+/// while the agent was down are removed.
+async fn start_dataplane(
+    config: &Config,
+    node: &vpc_ebpf_agent::reconcile::Node,
+    shared: &Shared,
+) -> anyhow::Result<Arc<Datapath>> {
+    let dp = Dataplane::load(&DataplaneConfig {
+        pin_root: config.pin_root.clone(),
+        attach_mode: None,
+        nat_max_entries: config.nat_max_entries,
+    })
+    .context("loading the eBPF dataplane (VPC_EBPF_PIN_ROOT, bpffs, kernel BPF support)")?;
+    let host = Host::open().context("opening netlink")?;
+    let dp = Arc::new(Datapath::new(
+        dp,
+        Host::open().context("opening netlink")?,
+        node_gateway(node)?,
+    ));
+    let links = host.links_by_mac().await.context("listing links")?;
+    let primary = links
+        .get(&node.primary_mac.to_ascii_lowercase())
+        .with_context(|| {
+            format!(
+                "no interface has the primary ENI's MAC {}",
+                node.primary_mac
+            )
+        })?;
+    let vpc: Vec<Cidr> = node
+        .vpc_cidrs
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    let services = config
+        .service_cidrs
+        .clone()
+        .unwrap_or_else(|| vec![datapath::default_service_cidr(&vpc)]);
+    let pairs = |v: &[Cidr]| v.iter().map(|c| (c.addr, c.len)).collect::<Vec<_>>();
+    dp.set_node(&NodeSpec {
+        node_ip: node.primary_ip,
+        primary_eni_ifindex: primary.index,
+        vpc_cidrs: pairs(&vpc),
+        snat_exclusions: pairs(&config.exclude_snat_cidrs),
+        passthrough_cidrs: pairs(&services),
+        external_snat: config.external_snat,
+        snat_ports: datapath::SNAT_PORTS,
+    })
+    .context("programming the node")?;
+    let enis = datapath::store_enis(shared).await;
+    let programmed = dp.sync_enis(&enis).await.context("programming the ENIs")?;
+
+    let (kept, dropped) = adopt_endpoints(&dp, &host, config, shared).await?;
+    info!(
+        enis = programmed,
+        endpoints_kept = kept,
+        endpoints_removed = dropped,
+        "dataplane ready"
+    );
+    let _ = shared.datapath.set(dp.clone());
+    Ok(dp)
+}
+
+/// Endpoints from the previous run: keeps those whose pod still has its address and veth
+/// (re-attaching, which clsact needs), drops the rest. Returns (kept, dropped).
+async fn adopt_endpoints(
+    dp: &Datapath,
+    host: &Host,
+    config: &Config,
+    shared: &Shared,
+) -> anyhow::Result<(usize, usize)> {
+    let routes = host
+        .pod_routes(&config.veth_prefix)
+        .await
+        .context("listing pod routes")?;
+    let links = host.links_by_mac().await.context("listing links")?;
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let mut st = shared.state.lock().await;
+    let assigned: std::collections::HashMap<_, _> = st
+        .store
+        .assignments()
+        .map(|(k, _, ip, _)| (ip, k.clone()))
+        .collect();
+    let (mut kept, mut dropped) = (0, 0);
+    for ep in dp.endpoints().context("reading the endpoints map")? {
+        let route = routes
+            .iter()
+            .find(|r| r.ip == ep.ipv4 && r.ifindex == ep.host_ifindex);
+        let (Some(key), Some(route)) = (assigned.get(&ep.ipv4), route) else {
+            if let Err(e) = dp.remove_endpoint(ep.ipv4) {
+                warn!(ip = %ep.ipv4, error = %e, "could not remove a stale endpoint");
+            }
+            dropped += 1;
+            continue;
+        };
+        if let Err(e) = dp.reprogram(&ep) {
+            warn!(ip = %ep.ipv4, error = %e, "could not re-attach a pod");
+            continue;
+        }
+        st.endpoints.insert(
+            key.clone(),
+            vpc_ebpf_agent::rpc::Endpoint {
+                ipv4: ep.ipv4,
+                host_ifname: route.ifname.clone(),
+                host_ifindex: ep.host_ifindex,
+                host_mac: datapath::link_mac(&links, ep.host_ifindex)
+                    .unwrap_or_else(|| mac(ep.host_mac)),
+                pod_mac: mac(ep.pod_mac),
+            },
+        );
+        kept += 1;
+    }
+    Ok((kept, dropped))
+}
+
 type Started = (
     vpc_ebpf_agent::reconcile::Node,
     Ec2,
@@ -228,10 +386,8 @@ async fn start(config: &Config, shared: &Shared) -> anyhow::Result<Started> {
                 );
                 let mut st = shared.state.lock().await;
                 st.store = restored.store;
-                st.ready = true;
-                st.not_ready_reason.clear();
+                "loading the eBPF dataplane".clone_into(&mut st.not_ready_reason);
                 drop(st);
-                shared.pool_changed.notify_one();
                 return Ok((node, client, restored.unmanaged_indexes, host));
             }
             Err(e) if e.retryable() => {

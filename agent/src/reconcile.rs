@@ -174,6 +174,9 @@ pub struct Reconciler {
     unmanaged_indexes: BTreeSet<u32>,
     next_leak_check: Instant,
     resync_needed: bool,
+    /// When set, a new ENI enters the pool only once its interface is in the kernel, so
+    /// no pod gets an address the node cannot route yet.
+    host: Option<crate::host::Host>,
 }
 
 const IDLE_TICK: Duration = Duration::from_secs(1);
@@ -199,7 +202,33 @@ impl Reconciler {
             unmanaged_indexes,
             next_leak_check: Instant::now(),
             resync_needed: false,
+            host: None,
         }
+    }
+
+    #[must_use]
+    pub fn with_host(mut self, host: crate::host::Host) -> Self {
+        self.host = Some(host);
+        self
+    }
+
+    /// Waits (up to 15 s) for an interface with `mac` to show up in the kernel.
+    async fn wait_for_interface(&self, mac: &str) -> bool {
+        let Some(host) = &self.host else {
+            return true;
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if host
+                .links_by_mac()
+                .await
+                .is_ok_and(|l| l.contains_key(&mac.to_ascii_lowercase()))
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
     }
 
     /// Runs until `stop` turns true.
@@ -413,7 +442,12 @@ impl Reconciler {
             }
             return Err(e);
         }
-        info!(eni = %eni.id, device_index, units, mac = %eni.mac, "attached a new ENI");
+        let t0 = Instant::now();
+        if self.wait_for_interface(&eni.mac).await {
+            info!(eni = %eni.id, device_index, units, mac = %eni.mac, appeared_after = ?t0.elapsed(), "attached a new ENI");
+        } else {
+            warn!(eni = %eni.id, mac = %eni.mac, "attached, but no interface with its MAC appeared in 15 s; using it anyway");
+        }
         let mut st = self.shared.state.lock().await;
         st.store
             .upsert_eni(&eni.id, device_index, &eni.mac, eni.primary_ip);

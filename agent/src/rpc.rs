@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     net::Ipv4Addr,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use vpc_ebpf_rpc::{REASON_KEY, reason, v1};
 
 use crate::{
+    datapath::Datapath,
     ipam::{
         checkpoint,
         pool::Blocked,
@@ -49,6 +50,9 @@ pub struct State {
     pub not_ready_reason: String,
     pub blocked: Option<GrowthBlock>,
     pub endpoints: HashMap<AttachmentKey, Endpoint>,
+    /// hostPorts from the ADD's portMappings, programmed when the endpoint is ready:
+    /// (IP protocol, host port, container port).
+    pub port_mappings: HashMap<AttachmentKey, Vec<(u8, u16, u16)>>,
 }
 
 impl State {
@@ -61,6 +65,7 @@ impl State {
             not_ready_reason: String::new(),
             blocked: None,
             endpoints: HashMap::new(),
+            port_mappings: HashMap::new(),
         }
     }
 }
@@ -74,6 +79,8 @@ pub struct Shared {
     /// Poked by the reconciler when addresses were added, for ADDs waiting on a refill.
     pub pool_grown: Arc<Notify>,
     pub metrics: Arc<Metrics>,
+    /// Set once the dataplane is loaded and the node known; absent in IPAM-only use.
+    pub datapath: Arc<OnceLock<Arc<Datapath>>>,
 }
 
 impl Shared {
@@ -83,6 +90,20 @@ impl Shared {
             pool_changed: Arc::new(Notify::new()),
             pool_grown: Arc::new(Notify::new()),
             metrics,
+            datapath: Arc::new(OnceLock::new()),
+        }
+    }
+
+    pub fn datapath(&self) -> Option<&Arc<Datapath>> {
+        self.datapath.get()
+    }
+
+    /// Takes a pod out of the dataplane; failures are logged, never fail a DEL.
+    fn unprogram(&self, ip: Ipv4Addr) {
+        if let Some(dp) = self.datapath()
+            && let Err(e) = dp.remove_endpoint(ip)
+        {
+            warn!(%ip, error = %e, "removing the pod from the dataplane failed");
         }
     }
 }
@@ -125,6 +146,34 @@ pub fn persist(state: &State) -> Result<(), Status> {
     })
 }
 
+fn port_mappings(p: &[v1::PortMapping]) -> Result<Vec<(u8, u16, u16)>, Status> {
+    p.iter()
+        .map(|m| {
+            let proto = match v1::Protocol::try_from(m.protocol) {
+                Ok(v1::Protocol::Tcp) => 6,
+                Ok(v1::Protocol::Udp) => 17,
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "portMapping {}: protocol must be tcp or udp",
+                        m.host_port
+                    )));
+                }
+            };
+            let port = |v: u32, what: &str| {
+                u16::try_from(v)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| Status::invalid_argument(format!("{what} {v} is not a port")))
+            };
+            Ok((
+                proto,
+                port(m.host_port, "hostPort")?,
+                port(m.container_port, "containerPort")?,
+            ))
+        })
+        .collect()
+}
+
 pub struct Backend {
     pub shared: Shared,
 }
@@ -137,6 +186,7 @@ impl v1::cni_backend_server::CniBackend for Backend {
     ) -> Result<Response<v1::AddNetworkReply>, Status> {
         let req = req.into_inner();
         let key = key(req.attachment)?;
+        let ports = port_mappings(&req.port_mappings)?;
         let pod = req.pod.map_or_else(PodMeta::default, |p| PodMeta {
             namespace: p.namespace,
             name: p.name,
@@ -174,6 +224,11 @@ impl v1::cni_backend_server::CniBackend for Backend {
         };
         match result {
             Ok(a) => {
+                if ports.is_empty() {
+                    st.port_mappings.remove(&key);
+                } else {
+                    st.port_mappings.insert(key.clone(), ports);
+                }
                 if !a.existing {
                     if let Err(e) = persist(&st) {
                         // Not on disk, so not given: undo rather than risk a double handout.
@@ -243,6 +298,43 @@ impl v1::cni_backend_server::CniBackend for Backend {
                 "the agent has not given {ipv4} to this attachment"
             )));
         }
+        let mut arp_answered = false;
+        if let Some(dp) = self.shared.datapath() {
+            let eni = st
+                .store
+                .assignments()
+                .find(|(k, ..)| **k == key)
+                .map(|(.., e)| e.id.clone())
+                .unwrap_or_default();
+            if dp.eni_ifindex(&eni).is_none() {
+                // The ENI was attached moments ago: program it now rather than fail.
+                let enis: Vec<_> = st
+                    .store
+                    .enis()
+                    .map(|e| (e.id.clone(), e.device_index, e.mac.clone(), e.primary_ip))
+                    .collect();
+                if let Err(e) = dp.sync_enis(&enis).await {
+                    warn!(error = %e, "ENI sync for a new pod failed");
+                }
+            }
+            dp.upsert_endpoint(ipv4, &eni, req.host_ifindex, &req.host_mac, &req.pod_mac)
+                .map_err(|e| {
+                    // Most often a brand-new ENI not yet up in the kernel: try again.
+                    let mut s = Status::unavailable(format!(
+                        "the dataplane could not take {ipv4} on {}: {e}",
+                        req.host_ifname
+                    ));
+                    s.metadata_mut().insert(
+                        REASON_KEY,
+                        MetadataValue::from_static(reason::POOL_REFILLING),
+                    );
+                    s
+                })?;
+            let ports = st.port_mappings.get(&key).cloned().unwrap_or_default();
+            dp.set_hostports(ipv4, &ports)
+                .map_err(|e| Status::invalid_argument(format!("hostPorts of {ipv4}: {e}")))?;
+            arp_answered = true;
+        }
         st.endpoints.insert(
             key,
             Endpoint {
@@ -253,7 +345,7 @@ impl v1::cni_backend_server::CniBackend for Backend {
                 pod_mac: req.pod_mac,
             },
         );
-        Ok(Response::new(v1::EndpointReadyReply {}))
+        Ok(Response::new(v1::EndpointReadyReply { arp_answered }))
     }
 
     async fn del_network(
@@ -264,8 +356,10 @@ impl v1::cni_backend_server::CniBackend for Backend {
         self.shared.metrics.del_requests.inc();
         let mut st = self.shared.state.lock().await;
         st.endpoints.remove(&key);
+        st.port_mappings.remove(&key);
         let released = st.store.release(&key, now_ms());
         if let Some(ip) = released {
+            self.shared.unprogram(ip);
             persist(&st)?;
             info!(%ip, container = %key.container_id, "released into cooldown");
             self.shared.pool_changed.notify_one();
@@ -288,7 +382,12 @@ impl v1::cni_backend_server::CniBackend for Backend {
                 .lookup(&key)
                 .map(|ip| ip.to_string())
                 .unwrap_or_default(),
-            dataplane_attached: ep.is_some(),
+            dataplane_attached: match (self.shared.datapath(), st.store.lookup(&key)) {
+                (Some(dp), Some(ip)) => dp.endpoint_attached(ip),
+                // No dataplane (IPAM-only): the endpoint report is all there is.
+                (None, _) => ep.is_some(),
+                (Some(_), None) => false,
+            },
             host_ifname: ep.map(|e| e.host_ifname.clone()).unwrap_or_default(),
         }))
     }
@@ -349,9 +448,11 @@ impl v1::cni_backend_server::CniBackend for Backend {
         let mut released_ipv4 = Vec::new();
         for k in &stale {
             if let Some(ip) = st.store.release(k, now) {
+                self.shared.unprogram(ip);
                 released_ipv4.push(ip.to_string());
             }
             st.endpoints.remove(k);
+            st.port_mappings.remove(k);
         }
         if !stale.is_empty() {
             persist(&st)?;

@@ -177,7 +177,7 @@ async fn build_and_report(
     )
     .await
     .map_err(|e| netlink_error("setting up the pod's interfaces", &e))?;
-    agent
+    let ready = agent
         .endpoint_ready(v1::EndpointReadyRequest {
             attachment: Some(att.clone()),
             ipv4: ip.to_string(),
@@ -187,7 +187,13 @@ async fn build_and_report(
             pod_mac: built.pod_mac.clone(),
         })
         .await
-        .map_err(|s| agent::map_status("ADD (endpoint ready)", &s))?;
+        .map_err(|s| agent::map_status("ADD (endpoint ready)", &s))?
+        .into_inner();
+    if !ready.arp_answered {
+        netlink::add_gateway_neighbour(sockets, &env.ifname, &built.host_mac_bytes)
+            .await
+            .map_err(|e| netlink_error("adding the gateway neighbour", &e))?;
+    }
     info!(%ip, host_ifname, "pod network ready");
     Ok(AddResult {
         host_ifname: host_ifname.to_owned(),

@@ -178,6 +178,7 @@ pub struct PodNetwork<'a> {
 
 pub struct Built {
     pub host_ifindex: u32,
+    pub host_mac_bytes: [u8; 6],
     pub host_mac: String,
     pub pod_mac: String,
 }
@@ -213,7 +214,7 @@ pub async fn build(s: &Sockets, p: &PodNetwork<'_>) -> Result<Built, NetlinkErro
         .await
         .map_err(op(format!("setting {} up", p.host_ifname)))?;
 
-    configure_pod(s, p, &host_mac).await?;
+    configure_pod(s, p).await?;
     s.host
         .route()
         .add(
@@ -229,18 +230,15 @@ pub async fn build(s: &Sockets, p: &PodNetwork<'_>) -> Result<Built, NetlinkErro
         .map_err(op(format!("adding the host route to {}", p.ip)))?;
     Ok(Built {
         host_ifindex,
+        host_mac_bytes: host_mac,
         host_mac: mac_string(&host_mac),
         pod_mac: mac_string(&pod_mac),
     })
 }
 
-/// Inside the pod: lo and the interface up, the /32, the gateway and default routes, and
-/// the gateway's neighbour entry.
-async fn configure_pod(
-    s: &Sockets,
-    p: &PodNetwork<'_>,
-    host_mac: &[u8; 6],
-) -> Result<(), NetlinkError> {
+/// Inside the pod: lo and the interface up, the /32, the gateway and default routes. The
+/// gateway's ARP is answered by the dataplane.
+async fn configure_pod(s: &Sockets, p: &PodNetwork<'_>) -> Result<(), NetlinkError> {
     let pod = link_by_name(&s.pod, p.pod_ifname)
         .await?
         .ok_or_else(|| NetlinkError::Missing(format!("pod interface {} missing", p.pod_ifname)))?;
@@ -289,10 +287,22 @@ async fn configure_pod(
         .execute()
         .await
         .map_err(op("adding the default route in the pod"))?;
-    // Until the dataplane answers ARP for the gateway, a permanent entry does.
+    Ok(())
+}
+
+/// A permanent neighbour entry for the gateway in the pod: only for an agent without a
+/// dataplane, which would otherwise leave the pod's ARP for 169.254.1.1 unanswered.
+pub async fn add_gateway_neighbour(
+    s: &Sockets,
+    pod_ifname: &str,
+    host_mac: &[u8; 6],
+) -> Result<(), NetlinkError> {
+    let pod = link_by_name(&s.pod, pod_ifname)
+        .await?
+        .ok_or_else(|| NetlinkError::Missing(format!("pod interface {pod_ifname} missing")))?;
     s.pod
         .neighbours()
-        .add(pod_ifindex, IpAddr::V4(gw))
+        .add(pod.header.index, IpAddr::V4(GATEWAY_IP))
         .link_layer_address(host_mac)
         .state(NeighbourState::Permanent)
         .replace()

@@ -56,6 +56,11 @@ impl LabAgent {
                 dir.join("ipam.json").display().to_string(),
             ),
             ("VPC_EBPF_LOG".into(), "info,vpc_ebpf_agent=debug".into()),
+            // Each node's pins apart, as each EC2 instance has its own bpffs.
+            (
+                "VPC_EBPF_PIN_ROOT".into(),
+                format!("/sys/fs/bpf/vpc-ebpf-lab/{}-node{node}", lab.prefix),
+            ),
         ];
         all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let mut a = Self {
@@ -176,5 +181,9 @@ impl LabAgent {
 impl Drop for LabAgent {
     fn drop(&mut self) {
         self.kill9();
+        // The pinned maps and links of this node go with it (bpffs allows rm -r).
+        if let Some((_, root)) = self.env.iter().find(|(k, _)| k == "VPC_EBPF_PIN_ROOT") {
+            let _ = std::fs::remove_dir_all(root);
+        }
     }
 }

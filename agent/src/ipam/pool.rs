@@ -199,8 +199,35 @@ pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, enis: &[EniUsage]) 
             .filter(|e| e.device_index != 0 && e.units == 0 && e.assigned == 0 && e.cooling == 0)
             .max_by_key(|e| e.device_index)
             .map(|e| e.device_index);
+        if out.release_eni.is_none() {
+            consolidate(&mut out, enis, cap, max_enis);
+        }
     }
     out
+}
+
+/// Cooldowns end in any order, so releases can leave the pool spread thinly over several
+/// ENIs. When the highest idle secondary ENI's units fit on the ENIs below it, move them
+/// there: add the units below now; the next plans release the idle ENI's (now excess)
+/// units and then the empty ENI. Only idle ENIs (nothing assigned or cooling) move, so
+/// this never disturbs a pod and converges.
+fn consolidate(out: &mut Plan, enis: &[EniUsage], cap: u32, max_enis: u32) {
+    let Some(idle) = enis
+        .iter()
+        .filter(|e| e.device_index != 0 && e.units > 0 && e.assigned == 0 && e.cooling == 0)
+        .max_by_key(|e| e.device_index)
+    else {
+        return;
+    };
+    let below: Vec<EniUsage> = enis
+        .iter()
+        .filter(|e| e.device_index < idle.device_index)
+        .copied()
+        .collect();
+    let room: u32 = below.iter().map(|e| cap.saturating_sub(e.units)).sum();
+    if room >= idle.units {
+        place(out, &below, cap, max_enis, idle.units, false);
+    }
 }
 
 /// Fills attached ENIs (lowest device index first), then attaches new ones. In warm-ENI
@@ -254,6 +281,43 @@ fn surplus_eni(enis: &[EniUsage], want: u32, cap: u32, available: u32) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pool_spread_over_idle_enis_is_consolidated() {
+        let t = Targets {
+            warm_ip: Some(3),
+            minimum_ip: Some(8),
+            ..Targets::default()
+        };
+        // 8 free addresses as 3 + 3 + 2 after uneven cooldowns.
+        let spread = [eni(0, 3, 0), eni(1, 3, 0), eni(2, 2, 0)];
+        let p = plan(Mode::SecondaryIp, &t, M5, &spread);
+        assert_eq!(
+            p.grow,
+            vec![Step::Assign {
+                device_index: 0,
+                units: 2
+            }]
+        );
+        // Then the excess goes from the top ENI, then the empty ENI.
+        let p = plan(
+            Mode::SecondaryIp,
+            &t,
+            M5,
+            &[eni(0, 5, 0), eni(1, 3, 0), eni(2, 2, 0)],
+        );
+        assert_eq!((p.grow.len(), p.release_units), (0, 2));
+        let p = plan(
+            Mode::SecondaryIp,
+            &t,
+            M5,
+            &[eni(0, 5, 0), eni(1, 3, 0), eni(2, 0, 0)],
+        );
+        assert_eq!(p.release_eni, Some(2));
+        // An ENI with a pod on it stays where it is.
+        let p = plan(Mode::SecondaryIp, &t, M5, &[eni(0, 3, 0), eni(1, 8, 1)]);
+        assert!(p.grow.is_empty() && p.release_eni.is_none(), "{p:?}");
+    }
 
     #[test]
     fn an_eni_emptied_by_ip_targets_is_released() {
