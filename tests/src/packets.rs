@@ -92,6 +92,17 @@ pub fn icmp_echo(id: u16, seq: u16) -> Vec<u8> {
     i
 }
 
+/// An ICMP error (`ty` 3 destination unreachable, 11 time exceeded, ...) quoting
+/// `quoted` (the offending packet's IPv4 header and as much of the rest as wanted), with
+/// its checksum.
+pub fn icmp_error(ty: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut i = vec![ty, code, 0, 0, 0, 0, 0, 0];
+    i.extend_from_slice(quoted);
+    let c = checksum(&i);
+    i[2..4].copy_from_slice(&c.to_be_bytes());
+    i
+}
+
 /// ARP who-has `target` from `sender`.
 pub fn arp_request(sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
     let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];

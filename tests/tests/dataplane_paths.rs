@@ -771,3 +771,143 @@ fn conntrack_gc_expires_idle_flows_in_pairs() {
         assert!(n.dp.nat_entries().unwrap().is_empty());
     });
 }
+
+/// The IPv4 packet quoted by the ICMP error inside Ethernet frame `f`.
+fn quoted(f: &[u8]) -> &[u8] {
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    &f[14 + ihl + 8..]
+}
+
+/// Asserts the checksums of an ICMP error frame: outer IPv4, ICMP over the whole
+/// message, the quoted IPv4 header, and the quoted L4 checksum when the quote is whole.
+fn assert_error_checksums(f: &[u8]) {
+    packets::assert_checksums(f);
+    let q = quoted(f);
+    let ihl = usize::from(q[0] & 0x0f) * 4;
+    assert_eq!(
+        packets::checksum(&q[..ihl]),
+        0,
+        "quoted IPv4 header checksum"
+    );
+    let whole = usize::from(u16::from_be_bytes([q[2], q[3]])) == q.len();
+    if whole && !(q[9] == 17 && q[ihl + 6..ihl + 8] == [0, 0]) {
+        assert_eq!(packets::l4_checksum(q), 0, "quoted L4 checksum of {q:02x?}");
+    }
+}
+
+/// (protocol, L4 of the flow as the pod sends it, how many bytes of the translated packet
+/// the error quotes (all: `None`), ICMP type, code)
+type ErrorCase = (u8, Vec<u8>, Option<usize>, u8, u8);
+
+#[test]
+fn icmp_errors_about_snated_flows_are_translated_back_to_the_pod() {
+    let pins = PinRoot::new("icmperr");
+    let ns = NetNs::new("icmperr");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let ext = Ipv4Addr::from(INTERNET);
+        let router = ip(198, 51, 100, 1);
+        let cases: [ErrorCase; 5] = [
+            // UDP, quoted whole: the quoted UDP checksum must follow.
+            (17, packets::udp(40000, 53, b"query"), None, 3, 3),
+            // UDP quoted with the RFC 792 minimum: IPv4 header and 8 bytes.
+            (17, packets::udp(40001, 53, b"query"), Some(28), 11, 0),
+            // TCP quoted whole (its checksum is updated) and cut at 8 bytes (it is not
+            // there to update).
+            (6, packets::tcp(40002, 443, 0x02), None, 3, 4),
+            (6, packets::tcp(40003, 443, 0x02), Some(28), 11, 0),
+            // Our own echo request: the identifier is translated back.
+            (1, packets::icmp_echo(0x4242, 9), None, 3, 1),
+        ];
+        for (proto, l4, cut, ty, code) in cases {
+            let f = from_a(&v4(POD_A, ext, proto, &l4));
+            let (v, sent, r) = run(&mut n.dp, FROM_POD, &f);
+            assert_eq!((v, r), (REDIRECT, reason::FWD_SNAT));
+            let sent_ip = &sent[14..];
+            let q = &sent_ip[..cut.unwrap_or(sent_ip.len())];
+            let err = from_vpc(&v4(router, NODE_IP, 1, &packets::icmp_error(ty, code, q)));
+            let (v, out, r) = run(&mut n.dp, FROM_ENI, &err);
+            let what = format!("proto {proto} type {ty} quoting {} bytes", q.len());
+            assert_eq!((v, r), (REDIRECT, reason::FWD_ICMP_ERROR_NAT), "{what}");
+            assert_eq!((src_of(&out), dst_of(&out)), (router, POD_A), "{what}");
+            assert_eq!(&out[0..6], &A_MAC);
+            assert_eq!(ttl_of(&out), 63);
+            assert_eq!(out.len(), err.len());
+            let back = quoted(&out);
+            assert_eq!(&back[12..16], &POD_A.octets(), "quoted source: {what}");
+            assert_eq!(&back[16..20], &INTERNET, "quoted destination kept: {what}");
+            // The quote now reads as the packet the pod sent (TTL aside: it was
+            // decremented on the way out).
+            let orig = &f[14..];
+            let port = if proto == 1 { 24..26 } else { 20..22 };
+            assert_eq!(&back[port.clone()], &orig[port], "pod's port: {what}");
+            if cut.is_none() {
+                assert_eq!(&back[20..], &orig[20..], "whole quoted L4 as sent: {what}");
+            }
+            assert_error_checksums(&out);
+            // The translation touched nothing but the outer destination, TTL, MACs and the
+            // quote.
+            assert_eq!(&out[12..22], &err[12..22]);
+            assert_eq!(&out[26..30], &err[26..30]);
+            assert_eq!(&out[34..36], &err[34..36], "ICMP type and code");
+        }
+    });
+}
+
+#[test]
+fn icmp_errors_about_unknown_flows_or_cut_short_pass_unchanged() {
+    let pins = PinRoot::new("icmpunk");
+    let ns = NetNs::new("icmpunk");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let ext = Ipv4Addr::from(INTERNET);
+        let router = ip(198, 51, 100, 1);
+        let f = from_a(&v4(POD_A, ext, 17, &packets::udp(40000, 53, b"query")));
+        let (_, sent, _) = run(&mut n.dp, FROM_POD, &f);
+        let sent = sent[14..].to_vec();
+        let unknown = v4(NODE_IP, ext, 17, &packets::udp(61234, 53, b"query"));
+        let not_from_node = v4(ip(10, 0, 0, 99), ext, 17, &packets::udp(61000, 53, b"q"));
+        let later_fragment = {
+            let mut p = sent.clone();
+            p[6..8].copy_from_slice(&0x0010u16.to_be_bytes());
+            p
+        };
+        let bad_ihl = {
+            let mut p = sent.clone();
+            p[0] = 0x43;
+            p
+        };
+        let long_ihl = {
+            let mut p = sent.clone();
+            p[0] = 0x4f;
+            p
+        };
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("no such flow", unknown),
+            ("quote not from the node", not_from_node),
+            ("quoted later fragment", later_fragment),
+            ("quoted IHL 3", bad_ihl[..28].to_vec()),
+            ("quoted IHL past the end", long_ihl[..28].to_vec()),
+            ("quoted L4 cut at 4 bytes", sent[..24].to_vec()),
+            ("quoted IPv4 cut at 12 bytes", sent[..12].to_vec()),
+            ("nothing quoted", vec![]),
+        ];
+        for (what, q) in &cases {
+            let err = from_vpc(&v4(router, NODE_IP, 1, &packets::icmp_error(3, 3, q)));
+            let (v, out, r) = run(&mut n.dp, FROM_ENI, &err);
+            assert_eq!((v, r), (PASS, reason::PASS_ICMP_ERROR_UNKNOWN), "{what}");
+            assert_eq!(&out, &err, "{what}: unchanged");
+        }
+        // Not an error: the kernel's, as before.
+        let mut ts = vec![13, 0, 0, 0, 0, 1, 0, 1];
+        ts.extend_from_slice(&[0; 12]);
+        let f = from_vpc(&v4(router, NODE_IP, 1, &ts));
+        let (v, out, r) = run(&mut n.dp, FROM_ENI, &f);
+        assert_eq!((v, r, out), (PASS, reason::PASS_NOT_FOR_POD, f));
+        // An error about a flow whose pod is gone: the kernel's.
+        let err = from_vpc(&v4(router, NODE_IP, 1, &packets::icmp_error(3, 3, &sent)));
+        n.dp.remove_endpoint(POD_A).unwrap();
+        let (v, out, r) = run(&mut n.dp, FROM_ENI, &err);
+        assert_eq!((v, r, out), (PASS, reason::PASS_NAT_STALE, err));
+    });
+}

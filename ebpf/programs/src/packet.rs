@@ -14,8 +14,9 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// Longest header chain the programs read: Ethernet + IPv4 with options + TCP with options.
-const MAX_HEADERS: u32 = 14 + 60 + 60;
+/// Longest header chain the programs read: Ethernet + IPv4 with options + TCP with
+/// options, or an ICMP error quoting IPv4 with options and a TCP header up to its checksum.
+const MAX_HEADERS: u32 = 14 + 60 + 8 + 60 + 18;
 const _: () = assert!(EthHdr::LEN == 14);
 
 /// Returns a pointer to a `T` at `offset` into the packet, or `Err` when the packet's
