@@ -613,3 +613,103 @@ fn kube_proxy_flows_go_back_through_the_host_stack_with_tcx() {
 fn kube_proxy_flows_go_back_through_the_host_stack_with_clsact() {
     kube_proxy_paths(AttachMode::Clsact);
 }
+
+/// A UDP server in `ns` answering each of `n` datagrams with the address it came from.
+fn udp_server(ns: &NetNs, addr: &str, n: usize) -> std::thread::JoinHandle<Vec<String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ns, addr) = (ns.name().to_owned(), addr.to_owned());
+    let h = std::thread::spawn(move || {
+        vpc_ebpf_tests::netns::run_in(&ns, || {
+            let s = UdpSocket::bind(&addr).expect("bind the UDP server");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            tx.send(()).unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 64];
+            while seen.len() < n {
+                let Ok((_, from)) = s.recv_from(&mut buf) else {
+                    break;
+                };
+                s.send_to(from.to_string().as_bytes(), from).unwrap();
+                seen.push(from.to_string());
+            }
+            seen
+        })
+    });
+    rx.recv().expect("UDP server bound");
+    h
+}
+
+/// Sends one datagram from `bind` to `to` and returns (answer, who answered, our address).
+fn udp_exchange(bind: &str, to: &str) -> (String, String, String) {
+    let s = UdpSocket::bind(format!("{bind}:0")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.send_to(b"hello", to).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = s
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("no answer from {to}: {e}"));
+    (
+        String::from_utf8_lossy(&buf[..n]).into_owned(),
+        from.to_string(),
+        s.local_addr().unwrap().to_string(),
+    )
+}
+
+fn hostport_paths(mode: AttachMode) {
+    let tag = format!("hp{}", if mode == AttachMode::Tcx { "x" } else { "c" });
+    let pins = PinRoot::new(&tag);
+    let lab = lab(&tag);
+    let mut dp = describe(&lab, &pins, mode);
+    // Pod A (owned by the secondary ENI) publishes TCP 8080 → 8081 and UDP 5353 → 5300.
+    dp.set_hostports(ip(10, 0, 1, 5), &[(6, 8080, 8081), (17, 5353, 5300)])
+        .unwrap();
+    let (hva, eni0) = lab.node.run(|| (ifindex("hva"), ifindex("eni0")));
+
+    let tcp = tcp_server(lab.pa.name(), &format!("{POD_A}:8081"), 3);
+    let udp = udp_server(&lab.pa, &format!("{POD_A}:5300"), 2);
+    // From a VPC host and from the internet, to the node address: the pod sees the real
+    // client, the client sees the node address and the hostPort answer.
+    for client in [VPC_HOST, INTERNET] {
+        let x = lab
+            .vpc
+            .run(|| tcp_exchange(Some(client.parse().unwrap()), sock("10.0.0.10", 8080)))
+            .unwrap_or_else(|e| panic!("TCP hostPort from {client}: {e}"));
+        assert_eq!(x.peer.to_string(), "10.0.0.10:8080");
+        assert_eq!(x.reply, x.local.to_string(), "pod A saw {client} itself");
+        let (answer, from, me) = lab.vpc.run(|| udp_exchange(client, "10.0.0.10:5353"));
+        assert_eq!(from, "10.0.0.10:5353", "UDP answer from the hostPort");
+        assert_eq!(answer, me, "pod A saw {client} itself");
+    }
+    // From pod B on the same node, through the node address.
+    let x = lab
+        .pb
+        .run(|| tcp_exchange(None, sock("10.0.0.10", 8080)))
+        .expect("TCP hostPort from pod B");
+    assert_eq!(x.peer.to_string(), "10.0.0.10:8080");
+    assert_eq!(x.reply, x.local.to_string());
+    assert_eq!(tcp.join().unwrap().len(), 3);
+    assert_eq!(udp.join().unwrap().len(), 2);
+
+    let rows = dp.counters().unwrap();
+    // Two TCP handshakes + data + two datagrams from outside, at least.
+    assert!(counter(&rows, eni0, reason::FWD_HOSTPORT_DNAT).packets >= 6);
+    assert!(counter(&rows, hva, reason::FWD_HOSTPORT_REPLY).packets >= 6);
+    assert_eq!(counter(&rows, hva, reason::DROP_NO_ENI).packets, 0);
+
+    // Withdrawn: nothing listens on the node's own 8080, so the connection is refused.
+    dp.set_hostports(ip(10, 0, 1, 5), &[]).unwrap();
+    let refused = lab
+        .vpc
+        .run(|| tcp_exchange(Some(VPC_HOST.parse().unwrap()), sock("10.0.0.10", 8080)));
+    assert!(refused.is_err(), "{refused:?}");
+}
+
+#[test]
+fn hostports_reach_the_pod_and_answer_from_the_node_address_with_tcx() {
+    hostport_paths(AttachMode::Tcx);
+}
+
+#[test]
+fn hostports_reach_the_pod_and_answer_from_the_node_address_with_clsact() {
+    hostport_paths(AttachMode::Clsact);
+}
