@@ -53,6 +53,9 @@ async fn metrics(ctx: &Context) -> Response<Full<Bytes>> {
             refresh_gauges(&st, &ctx.shared.metrics, node.limits, &settings);
         }
     }
+    if let Some(dp) = ctx.shared.datapath() {
+        dp.export_counters(&ctx.shared.metrics);
+    }
     reply(
         StatusCode::OK,
         "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -231,6 +231,16 @@ async fn start_dataplane(
         nat_max_entries: config.nat_max_entries,
     })
     .context("loading the eBPF dataplane (VPC_EBPF_PIN_ROOT, bpffs, kernel BPF support)")?;
+    // What the programs hand to the kernel (Service traffic kube-proxy DNATs to another
+    // node, pod traffic to the node's other addresses) is forwarded by it.
+    match std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward") {
+        Ok(v) if v.trim() == "1" => {}
+        _ => {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+                .context("enabling net.ipv4.ip_forward (the agent needs CAP_NET_ADMIN and a writable /proc/sys)")?;
+            info!("enabled net.ipv4.ip_forward");
+        }
+    }
     let host = Host::open().context("opening netlink")?;
     let dp = Arc::new(Datapath::new(
         dp,

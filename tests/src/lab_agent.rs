@@ -86,8 +86,11 @@ impl LabAgent {
             .open(&self.log)
             .unwrap();
         self.starts += 1;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.node_ns])
+        // nsenter, not `ip netns exec`: the latter gives the process a private mount
+        // namespace with a fresh /sys, so its bpffs pins would die with it, unlike on a
+        // node where /sys/fs/bpf is the host's (a hostPath volume in Kubernetes).
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node_ns))
             .arg(agent_path())
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")

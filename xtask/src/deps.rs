@@ -18,6 +18,10 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ctr", "containerd"),
     ("runc", "runc"),
     ("busybox", "busybox-static"),
+    // tests/tests/lab_dataplane.rs: proves the dataplane installs no netfilter rules and
+    // that same-node pod traffic never crosses the node's FORWARD chain.
+    ("iptables", "iptables"),
+    ("nft", "nftables"),
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.10.0";

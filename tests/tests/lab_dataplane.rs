@@ -1,0 +1,197 @@
+//! The packet paths end to end in the lab: two nodes running the real agent (IPAM and
+//! eBPF dataplane), pods made by the real plugin, traffic through the lab's VPC router
+//! (which drops packets leaving by an ENI that does not own their source) and internet.
+
+use std::{process::Command, time::Duration};
+
+use vpc_ebpf_tests::{
+    cni::{Call, conf},
+    lab::Lab,
+    lab_agent::LabAgent,
+    netns::{NetNs, run},
+};
+
+struct Pod {
+    ns: NetNs,
+    ip: String,
+}
+
+fn sh(ns: &str, argv: &[&str]) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(argv)
+        .output()
+        .expect("ip netns exec");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn ping(from: &str, to: &str) -> bool {
+    sh(from, &["ping", "-c", "2", "-i", "0.2", "-W", "2", to]).0
+}
+
+fn add_pods(agent: &LabAgent, dir: &std::path::Path, tag: &str, n: usize) -> Vec<Pod> {
+    (0..n)
+        .map(|i| {
+            let ns = NetNs::new(&format!("{tag}{i}"));
+            let out = Call {
+                node_ns: agent.node_ns.clone(),
+                command: "ADD".into(),
+                container_id: format!("{tag}-{i}"),
+                netns: format!("/run/netns/{}", ns.name()),
+                ifname: "eth0".into(),
+                args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={tag}-{i}"),
+                conf: conf("1.0.0", &agent.socket(), &dir.join("plugin.log")),
+            }
+            .run();
+            assert!(
+                out.ok,
+                "ADD {tag}-{i}: {}\n{}",
+                out.stdout,
+                agent.log_text()
+            );
+            let ip = out.json()["ips"][0]["address"]
+                .as_str()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .to_owned();
+            Pod { ns, ip }
+        })
+        .collect()
+}
+
+fn forward_packets(node_ns: &str) -> u64 {
+    let (_, out) = sh(node_ns, &["iptables", "-L", "FORWARD", "-v", "-n", "-x"]);
+    // The test's own counting rule: "pkts bytes target ..." then one line per rule.
+    out.lines()
+        .find(|l| l.contains("vpc-ebpf-test-count"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no counting rule in:\n{out}"))
+}
+
+#[test]
+#[allow(clippy::too_many_lines)] // one walk through every path, in the order a reader checks them
+fn every_packet_path() {
+    let lab = Lab::up("dp", 2);
+    let dir = std::env::temp_dir().join(format!("vpc-ebpf-dp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // Node 1 holds more than its primary ENI can (9 pod addresses on m5.large), so a
+    // second ENI is attached and the tenth pod gets an address from it.
+    let mut a1 = LabAgent::start(
+        &lab,
+        1,
+        &dir.join("node1"),
+        &[("MINIMUM_IP_TARGET", "12"), ("WARM_IP_TARGET", "2")],
+    );
+    let mut a2 = LabAgent::start(&lab, 2, &dir.join("node2"), &[("WARM_IP_TARGET", "2")]);
+    a1.wait_ready(Duration::from_secs(30));
+    a2.wait_ready(Duration::from_secs(30));
+    let node1 = a1.node_ns.clone();
+    let p = add_pods(&a1, &dir, "dpa", 10);
+    let q = add_pods(&a2, &dir, "dpb", 1);
+    let assignments = a1.introspect("/v1/assignments").unwrap();
+    let on_secondary: Vec<&str> = assignments["assignments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["device_index"] != 0)
+        .map(|a| a["ip"].as_str().unwrap())
+        .collect();
+    assert_eq!(on_secondary, [p[9].ip.as_str()], "{assignments}");
+
+    // Nothing of ours in netfilter, and no static ARP in the pods.
+    let (_, rules) = sh(&node1, &["nft", "list", "ruleset"]);
+    assert!(rules.trim().is_empty(), "node netfilter ruleset:\n{rules}");
+    let (_, neigh) = sh(p[0].ns.name(), &["ip", "neigh", "show", "169.254.1.1"]);
+    assert!(
+        !neigh.contains("PERMANENT"),
+        "static gateway entry: {neigh}"
+    );
+
+    // A counting rule of the test's own, to see what crosses the node's FORWARD chain.
+    run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &node1,
+        "iptables",
+        "-A",
+        "FORWARD",
+        "-m",
+        "comment",
+        "--comment",
+        "vpc-ebpf-test-count",
+    ]));
+
+    assert!(ping(p[0].ns.name(), &p[1].ip), "pod -> pod, same node");
+    assert_eq!(
+        forward_packets(&node1),
+        0,
+        "same-node pod traffic went through the host's FORWARD chain"
+    );
+    assert!(ping(p[0].ns.name(), &q[0].ip), "pod -> pod, across nodes");
+    assert!(
+        ping(p[9].ns.name(), &q[0].ip),
+        "pod on the secondary ENI -> other node (must leave by its own ENI)"
+    );
+    assert!(
+        ping(q[0].ns.name(), &p[9].ip),
+        "other node -> pod on the secondary ENI"
+    );
+    let internet = lab.str("public_test_ip").to_owned();
+    assert!(
+        ping(p[0].ns.name(), &internet),
+        "pod -> internet through SNAT"
+    );
+    assert!(
+        ping(p[9].ns.name(), &internet),
+        "secondary-ENI pod -> internet through SNAT"
+    );
+    assert!(ping(&node1, &p[0].ip), "node -> pod (kubelet probe)");
+    assert_eq!(
+        forward_packets(&node1),
+        0,
+        "pod traffic went through the host's FORWARD chain"
+    );
+    // The counter counts: traffic the programs hand to the kernel (a Service address no
+    // kube-proxy answers here) does cross FORWARD.
+    let _ = ping(p[0].ns.name(), "172.20.0.10");
+    assert!(
+        forward_packets(&node1) > 0,
+        "the FORWARD counter never counts"
+    );
+
+    // The dataplane counted what it did.
+    let metrics = a1.get(61678, "/metrics").unwrap_or_default();
+    eprintln!(
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("vpc_ebpf_dataplane_packets_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // kill -9 the agent: the pinned programs keep forwarding; a new agent takes over.
+    a1.kill9();
+    assert!(
+        ping(p[0].ns.name(), &q[0].ip),
+        "traffic with the agent down"
+    );
+    a1.restart();
+    a1.wait_ready(Duration::from_secs(30));
+    assert!(
+        ping(p[0].ns.name(), &p[1].ip),
+        "after the restart, same node"
+    );
+    let log = a1.log_text();
+    assert!(
+        log.contains("endpoints_kept=10"),
+        "the restarted agent did not adopt the 10 pods:\n{log}"
+    );
+    drop(a2);
+}
