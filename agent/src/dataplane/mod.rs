@@ -14,6 +14,7 @@ mod bpffs;
 mod conntrack;
 mod counters;
 mod error;
+mod layout;
 mod maps;
 mod spec;
 
@@ -151,6 +152,7 @@ pub struct Dataplane {
     mode: AttachMode,
     attached: HashMap<(String, Hook), (&'static str, SchedClassifierLinkId)>,
     links: attach::Attachments,
+    replaced: Vec<&'static str>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -177,6 +179,7 @@ impl Dataplane {
             Some(n) => n,
             None => conntrack::entries_for_memory(conntrack::mem_total()?),
         };
+        let replaced = layout::replace_mismatched(&pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
             .map_max_entries(map_names::NAT, nat_entries)
@@ -200,6 +203,7 @@ impl Dataplane {
             mode,
             attached: HashMap::new(),
             links,
+            replaced,
         })
     }
 
@@ -358,6 +362,14 @@ impl Dataplane {
     /// Every NAT/conntrack entry (two per translated flow), for introspection and tests.
     pub fn nat_entries(&self) -> Result<Vec<(NatKey, NatEntry)>, DataplaneError> {
         conntrack::entries(&self.ebpf)
+    }
+
+    /// The pinned maps [`Self::load`] found with another layout than the object's and
+    /// re-created empty (see the warning it logged). When this names
+    /// `vpc_ebpf_common::maps::ENDPOINTS`, [`Self::endpoints`] no longer tells what an
+    /// earlier run programmed: re-upsert every pod from the agent's own records.
+    pub fn replaced_maps(&self) -> &[&'static str] {
+        &self.replaced
     }
 
     pub fn pin_dir(&self) -> &Path {
