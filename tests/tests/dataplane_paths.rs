@@ -14,12 +14,12 @@ mod dataplane_common;
 
 use std::net::Ipv4Addr;
 
-use dataplane_common::{PinRoot, counter, ifindex, ip};
+use dataplane_common::{PinRoot, counter, counter_dir, ifindex, ip};
 use vpc_ebpf_agent::dataplane::{Dataplane, EndpointSpec, EniSpec, NodeSpec, monotonic_now_ns};
 use vpc_ebpf_common::{
-    counters::reason,
+    counters::{direction, reason},
     nat::{NatKey, nat_kind, nat_origin},
-    programs::{FROM_ENI, FROM_POD},
+    programs::{FROM_ENI, FROM_POD, TO_POD},
 };
 use vpc_ebpf_tests::{
     netns::NetNs,
@@ -909,5 +909,120 @@ fn icmp_errors_about_unknown_flows_or_cut_short_pass_unchanged() {
         n.dp.remove_endpoint(POD_A).unwrap();
         let (v, out, r) = run(&mut n.dp, FROM_ENI, &err);
         assert_eq!((v, r, out), (PASS, reason::PASS_NAT_STALE, err));
+    });
+}
+
+/// [`run`] for the egress program: the one reason counted is an egress one.
+fn run_egress(dp: &mut Dataplane, frame: &[u8]) -> (i32, Vec<u8>, u16) {
+    let before = dp.counters().unwrap();
+    let (verdict, out) = dp.test_run_frame(TO_POD, frame).expect("test run");
+    let after = dp.counters().unwrap();
+    let c = |rows: &[_], r| counter_dir(rows, 1, r, direction::EGRESS).packets;
+    let grew: Vec<u16> = reason::ALL
+        .iter()
+        .copied()
+        .filter(|r| c(&after, *r) != c(&before, *r))
+        .collect();
+    assert_eq!(grew.len(), 1, "exactly one reason counted, got {grew:?}");
+    (verdict, out, grew[0])
+}
+
+/// A frame the host stack sends to pod A through its veth.
+fn to_a(p: &[u8]) -> Vec<u8> {
+    packets::eth_with(A_MAC, A_HOST_MAC, packets::ETH_P_IP, p)
+}
+
+#[test]
+fn host_stack_flows_are_recorded_on_egress_and_handed_back_to_the_kernel() {
+    let pins = PinRoot::new("kflow");
+    let ns = NetNs::new("kflow");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let ext = Ipv4Addr::from(INTERNET);
+        let vpc_client = ip(10, 0, 9, 9);
+        // The host stack delivers to pod A: a NodePort client from the VPC, one from the
+        // internet (kube-proxy DNAT, no SNAT), a probe from the node.
+        for (src, sport) in [(vpc_client, 5000), (ext, 5001), (NODE_IP, 5002)] {
+            let f = to_a(&v4(src, POD_A, 6, &packets::tcp(sport, 8080, 0x02)));
+            let (v, out, r) = run_egress(&mut n.dp, &f);
+            assert_eq!((v, r), (PASS, reason::PASS_KERNEL_TO_POD), "from {src}");
+            assert_eq!(out, f, "unchanged");
+            assert!(
+                n.dp.kernel_flows()
+                    .unwrap()
+                    .iter()
+                    .any(|(k, _)| *k == NatKey::new(be(POD_A), be(src), 8080, sport, 6)),
+                "recorded from the pod's side"
+            );
+            // The pod's reply goes back to the kernel: not out of its ENI (VPC client),
+            // not SNATed (internet), not a hostPort match.
+            let reply = from_a(&v4(POD_A, src, 6, &packets::tcp(8080, sport, 0x12)));
+            let (v, out, r) = run(&mut n.dp, FROM_POD, &reply);
+            assert_eq!(
+                (v, r, out),
+                (PASS, reason::PASS_KERNEL_FLOW, reply),
+                "to {src}"
+            );
+        }
+        assert!(n.dp.nat_entries().unwrap().is_empty(), "nothing SNATed");
+        // Another port of the same peer is not that flow.
+        let other = from_a(&v4(POD_A, ext, 6, &packets::tcp(8081, 5001, 0x12)));
+        assert_eq!(run(&mut n.dp, FROM_POD, &other).2, reason::FWD_SNAT);
+
+        // Not this veth's pod, not IPv4, no ports: passed, nothing recorded.
+        let flows = n.dp.kernel_flows().unwrap().len();
+        let to_b = to_a(&v4(NODE_IP, POD_B, 6, &packets::tcp(1, 2, 0x02)));
+        assert_eq!(
+            run_egress(&mut n.dp, &to_b),
+            (PASS, to_b, reason::PASS_IPV4_TCP)
+        );
+        let gre = to_a(&v4(NODE_IP, POD_A, 47, &[0u8; 8]));
+        assert_eq!(
+            run_egress(&mut n.dp, &gre),
+            (PASS, gre, reason::PASS_IPV4_OTHER)
+        );
+        let arp = packets::eth(
+            packets::ETH_P_ARP,
+            &packets::arp_request([169, 254, 1, 1], POD_A.octets()),
+        );
+        assert_eq!(run_egress(&mut n.dp, &arp), (PASS, arp, reason::PASS_ARP));
+        let short = to_a(&v4(NODE_IP, POD_A, 6, &packets::tcp(1, 2, 0x02))[..30]);
+        assert_eq!(
+            run_egress(&mut n.dp, &short),
+            (PASS, short, reason::PASS_TRUNCATED_IPV4)
+        );
+        assert_eq!(n.dp.kernel_flows().unwrap().len(), flows);
+
+        // Pod A to a Service: its port is marked for any peer, so the reply from the
+        // backend kube-proxy chose (on another node) goes to the kernel to be un-DNATed.
+        let svc = from_a(&v4(
+            POD_A,
+            ip(172, 20, 0, 10),
+            6,
+            &packets::tcp(40000, 80, 0x02),
+        ));
+        assert_eq!(
+            run(&mut n.dp, FROM_POD, &svc).2,
+            reason::PASS_PASSTHROUGH_CIDR
+        );
+        let backend = ip(10, 0, 3, 3);
+        let back = from_vpc(&v4(backend, POD_A, 6, &packets::tcp(8080, 40000, 0x12)));
+        let (v, out, r) = run(&mut n.dp, FROM_ENI, &back);
+        assert_eq!((v, r, out), (PASS, reason::PASS_KERNEL_FLOW, back));
+        let unrelated = from_vpc(&v4(backend, POD_A, 6, &packets::tcp(8080, 40001, 0x12)));
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &unrelated).2,
+            reason::FWD_LOCAL_POD
+        );
+        // Same through the node address (a NodePort on this node, a host daemon).
+        let node = from_a(&v4(POD_A, NODE_IP, 17, &packets::udp(40002, 30053, b"q")));
+        assert_eq!(run(&mut n.dp, FROM_POD, &node).2, reason::PASS_TO_HOST);
+        let back = from_vpc(&v4(backend, POD_A, 17, &packets::udp(53, 40002, b"a")));
+        assert_eq!(run(&mut n.dp, FROM_ENI, &back).2, reason::PASS_KERNEL_FLOW);
+
+        // Idle ones are collected.
+        let far = monotonic_now_ns() + 7 * 3_600_000_000_000;
+        assert!(n.dp.gc_conntrack(far).unwrap() >= 5);
+        assert!(n.dp.kernel_flows().unwrap().is_empty());
     });
 }
