@@ -17,6 +17,9 @@ pub struct Config {
     /// VPC_EBPF_LEAKED_ENI_AGE: how old a detached ENI of ours must be before cleanup
     /// deletes it (younger ones may be in the middle of our own attach).
     pub leaked_eni_age: Duration,
+    /// VPC_EBPF_SUBNET_FULL_PAUSE: how long growth pauses after
+    /// InsufficientFreeAddressesInSubnet before EC2 is asked again.
+    pub subnet_full_pause: Duration,
     /// AWS_EC2_METADATA_SERVICE_ENDPOINT, as the AWS SDKs name it.
     pub imds_endpoint: String,
     pub external_snat: bool,
@@ -247,6 +250,9 @@ impl Config {
             leaked_eni_age: Duration::from_secs(u64::from(
                 r.count("VPC_EBPF_LEAKED_ENI_AGE").unwrap_or(300),
             )),
+            subnet_full_pause: Duration::from_secs(u64::from(
+                r.count("VPC_EBPF_SUBNET_FULL_PAUSE").unwrap_or(60),
+            )),
             imds_endpoint: r
                 .raw("AWS_EC2_METADATA_SERVICE_ENDPOINT")
                 .unwrap_or_else(|| crate::aws::imds::DEFAULT_ENDPOINT.into()),
@@ -306,6 +312,7 @@ impl Config {
             "ADDITIONAL_ENI_TAGS": self.additional_eni_tags,
             "DISABLE_LEAKED_ENI_CLEANUP": self.disable_leaked_eni_cleanup,
             "VPC_EBPF_LEAKED_ENI_AGE": self.leaked_eni_age.as_secs(),
+            "VPC_EBPF_SUBNET_FULL_PAUSE": self.subnet_full_pause.as_secs(),
             "AWS_VPC_K8S_CNI_EXTERNALSNAT": self.external_snat,
             "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS": self.exclude_snat_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "AWS_VPC_K8S_CNI_VETHPREFIX": self.veth_prefix,

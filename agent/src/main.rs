@@ -94,7 +94,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         additional_tags: config.additional_eni_tags.clone(),
         leaked_eni_cleanup: !config.disable_leaked_eni_cleanup,
         leaked_eni_age: config.leaked_eni_age,
-        ..Settings::default()
+        subnet_full_pause: config.subnet_full_pause,
     };
     let _ = node_tx.send(Some((node.clone(), settings.clone())));
     let datapath_task = if config.dataplane {

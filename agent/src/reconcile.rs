@@ -171,6 +171,9 @@ pub struct Reconciler {
     metrics: Arc<Metrics>,
     backoff: Backoff,
     subnet_full_until: Option<Instant>,
+    /// The last growth attempt hit InsufficientFreeAddressesInSubnet; cleared by the next
+    /// one that works, so the reported state does not flap between retries.
+    subnet_full: bool,
     unmanaged_indexes: BTreeSet<u32>,
     next_leak_check: Instant,
     resync_needed: bool,
@@ -199,6 +202,7 @@ impl Reconciler {
             metrics,
             backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
             subnet_full_until: None,
+            subnet_full: false,
             unmanaged_indexes,
             next_leak_check: Instant::now(),
             resync_needed: false,
@@ -284,6 +288,7 @@ impl Reconciler {
                     "the subnet has no free addresses; pausing pool growth and serving from what the node holds"
                 );
                 self.subnet_full_until = Some(Instant::now() + self.settings.subnet_full_pause);
+                self.subnet_full = true;
                 Duration::from_millis(100)
             }
             ErrorKind::Limit | ErrorKind::NotFound => {
@@ -331,16 +336,18 @@ impl Reconciler {
                 self.node.limits,
                 &usage,
             );
-            st.blocked = if paused && (plan.shortfall > 0 || !plan.grow.is_empty()) {
-                Some(GrowthBlock::SubnetExhausted)
-            } else {
-                plan.blocked.map(GrowthBlock::Pool)
-            };
+            st.blocked =
+                if (paused || self.subnet_full) && (plan.shortfall > 0 || !plan.grow.is_empty()) {
+                    Some(GrowthBlock::SubnetExhausted)
+                } else {
+                    plan.blocked.map(GrowthBlock::Pool)
+                };
             refresh_gauges(&st, &self.metrics, self.node.limits, &self.settings);
             plan
         };
         if !paused && let Some(step) = plan.grow.first().copied() {
             self.grow(step).await?;
+            self.subnet_full = false;
             return Ok(Outcome::Progress);
         }
         if plan.release_units > 0 && self.release_units(plan.release_units).await? {

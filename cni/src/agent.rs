@@ -15,7 +15,7 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub async fn connect(socket: &Path) -> Result<Client, CniError> {
-    client::connect(socket, CONNECT_TIMEOUT)
+    client::connect_with(socket, CONNECT_TIMEOUT, TIMEOUT)
         .await
         .map(|c| c.max_decoding_message_size(4 << 20))
         .map_err(|e| {

@@ -20,12 +20,22 @@ pub async fn connect(
     path: impl Into<PathBuf>,
     timeout: Duration,
 ) -> Result<CniBackendClient<Channel>, ConnectError> {
+    connect_with(path, timeout, timeout).await
+}
+
+/// A client whose connecting and calls have their own bounds: connecting to a local
+/// socket is instant or never, while a call may wait for the agent's pool to refill.
+pub async fn connect_with(
+    path: impl Into<PathBuf>,
+    connect_timeout: Duration,
+    call_timeout: Duration,
+) -> Result<CniBackendClient<Channel>, ConnectError> {
     let path = path.into();
     let socket = path.clone();
     // The URI is required by tonic but unused: the connector dials the socket.
     let channel = Endpoint::from_static("http://agent.invalid")
-        .connect_timeout(timeout)
-        .timeout(timeout)
+        .connect_timeout(connect_timeout)
+        .timeout(call_timeout)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move {

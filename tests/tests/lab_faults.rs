@@ -1,0 +1,232 @@
+//! EC2 failing under the agent, injected through the lab's EC2 front: EC2 down at start,
+//! throttling storms, subnet exhaustion. The agent never crashes, keeps serving from what
+//! it holds, says why it cannot give more, and recovers on its own.
+
+use std::time::{Duration, Instant};
+
+use vpc_ebpf_tests::{
+    cni::{Call, Outcome, conf},
+    lab::Lab,
+    lab_agent::LabAgent,
+    netns::NetNs,
+};
+
+struct Node {
+    agent: LabAgent,
+    dir: std::path::PathBuf,
+}
+
+impl Node {
+    fn start(lab: &Lab, tag: &str, env: &[(&str, &str)]) -> Self {
+        let dir = std::env::temp_dir().join(format!("vpc-ebpf-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self {
+            agent: LabAgent::start(lab, 1, &dir, env),
+            dir,
+        }
+    }
+
+    fn cni(&self, command: &str, container: &str, pod: Option<&NetNs>) -> Outcome {
+        Call {
+            node_ns: self.agent.node_ns.clone(),
+            command: command.into(),
+            container_id: container.into(),
+            netns: pod
+                .map(|p| format!("/run/netns/{}", p.name()))
+                .unwrap_or_default(),
+            ifname: "eth0".into(),
+            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container}"),
+            conf: conf("1.1.0", &self.agent.socket(), &self.dir.join("plugin.log")),
+        }
+        .run()
+    }
+
+    /// ADD as kubelet does it: code 11 ("try again later") is retried after a pause.
+    fn add_retrying(&self, container: &str, pod: &NetNs, within: Duration) -> (Outcome, u32) {
+        let t0 = Instant::now();
+        let mut retries = 0;
+        loop {
+            let out = self.cni("ADD", container, Some(pod));
+            if out.ok || out.code() != 11 || t0.elapsed() > within {
+                return (out, retries);
+            }
+            retries += 1;
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn metric_line(&self, starts: &str) -> Option<f64> {
+        let text = self.agent.get(61678, "/metrics")?;
+        text.lines()
+            .find(|l| l.starts_with(starts))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+fn fault(lab: &Lab, action: &str, code: &str, count: u32) {
+    lab.vpclab(&[
+        "fault",
+        "--action",
+        action,
+        "--code",
+        code,
+        "--count",
+        &count.to_string(),
+    ]);
+}
+
+#[test]
+fn ec2_down_at_start_is_waited_out() {
+    let lab = Lab::up("fd", 1);
+    fault(&lab, "*", "InternalError", 100_000);
+    let mut n = Node::start(&lab, "fd", &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        n.agent.alive(),
+        "the agent crashed:\n{}",
+        n.agent.log_text()
+    );
+    let v = n
+        .agent
+        .introspect("/v1/enis")
+        .expect("introspection answers while EC2 is down");
+    assert_eq!(v["ready"], false);
+    let why = v["not_ready_reason"].as_str().unwrap();
+    assert!(
+        why.contains("EC2") && why.contains("InternalError"),
+        "{why}"
+    );
+    // The plugin hears "not ready": STATUS 50, ADD 11 (kubelet retries).
+    let status = n.cni("STATUS", "", None);
+    assert_eq!(status.code(), 50, "{}", status.stdout);
+    let pod = NetNs::new("fd0");
+    let add = n.cni("ADD", "fd-0", Some(&pod));
+    assert_eq!(add.code(), 11, "{}", add.stdout);
+
+    lab.vpclab(&["clear-faults"]);
+    let took = n.agent.wait_ready(Duration::from_secs(20));
+    eprintln!("fd: ready {took:?} after EC2 came back");
+    let (out, retries) = n.add_retrying("fd-0", &pod, Duration::from_secs(20));
+    assert!(out.ok, "{}\n{}", out.stdout, n.agent.log_text());
+    eprintln!("fd: first ADD after recovery needed {retries} retries");
+}
+
+#[test]
+fn throttling_storms_back_off_and_recover() {
+    let lab = Lab::up("ft", 1);
+    let n = Node::start(
+        &lab,
+        "ft",
+        &[("WARM_IP_TARGET", "2"), ("MINIMUM_IP_TARGET", "3")],
+    );
+    let mut n = n;
+    n.agent.wait_ready(Duration::from_secs(30));
+    // Let the pool fill, then throttle every call that would grow it.
+    std::thread::sleep(Duration::from_secs(2));
+    fault(&lab, "AssignPrivateIpAddresses", "RequestLimitExceeded", 6);
+    fault(&lab, "CreateNetworkInterface", "RequestLimitExceeded", 6);
+    let pods: Vec<NetNs> = (0..6).map(|i| NetNs::new(&format!("ft{i}"))).collect();
+    let t0 = Instant::now();
+    let mut retries = 0;
+    for (i, pod) in pods.iter().enumerate() {
+        let (out, r) = n.add_retrying(&format!("ft-{i}"), pod, Duration::from_mins(1));
+        assert!(out.ok, "ADD {i}: {}\n{}", out.stdout, n.agent.log_text());
+        retries += r;
+    }
+    eprintln!(
+        "ft: 6 pods through a throttling storm in {:?}, {retries} kubelet-style retries",
+        t0.elapsed()
+    );
+    assert!(n.agent.alive());
+    let throttled = n
+        .metric_line(
+            r#"vpc_ebpf_aws_api_errors_total{api="AssignPrivateIpAddresses",error="RequestLimitExceeded"}"#,
+        )
+        .unwrap_or(0.0);
+    assert!(throttled >= 6.0, "throttled calls counted: {throttled}");
+    let log = n.agent.log_text();
+    assert!(log.contains("backing off"), "no backoff in the log");
+}
+
+#[test]
+fn subnet_exhaustion_is_reported_and_growth_resumes() {
+    let lab = Lab::up("fx", 1);
+    let mut n = Node::start(
+        &lab,
+        "fx",
+        &[
+            ("WARM_IP_TARGET", "1"),
+            ("MINIMUM_IP_TARGET", "2"),
+            ("VPC_EBPF_SUBNET_FULL_PAUSE", "3"),
+        ],
+    );
+    n.agent.wait_ready(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    fault(
+        &lab,
+        "AssignPrivateIpAddresses",
+        "InsufficientFreeAddressesInSubnet",
+        100_000,
+    );
+    fault(
+        &lab,
+        "CreateNetworkInterface",
+        "InsufficientFreeAddressesInSubnet",
+        100_000,
+    );
+    let pods: Vec<NetNs> = (0..4).map(|i| NetNs::new(&format!("fx{i}"))).collect();
+    // What the node holds is still served...
+    let mut served = 0;
+    let mut refused = None;
+    for (i, pod) in pods.iter().enumerate() {
+        let out = n.cni("ADD", &format!("fx-{i}"), Some(pod));
+        if out.ok {
+            served += 1;
+        } else {
+            refused = Some((i, out));
+            break;
+        }
+    }
+    assert!(served >= 2, "the warm pool was not served: {served}");
+    // ... and then the refusal says why, as a real failure (not "try again").
+    let (i, out) = refused.expect("an ADD beyond the pool must be refused");
+    let v = out.json();
+    assert_ne!(v["code"], 11, "{v}");
+    let text = v.to_string();
+    assert!(text.contains("subnet"), "{text}");
+    assert_eq!(
+        n.metric_line(r#"vpc_ebpf_pool_growth_blocked{reason="subnet_exhausted"}"#),
+        Some(1.0)
+    );
+    assert!(n.agent.alive());
+
+    lab.vpclab(&["clear-faults"]);
+    let (out, retries) = n.add_retrying(&format!("fx-{i}"), &pods[i], Duration::from_secs(30));
+    // A failed ADD that is not "try again" is retried by kubelet too; do it ourselves.
+    let out = if out.ok {
+        out
+    } else {
+        let t0 = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let o = n.cni("ADD", &format!("fx-{i}"), Some(&pods[i]));
+            if o.ok || t0.elapsed() > Duration::from_secs(30) {
+                break o;
+            }
+        }
+    };
+    assert!(
+        out.ok,
+        "growth did not resume: {}\n{}",
+        out.stdout,
+        n.agent.log_text()
+    );
+    eprintln!(
+        "fx: served {served} from the pool while the subnet was full; resumed after {retries} retries"
+    );
+    assert_eq!(
+        n.metric_line(r#"vpc_ebpf_pool_growth_blocked{reason="subnet_exhausted"}"#),
+        Some(0.0)
+    );
+}
