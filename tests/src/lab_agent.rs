@@ -14,8 +14,12 @@ use serde_json::Value;
 
 use crate::{lab::Lab, netns::run_in};
 
-/// The agent binary cargo built next to this test binary.
+/// The agent binary cargo built next to this test binary, or `VPC_EBPF_AGENT_BIN` (the
+/// benchmarks run a release build from outside `target/<profile>/deps`).
 pub fn agent_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("VPC_EBPF_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
     let exe = std::env::current_exe().expect("test binary path");
     let bin = exe
         .parent()
@@ -59,7 +63,7 @@ impl LabAgent {
             // Each node's pins apart, as each EC2 instance has its own bpffs.
             (
                 "VPC_EBPF_PIN_ROOT".into(),
-                format!("/sys/fs/bpf/vpc-ebpf-lab/{}-node{node}", lab.prefix),
+                format!("/sys/fs/bpf/vpc-ebpf-lab-{}-node{node}", lab.prefix),
             ),
         ];
         all.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
@@ -114,6 +118,11 @@ impl LabAgent {
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    /// The agent's pid: nsenter without --fork execs it in place.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn alive(&mut self) -> bool {

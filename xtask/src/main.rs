@@ -4,6 +4,7 @@ mod bench;
 mod deps;
 mod ebpf;
 mod lab;
+mod lab_pods;
 mod test;
 mod util;
 
@@ -32,12 +33,14 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks against the anchors: `bench cni [--pods N] [--rounds N] [--json FILE]`.
+    /// Benchmarks against the anchors: `bench cni [--pods N] [--rounds N] [--json FILE]`,
+    /// `bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE]`.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The local VPC lab: no arguments = up + check. Subcommands: up [--nodes N]
+    /// The local VPC lab: no arguments = up, agents and pods on every node, every packet
+    /// path checked. Subcommands: up [--nodes N]
     /// [--instance-type T] [--imds-lag S] [--agent-env K=V]..., down, status [--json], check.
     Lab {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
