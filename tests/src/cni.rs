@@ -9,8 +9,12 @@ use std::{
 
 use serde_json::{Value, json};
 
-/// The plugin binary cargo built next to this test binary.
+/// The plugin binary cargo built next to this test binary, or `VPC_EBPF_CNI_BIN` (the
+/// benchmarks run a release build from outside `target/<profile>/deps`).
 pub fn plugin_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("VPC_EBPF_CNI_BIN") {
+        return PathBuf::from(p);
+    }
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe
         .parent()
