@@ -195,3 +195,80 @@ fn every_packet_path() {
     );
     drop(a2);
 }
+
+/// Python one-liners run in pods: a sink that reports the longest gap between reads, a
+/// stream source, an echo server and a request/response client reporting its slowest
+/// round trip. Each prints one JSON line and fails on a reset.
+const SINK: &str = "import socket,time,json\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',9000));s.listen(1)\nc,_=s.accept();n=0;gap=0;last=time.monotonic()\nwhile True:\n b=c.recv(65536)\n now=time.monotonic()\n if not b: break\n gap=max(gap,now-last);last=now;n+=len(b)\nprint(json.dumps({'bytes':n,'max_gap_ms':gap*1000}))";
+const SOURCE: &str = "import socket,time,sys\nc=socket.create_connection((sys.argv[1],9000),timeout=10);end=time.monotonic()+float(sys.argv[2]);buf=b'x'*16384\nwhile time.monotonic()<end: c.sendall(buf)\nc.close()";
+const ECHO: &str = "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',9001));s.listen(1)\nc,_=s.accept()\nwhile True:\n b=c.recv(1)\n if not b: break\n c.sendall(b)";
+const RR: &str = "import socket,time,sys,json\nc=socket.create_connection((sys.argv[1],9001),timeout=10);c.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1);end=time.monotonic()+float(sys.argv[2]);n=0;worst=0\nwhile time.monotonic()<end:\n t=time.monotonic();c.sendall(b'x');assert c.recv(1)==b'x';worst=max(worst,time.monotonic()-t);n+=1\nc.close();print(json.dumps({'transactions':n,'max_rtt_ms':worst*1000}))";
+
+fn spawn_py(ns: &str, code: &str, args: &[&str]) -> std::process::Child {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "python3", "-c", code])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3")
+}
+
+fn finish(c: std::process::Child, what: &str) -> serde_json::Value {
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what} failed (a reset?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or("{}")).unwrap_or_default()
+}
+
+/// kill -9 of the agent during a long TCP stream (across nodes) and a TCP request/response
+/// run (same node): neither connection resets; the longest stall is reported.
+#[test]
+fn kill9_during_tcp_stream_and_rr() {
+    let lab = Lab::up("ks", 2);
+    let dir = std::env::temp_dir().join(format!("vpc-ebpf-ks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut a1 = LabAgent::start(&lab, 1, &dir.join("node1"), &[("WARM_IP_TARGET", "2")]);
+    let mut a2 = LabAgent::start(&lab, 2, &dir.join("node2"), &[("WARM_IP_TARGET", "2")]);
+    a1.wait_ready(Duration::from_secs(30));
+    a2.wait_ready(Duration::from_secs(30));
+    let p = add_pods(&a1, &dir, "ksa", 2);
+    let q = add_pods(&a2, &dir, "ksb", 1);
+    let sink = spawn_py(q[0].ns.name(), SINK, &[]);
+    let echo = spawn_py(p[1].ns.name(), ECHO, &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    let source = spawn_py(p[0].ns.name(), SOURCE, &[&q[0].ip, "8"]);
+    let rr = spawn_py(p[0].ns.name(), RR, &[&p[1].ip, "8"]);
+    std::thread::sleep(Duration::from_secs(2));
+    a1.kill9();
+    std::thread::sleep(Duration::from_secs(1));
+    a1.restart();
+    let ready = a1.wait_ready(Duration::from_secs(30));
+    let sent = source.wait_with_output().unwrap();
+    assert!(
+        sent.status.success(),
+        "the stream was cut: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let stream = finish(sink, "stream sink");
+    let rr = finish(rr, "request/response");
+    let _ = finish(echo, "echo server");
+    eprintln!(
+        "ks: agent down 1 s, back in {ready:?}; stream {} bytes, longest stall {:.1} ms; \
+         RR {} transactions, slowest {:.1} ms",
+        stream["bytes"],
+        stream["max_gap_ms"].as_f64().unwrap_or(f64::NAN),
+        rr["transactions"],
+        rr["max_rtt_ms"].as_f64().unwrap_or(f64::NAN)
+    );
+    assert!(
+        stream["bytes"].as_u64().unwrap_or(0) > 1_000_000,
+        "{stream}"
+    );
+    assert!(rr["transactions"].as_u64().unwrap_or(0) > 100, "{rr}");
+    drop(a2);
+}
