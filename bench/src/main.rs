@@ -2,14 +2,20 @@
 //! alternating A/B rounds, medians and tails.
 
 mod cni;
+mod dataplane;
+
+const USAGE: &str = "usage: vpc-ebpf-bench cni --plugin PATH [--pods N] [--rounds N] [--json FILE]\n       \
+                     vpc-ebpf-bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE] ...";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let code = if args.first().map(String::as_str) == Some("cni") {
-        cni::main(&args[1..])
-    } else {
-        eprintln!("usage: vpc-ebpf-bench cni --plugin PATH [--pods N] [--rounds N] [--json FILE]");
-        2
+    let code = match args.first().map(String::as_str) {
+        Some("cni") => cni::main(&args[1..]),
+        Some("dataplane") => dataplane::main(&args[1..]),
+        _ => {
+            eprintln!("{USAGE}");
+            2
+        }
     };
     std::process::exit(code);
 }

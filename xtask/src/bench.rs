@@ -11,7 +11,10 @@ use crate::{
 
 pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
     let Some(what) = args.first() else {
-        bail!("usage: cargo xtask bench cni [--pods N] [--rounds N] [--json FILE]");
+        bail!(
+            "usage: cargo xtask bench cni [--pods N] [--rounds N] [--json FILE]\n       \
+             cargo xtask bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE]"
+        );
     };
     match what.as_str() {
         "cni" => {
@@ -38,6 +41,30 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
                 .arg(release.join("vpc-ebpf-cni"))
                 .args(&args[1..]))
         }
-        other => bail!("unknown benchmark {other:?}: available: cni"),
+        "dataplane" => dataplane(&args[1..]),
+        other => bail!("unknown benchmark {other:?}: available: cni, dataplane"),
     }
+}
+
+/// Builds the eBPF object and the bench in release, then runs the dataplane comparison;
+/// the plot goes to `<target-dir>/bench/dataplane.png` unless `--plot` says otherwise.
+fn dataplane(args: &[String]) -> anyhow::Result<()> {
+    deps::ensure_system_packages(deps::DATAPLANE_BENCH_PACKAGES)?;
+    deps::ensure_files(deps::DATAPLANE_BENCH_FILES)?;
+    deps::ensure_ebpf_toolchain()?;
+    crate::ebpf::build(true)?;
+    run(Command::new(cargo())
+        .args(["build", "--release", "-p", "vpc-ebpf-bench"])
+        .current_dir(root()))?;
+    let target = target_dir()?;
+    let mut args = args.to_vec();
+    if !args.iter().any(|a| a == "--plot") {
+        let dir = target.join("bench");
+        std::fs::create_dir_all(&dir)?;
+        args.push("--plot".into());
+        args.push(dir.join("dataplane.png").display().to_string());
+    }
+    run(Command::new(target.join("release/vpc-ebpf-bench"))
+        .arg("dataplane")
+        .args(&args))
 }

@@ -24,6 +24,20 @@ pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
 ];
 
+/// `cargo xtask bench dataplane`: namespaces, the VPC-CNI-style iptables rules, iperf3
+/// for throughput.
+pub const DATAPLANE_BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("iptables", "iptables"),
+    ("iperf3", "iperf3"),
+];
+
+/// (file that must exist, Debian package providing it): the plot's font.
+pub const DATAPLANE_BENCH_FILES: &[(&str, &str)] = &[(
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "fonts-dejavu-core",
+)];
+
 pub const BPF_LINKER_VERSION: &str = "0.10.0";
 const NIGHTLY: &str = "nightly";
 
@@ -32,6 +46,17 @@ pub fn ensure_system_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     let mut missing: Vec<&str> = wanted
         .iter()
         .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    missing.dedup();
+    apt_install(&missing)
+}
+
+/// Installs the Debian packages whose files are missing.
+pub fn ensure_files(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(path, _)| !std::path::Path::new(path).exists())
         .map(|(_, pkg)| *pkg)
         .collect();
     missing.dedup();

@@ -1,0 +1,613 @@
+//! The three setups under test, each built from scratch in network namespaces of its own
+//! (nothing in the machine's root namespace): (a) the floor, (b) Amazon VPC CNI's
+//! dataplane as the benchmark rebuilds it, (c) vpc-ebpf's programs through the agent's
+//! dataplane library.
+//!
+//! (b) and (c) share one layout: two pods on one node, the node's primary ENI a veth to
+//! a VPC router namespace, and an internet host behind the router. Pod addresses and
+//! names follow what the CNI plugins write (pod `/32` + `169.254.1.1` gateway, host veths
+//! named `eni…`, `/32` host routes).
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use vpc_ebpf_agent::dataplane::{
+    AttachMode, CounterRow, Dataplane, DataplaneConfig, EndpointSpec, EniSpec, NodeSpec,
+    monotonic_now_ns,
+};
+use vpc_ebpf_tests::netns::{NetNs, run_in};
+
+pub const POD_A: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 5);
+pub const POD_B: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 6);
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+const SUBNET_GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const VPC_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 0, 0, 0), 16);
+pub const INTERNET: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
+const HOST_VETH_A: &str = "eni5f0d3a9c21e";
+const HOST_VETH_B: &str = "eni8b7e41c6d0f";
+/// The ENI is `eth0` of the node, as on EC2.
+const ENI: &str = "eth0";
+/// Route table of the primary ENI for pod egress to the VPC (VPC CNI numbers ENI tables
+/// from 2 for device index 1; one is enough to put the lookup on the path).
+const ENI_TABLE: &str = "2";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Floor,
+    VpcCni,
+    Ebpf,
+}
+
+impl Kind {
+    pub const ALL: [Self; 3] = [Self::Floor, Self::VpcCni, Self::Ebpf];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Floor => "a",
+            Self::VpcCni => "b",
+            Self::Ebpf => "c",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Floor => "(a) veth floor",
+            Self::VpcCni => "(b) VPC-CNI-style",
+            Self::Ebpf => "(c) vpc-ebpf",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathKind {
+    SameNode,
+    Internet,
+}
+
+impl PathKind {
+    pub const ALL: [Self; 2] = [Self::SameNode, Self::Internet];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::SameNode => "same-node",
+            Self::Internet => "pod-internet",
+        }
+    }
+}
+
+/// Where a measurement's client and server run, and which source address the server
+/// must see (the pod's, or the node's after SNAT).
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    pub client_ns: String,
+    pub server_ns: String,
+    pub server_ip: Ipv4Addr,
+    pub expect_peer: Ipv4Addr,
+}
+
+/// The loaded programs, their private pin root and the conntrack collector an agent
+/// would run.
+struct EbpfState {
+    dp: Arc<Mutex<Dataplane>>,
+    stop_gc: Arc<AtomicBool>,
+    gc: Option<std::thread::JoinHandle<()>>,
+    pin_root: PathBuf,
+    attach_mode: AttachMode,
+}
+
+impl Drop for EbpfState {
+    fn drop(&mut self) {
+        self.stop_gc.store(true, Ordering::Relaxed);
+        if let Some(t) = self.gc.take() {
+            let _ = t.join();
+        }
+        // Unpinning releases the links (and with them the programs) once the
+        // namespaces, and so the interfaces, are gone too.
+        let _ = std::fs::remove_dir_all(&self.pin_root);
+    }
+}
+
+pub struct Setup {
+    pub kind: Kind,
+    same_node: Endpoints,
+    internet: Endpoints,
+    node: Option<String>,
+    ebpf: Option<EbpfState>,
+    // Declared last so that it is dropped last: programs are unpinned first, then every
+    // interface goes with its namespace.
+    namespaces: Vec<NetNs>,
+}
+
+impl Setup {
+    pub fn endpoints(&self, path: PathKind) -> &Endpoints {
+        match path {
+            PathKind::SameNode => &self.same_node,
+            PathKind::Internet => &self.internet,
+        }
+    }
+
+    pub fn node_ns(&self) -> Option<&str> {
+        self.node.as_deref()
+    }
+
+    pub fn namespaces(&self) -> impl Iterator<Item = &str> {
+        self.namespaces.iter().map(NetNs::name)
+    }
+
+    pub fn attach_mode(&self) -> Option<AttachMode> {
+        self.ebpf.as_ref().map(|e| e.attach_mode)
+    }
+
+    /// The programs' per-interface, per-reason counters with interface names, for (c).
+    pub fn counters(&self) -> Option<Vec<(String, CounterRow)>> {
+        let e = self.ebpf.as_ref()?;
+        let node = self.node.as_deref()?;
+        let rows = e.dp.lock().unwrap().counters().ok()?;
+        let names = interface_names(node);
+        Some(
+            rows.into_iter()
+                .map(|r| {
+                    let name = names
+                        .iter()
+                        .find(|(i, _)| *i == r.key.ifindex)
+                        .map_or_else(|| format!("if{}", r.key.ifindex), |(_, n)| n.clone());
+                    (name, r)
+                })
+                .collect(),
+        )
+    }
+
+    /// Live NAT/conntrack entries of the programs (two per translated flow), for (c).
+    pub fn nat_entries(&self) -> Option<usize> {
+        let e = self.ebpf.as_ref()?;
+        e.dp.lock().unwrap().nat_entries().ok().map(|v| v.len())
+    }
+}
+
+fn ns_sysctl(ns: &NetNs, kv: &str) {
+    ns.exec(&["sysctl", "-qw", kv]);
+}
+
+fn veth(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ]);
+    a.ip(&["link", "set", a_if, "up"]);
+    b.ip(&["link", "set", b_if, "up"]);
+}
+
+/// (a): two namespaces, one veth pair, one subnet. Both paths use it: nothing can be
+/// cheaper than this between two network stacks.
+pub fn floor() -> Setup {
+    let cli = NetNs::new("bdp-a-cli");
+    let srv = NetNs::new("bdp-a-srv");
+    veth(&cli, "eth0", &srv, "eth0");
+    cli.ip(&["addr", "add", &format!("{POD_A}/24"), "dev", "eth0"]);
+    srv.ip(&["addr", "add", &format!("{POD_B}/24"), "dev", "eth0"]);
+    let ends = Endpoints {
+        client_ns: cli.name().to_owned(),
+        server_ns: srv.name().to_owned(),
+        server_ip: POD_B,
+        expect_peer: POD_A,
+    };
+    Setup {
+        kind: Kind::Floor,
+        same_node: ends.clone(),
+        internet: ends,
+        node: None,
+        ebpf: None,
+        namespaces: vec![cli, srv],
+    }
+}
+
+/// What (b) and (c) share: pods, node, ENI, VPC router, internet host.
+struct Layout {
+    node: NetNs,
+    pa: NetNs,
+    pb: NetNs,
+    router: NetNs,
+    inet: NetNs,
+}
+
+fn layout(tag: &str) -> Layout {
+    let node = NetNs::new(&format!("bdp-{tag}-node"));
+    let pa = NetNs::new(&format!("bdp-{tag}-pa"));
+    let pb = NetNs::new(&format!("bdp-{tag}-pb"));
+    let router = NetNs::new(&format!("bdp-{tag}-vpc"));
+    let inet = NetNs::new(&format!("bdp-{tag}-inet"));
+    for (pod, host, addr) in [(&pa, HOST_VETH_A, POD_A), (&pb, HOST_VETH_B, POD_B)] {
+        veth(pod, "eth0", &node, host);
+        pod.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
+        pod.ip(&[
+            "route",
+            "add",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ]);
+        pod.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "169.254.1.1",
+            "dev",
+            "eth0",
+        ]);
+        // Both plugins keep this route: kubelet probes and kube-proxy DNAT use it.
+        node.ip(&[
+            "route",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            host,
+            "scope",
+            "link",
+        ]);
+    }
+    veth(&node, ENI, &router, "vpc0");
+    node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", ENI]);
+    node.ip(&["route", "add", "default", "via", &SUBNET_GW.to_string()]);
+    ns_sysctl(&node, "net.ipv4.ip_forward=1");
+    router.ip(&["addr", "add", &format!("{SUBNET_GW}/24"), "dev", "vpc0"]);
+    // The VPC routes each secondary address to the ENI that owns it and, like its
+    // source/destination check, drops what arrives from elsewhere.
+    for pod in [POD_A, POD_B] {
+        router.ip(&[
+            "route",
+            "add",
+            &pod.to_string(),
+            "via",
+            &NODE_IP.to_string(),
+            "dev",
+            "vpc0",
+        ]);
+    }
+    veth(&router, "igw0", &inet, "eth0");
+    router.ip(&["addr", "add", "203.0.113.1/24", "dev", "igw0"]);
+    inet.ip(&["addr", "add", &format!("{INTERNET}/24"), "dev", "eth0"]);
+    inet.ip(&["route", "add", "default", "via", "203.0.113.1"]);
+    ns_sysctl(&router, "net.ipv4.ip_forward=1");
+    for conf in ["all", "vpc0", "igw0"] {
+        ns_sysctl(&router, &format!("net.ipv4.conf.{conf}.rp_filter=1"));
+    }
+    Layout {
+        node,
+        pa,
+        pb,
+        router,
+        inet,
+    }
+}
+
+fn finish(kind: Kind, l: Layout, ebpf: Option<EbpfState>) -> Setup {
+    Setup {
+        kind,
+        same_node: Endpoints {
+            client_ns: l.pa.name().to_owned(),
+            server_ns: l.pb.name().to_owned(),
+            server_ip: POD_B,
+            expect_peer: POD_A,
+        },
+        internet: Endpoints {
+            client_ns: l.pa.name().to_owned(),
+            server_ns: l.inet.name().to_owned(),
+            server_ip: INTERNET,
+            expect_peer: NODE_IP,
+        },
+        node: Some(l.node.name().to_owned()),
+        ebpf,
+        namespaces: vec![l.pa, l.pb, l.inet, l.router, l.node],
+    }
+}
+
+/// (b): what Amazon VPC CNI programs on a node (plugin + ipamd), for pods on the primary
+/// ENI with external SNAT off and NodePort support on (its defaults).
+pub fn vpc_cni() -> Setup {
+    let l = layout("b");
+    for (pod, host, addr) in [(&l.pa, HOST_VETH_A, POD_A), (&l.pb, HOST_VETH_B, POD_B)] {
+        let mac = link_mac(l.node.name(), host);
+        pod.ip(&[
+            "neigh",
+            "add",
+            "169.254.1.1",
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        let a = addr.to_string();
+        l.node
+            .ip(&["rule", "add", "to", &a, "lookup", "main", "prio", "512"]);
+        l.node.ip(&[
+            "rule",
+            "add",
+            "from",
+            &a,
+            "to",
+            &format!("{}/{}", VPC_CIDR.0, VPC_CIDR.1),
+            "lookup",
+            ENI_TABLE,
+            "prio",
+            "1536",
+        ]);
+    }
+    l.node.ip(&[
+        "route",
+        "add",
+        &SUBNET_GW.to_string(),
+        "dev",
+        ENI,
+        "scope",
+        "link",
+        "table",
+        ENI_TABLE,
+    ]);
+    l.node.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &SUBNET_GW.to_string(),
+        "dev",
+        ENI,
+        "table",
+        ENI_TABLE,
+    ]);
+    l.node.ip(&[
+        "rule",
+        "add",
+        "fwmark",
+        "0x80/0x80",
+        "lookup",
+        "main",
+        "prio",
+        "1024",
+    ]);
+    ns_sysctl(&l.node, &format!("net.ipv4.conf.{ENI}.rp_filter=2"));
+    vpc_cni_iptables(&l.node);
+    finish(Kind::VpcCni, l, None)
+}
+
+/// VPC CNI's SNAT for destinations outside the VPC and its connmark rules for traffic
+/// arriving on the primary ENI (NodePort support).
+fn vpc_cni_iptables(node: &NetNs) {
+    let vpc = format!("{}/{}", VPC_CIDR.0, VPC_CIDR.1);
+    let node_ip = NODE_IP.to_string();
+    let rules: [&[&str]; 6] = [
+        &["-t", "nat", "-N", "AWS-SNAT-CHAIN-0"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "AWS SNAT CHAIN",
+            "-j",
+            "AWS-SNAT-CHAIN-0",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "AWS-SNAT-CHAIN-0",
+            "-d",
+            &vpc,
+            "-m",
+            "comment",
+            "--comment",
+            "AWS SNAT CHAIN EXCLUSION",
+            "-j",
+            "RETURN",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "AWS-SNAT-CHAIN-0",
+            "!",
+            "-o",
+            "vlan+",
+            "-m",
+            "comment",
+            "--comment",
+            "AWS, SNAT",
+            "-m",
+            "addrtype",
+            "!",
+            "--dst-type",
+            "LOCAL",
+            "-j",
+            "SNAT",
+            "--to-source",
+            &node_ip,
+            "--random-fully",
+        ],
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            "PREROUTING",
+            "-i",
+            ENI,
+            "-m",
+            "comment",
+            "--comment",
+            "AWS, primary ENI",
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "--limit-iface-in",
+            "-j",
+            "CONNMARK",
+            "--set-xmark",
+            "0x80/0x80",
+        ],
+        &[
+            "-t",
+            "mangle",
+            "-A",
+            "PREROUTING",
+            "-i",
+            "eni+",
+            "-m",
+            "comment",
+            "--comment",
+            "AWS, primary ENI",
+            "-j",
+            "CONNMARK",
+            "--restore-mark",
+            "--nfmask",
+            "0x80",
+            "--ctmask",
+            "0x80",
+        ],
+    ];
+    for r in rules {
+        let mut argv = vec!["iptables", "-w"];
+        argv.extend_from_slice(r);
+        node.exec(&argv);
+    }
+}
+
+/// (c): the same layout described to the agent's dataplane library, which attaches the
+/// programs; no neighbour entry, rule or iptables rule is written.
+pub fn ebpf(pin_root: PathBuf, mode: Option<AttachMode>, snat_ports: (u16, u16)) -> Setup {
+    let l = layout("c");
+    let pod_mac = |ns: &NetNs| parse_mac(&link_mac(ns.name(), "eth0"));
+    let (mac_a, mac_b) = (pod_mac(&l.pa), pod_mac(&l.pb));
+    let node = l.node.name().to_owned();
+    let config = DataplaneConfig {
+        pin_root: pin_root.clone(),
+        attach_mode: mode,
+        nat_max_entries: None,
+    };
+    let dp = run_in(&node, || {
+        let mut dp = Dataplane::load(&config).expect("loading the eBPF object");
+        let eni = ifindex(&node, ENI);
+        dp.set_node(&NodeSpec {
+            node_ip: NODE_IP,
+            primary_eni_ifindex: eni,
+            vpc_cidrs: vec![VPC_CIDR],
+            snat_exclusions: vec![],
+            passthrough_cidrs: vec![],
+            external_snat: false,
+            snat_ports,
+        })
+        .expect("set_node");
+        dp.upsert_eni(&EniSpec {
+            ifindex: eni,
+            mac: parse_mac(&link_mac(&node, ENI)),
+            primary_ip: NODE_IP,
+            gateway: SUBNET_GW,
+            is_primary: true,
+        })
+        .expect("upsert_eni");
+        for (addr, host, pod_mac) in [(POD_A, HOST_VETH_A, mac_a), (POD_B, HOST_VETH_B, mac_b)] {
+            dp.upsert_endpoint(&EndpointSpec {
+                ipv4: addr,
+                host_ifindex: ifindex(&node, host),
+                host_mac: parse_mac(&link_mac(&node, host)),
+                pod_mac,
+                eni_ifindex: eni,
+            })
+            .expect("upsert_endpoint");
+        }
+        dp
+    });
+    let attach_mode = dp.attach_mode();
+    let dp = Arc::new(Mutex::new(dp));
+    let stop_gc = Arc::new(AtomicBool::new(false));
+    // The agent's periodic conntrack collection, with its default timeouts: without it
+    // closed SNAT flows would hold their ports until LRU eviction. Once a second: entries
+    // outlive their timeout by at most that, and the walk costs the measured machine
+    // little.
+    let gc = {
+        let (dp, stop) = (Arc::clone(&dp), Arc::clone(&stop_gc));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                if let Err(e) = dp.lock().unwrap().gc_conntrack(monotonic_now_ns()) {
+                    eprintln!("warning: conntrack gc: {e}");
+                }
+            }
+        })
+    };
+    finish(
+        Kind::Ebpf,
+        l,
+        Some(EbpfState {
+            dp,
+            stop_gc,
+            gc: Some(gc),
+            pin_root,
+            attach_mode,
+        }),
+    )
+}
+
+fn ip_out(args: &[&str]) -> String {
+    vpc_ebpf_tests::netns::run(Command::new("ip").args(args))
+}
+
+/// The MAC of `iface` in namespace `ns`, as `ip` prints it.
+pub fn link_mac(ns: &str, iface: &str) -> String {
+    let out = ip_out(&["-n", ns, "-o", "link", "show", "dev", iface]);
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC for {iface} in {ns}: {out}"))
+        .to_owned()
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("hex MAC"))
+        .collect();
+    v.try_into().expect("6-byte MAC")
+}
+
+fn ifindex(ns: &str, iface: &str) -> u32 {
+    let out = ip_out(&["-n", ns, "-o", "link", "show", "dev", iface]);
+    out.split(':')
+        .next()
+        .and_then(|i| i.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ifindex for {iface} in {ns}: {out}"))
+}
+
+fn interface_names(ns: &str) -> Vec<(u32, String)> {
+    ip_out(&["-n", ns, "-o", "link", "show"])
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split(':');
+            let idx = parts.next()?.trim().parse().ok()?;
+            let name = parts.next()?.trim().split('@').next()?.to_owned();
+            Some((idx, name))
+        })
+        .collect()
+}
