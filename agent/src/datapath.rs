@@ -62,8 +62,8 @@ pub struct Datapath {
     host: Host,
     /// The subnet gateway: next hop out of every ENI.
     gateway: Ipv4Addr,
-    /// ENI id -> its ifindex in the kernel, once found.
-    eni_ifindex: Mutex<HashMap<String, u32>>,
+    /// ENI id -> (ifindex in the kernel, device index), once found.
+    eni_ifindex: Mutex<HashMap<String, (u32, u32)>>,
     counted: Mutex<HashMap<(u8, u16), u64>>,
 }
 
@@ -79,6 +79,8 @@ pub enum DatapathError {
     Dataplane(#[from] Box<DataplaneError>),
     #[error("the ENI {0} of this pod's address is not up in the kernel yet")]
     EniNotFound(String),
+    #[error(transparent)]
+    Host(crate::host::HostError),
     #[error("{what} {value:?} is not a MAC address")]
     Mac { what: &'static str, value: String },
 }
@@ -107,6 +109,10 @@ impl Datapath {
     }
 
     pub fn eni_ifindex(&self, eni_id: &str) -> Option<u32> {
+        self.eni(eni_id).map(|(i, _)| i)
+    }
+
+    fn eni(&self, eni_id: &str) -> Option<(u32, u32)> {
         self.eni_ifindex
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -114,8 +120,10 @@ impl Datapath {
             .copied()
     }
 
-    /// Programs a pod: its ENI must already be known.
-    pub fn upsert_endpoint(
+    /// Programs a pod: its ENI must already be known. A pod on a secondary ENI also gets
+    /// VPC CNI's `from <pod> lookup <eni table>` rule, for the traffic the programs hand
+    /// to the kernel.
+    pub async fn upsert_endpoint(
         &self,
         ipv4: Ipv4Addr,
         eni_id: &str,
@@ -123,9 +131,15 @@ impl Datapath {
         host_mac: &str,
         pod_mac: &str,
     ) -> Result<(), DatapathError> {
-        let eni_ifindex = self
-            .eni_ifindex(eni_id)
+        let (eni_ifindex, device_index) = self
+            .eni(eni_id)
             .ok_or_else(|| DatapathError::EniNotFound(eni_id.to_owned()))?;
+        if device_index != 0 {
+            self.host
+                .add_pod_rule(ipv4, device_index + 1)
+                .await
+                .map_err(DatapathError::Host)?;
+        }
         let mac = |what, v: &str| {
             parse_mac(v).ok_or_else(|| DatapathError::Mac {
                 what,
@@ -144,8 +158,29 @@ impl Datapath {
             .map_err(|e| DatapathError::Dataplane(Box::new(e)))
     }
 
-    pub fn remove_endpoint(&self, ipv4: Ipv4Addr) -> Result<(), DataplaneError> {
-        self.dp().remove_endpoint(ipv4)
+    /// Takes a pod out: its map entry, programs and ip rule.
+    pub async fn remove_endpoint(&self, ipv4: Ipv4Addr) -> Result<(), DatapathError> {
+        let r = self.dp().remove_endpoint(ipv4);
+        self.host
+            .del_pod_rules(ipv4)
+            .await
+            .map_err(DatapathError::Host)?;
+        r.map_err(|e| DatapathError::Dataplane(Box::new(e)))
+    }
+
+    /// Removes pod rules of addresses no pod on this node holds any more (deleted while
+    /// the agent was down). Returns how many went.
+    pub async fn sweep_rules(&self, live: &std::collections::HashSet<Ipv4Addr>) -> usize {
+        let Ok(rules) = self.host.pod_rules().await else {
+            return 0;
+        };
+        let mut n = 0;
+        for (ip, ..) in rules {
+            if !live.contains(&ip) && self.host.del_pod_rules(ip).await.is_ok() {
+                n += 1;
+            }
+        }
+        n
     }
 
     pub fn endpoint_attached(&self, ipv4: Ipv4Addr) -> bool {
@@ -156,8 +191,24 @@ impl Datapath {
         self.dp().endpoints()
     }
 
-    pub fn reprogram(&self, ep: &EndpointSpec) -> Result<(), DataplaneError> {
-        self.dp().upsert_endpoint(ep)
+    pub async fn reprogram(&self, ep: &EndpointSpec) -> Result<(), DatapathError> {
+        self.dp()
+            .upsert_endpoint(ep)
+            .map_err(|e| DatapathError::Dataplane(Box::new(e)))?;
+        let device = self
+            .eni_ifindex
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .find(|(i, _)| *i == ep.eni_ifindex)
+            .map(|(_, d)| *d);
+        if let Some(d) = device.filter(|d| *d != 0) {
+            self.host
+                .add_pod_rule(ep.ipv4, d + 1)
+                .await
+                .map_err(DatapathError::Host)?;
+        }
+        Ok(())
     }
 
     pub fn set_hostports(
@@ -176,7 +227,7 @@ impl Datapath {
     ) -> Result<usize, DatapathError> {
         let (host, gateway) = (&self.host, self.gateway);
         let links = host.links_by_mac().await.unwrap_or_default();
-        let mut found: BTreeMap<String, (u32, EniSpec)> = BTreeMap::new();
+        let mut found: BTreeMap<String, (u32, u32, EniSpec)> = BTreeMap::new();
         for (id, device_index, mac, primary_ip) in enis {
             let Some(link) = links.get(&mac.to_ascii_lowercase()) else {
                 continue;
@@ -194,6 +245,7 @@ impl Datapath {
                 id.clone(),
                 (
                     link.index,
+                    *device_index,
                     EniSpec {
                         ifindex: link.index,
                         mac: mac_bytes,
@@ -204,24 +256,49 @@ impl Datapath {
                 ),
             );
         }
+        let tables = self.program_enis(&found, enis)?;
+        for (ifindex, table) in tables {
+            self.host
+                .ensure_eni_table(ifindex, table, gateway)
+                .await
+                .map_err(DatapathError::Host)?;
+        }
+        Ok(self
+            .eni_ifindex
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len())
+    }
+
+    /// The synchronous part of `sync_enis`: map entries and program attachments. Returns
+    /// the (ifindex, table) of secondary ENIs newly programmed.
+    fn program_enis(
+        &self,
+        found: &BTreeMap<String, (u32, u32, EniSpec)>,
+        enis: &[(String, u32, String, Ipv4Addr)],
+    ) -> Result<Vec<(u32, u32)>, DatapathError> {
         let mut known = self
             .eni_ifindex
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         let mut dp = self.dp();
-        for (id, (ifindex, spec)) in &found {
-            if known.get(id) != Some(ifindex) {
+        let mut tables = Vec::new();
+        for (id, (ifindex, device, spec)) in found {
+            if known.get(id).map(|(i, _)| i) != Some(ifindex) {
                 dp.upsert_eni(spec)
                     .map_err(|e| DatapathError::Dataplane(Box::new(e)))?;
                 info!(eni = %id, ifindex, "ENI programmed");
-                known.insert(id.clone(), *ifindex);
+                known.insert(id.clone(), (*ifindex, *device));
+                if *device != 0 {
+                    tables.push((*ifindex, *device + 1));
+                }
             }
         }
         let gone: Vec<(String, u32)> = known
             .iter()
             .filter(|(id, _)| !enis.iter().any(|e| &e.0 == *id))
-            .map(|(id, i)| (id.clone(), *i))
+            .map(|(id, (i, _))| (id.clone(), *i))
             .collect();
         for (id, ifindex) in gone {
             if let Err(e) = dp.remove_eni(ifindex) {
@@ -230,12 +307,11 @@ impl Datapath {
             known.remove(&id);
         }
         drop(dp);
-        let n = known.len();
         *self
             .eni_ifindex
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = known;
-        Ok(n)
+        Ok(tables)
     }
 
     /// Adds what the programs counted since the last call to the packet metrics.

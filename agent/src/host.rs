@@ -5,12 +5,16 @@ use std::{collections::HashMap, net::Ipv4Addr};
 
 use futures_util::TryStreamExt as _;
 use rtnetlink::{
-    Handle, LinkUnspec, RouteMessageBuilder,
+    Handle, IpVersion, LinkUnspec, RouteMessageBuilder,
     packet_route::{
         link::{LinkAttribute, LinkMessage},
-        route::{RouteAddress, RouteAttribute},
+        route::{RouteAddress, RouteAttribute, RouteScope},
+        rule::{RuleAction, RuleAttribute, RuleMessage},
     },
 };
+
+/// Amazon VPC CNI's priority for `from <pod> lookup <eni table>` rules.
+pub const POD_RULE_PRIORITY: u32 = 1536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -130,6 +134,120 @@ impl Host {
                 source,
             }),
         }
+    }
+
+    /// The routing table of a secondary ENI, as Amazon VPC CNI lays it out (table =
+    /// device index + 1): the gateway on the link and a default route through it. Traffic
+    /// the programs hand to the kernel (Services, the node) then leaves by the ENI that
+    /// owns the pod's address instead of the primary one, which the VPC would drop.
+    pub async fn ensure_eni_table(
+        &self,
+        index: u32,
+        table: u32,
+        gateway: Ipv4Addr,
+    ) -> Result<(), HostError> {
+        let link_route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(gateway, 32)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .table_id(table)
+            .build();
+        let default = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gateway)
+            .output_interface(index)
+            .table_id(table)
+            .build();
+        for (what, msg) in [
+            ("adding an ENI table's gateway route", link_route),
+            ("adding an ENI table's default route", default),
+        ] {
+            self.handle
+                .route()
+                .add(msg)
+                .replace()
+                .execute()
+                .await
+                .map_err(|source| HostError::Netlink { what, source })?;
+        }
+        Ok(())
+    }
+
+    /// `from <pod>/32 lookup <table>` at VPC CNI's priority for pod rules.
+    pub async fn add_pod_rule(&self, ip: Ipv4Addr, table: u32) -> Result<(), HostError> {
+        let r = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .source_prefix(ip, 32)
+            .table_id(table)
+            .priority(POD_RULE_PRIORITY)
+            .action(RuleAction::ToTable)
+            .execute()
+            .await;
+        match r {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(m))
+                if m.code.is_some_and(|c| -c.get() == libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            Err(source) => Err(HostError::Netlink {
+                what: "adding a pod's ip rule",
+                source,
+            }),
+        }
+    }
+
+    /// Pod rules: (pod address, table) for every rule at the pod-rule priority.
+    pub async fn pod_rules(&self) -> Result<Vec<(Ipv4Addr, u32, RuleMessage)>, HostError> {
+        let rules: Vec<RuleMessage> = self
+            .handle
+            .rule()
+            .get(IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| HostError::Netlink {
+                what: "listing ip rules",
+                source,
+            })?;
+        Ok(rules
+            .into_iter()
+            .filter_map(|r| {
+                let mut src = None;
+                let mut prio = None;
+                let mut table = u32::from(r.header.table);
+                for a in &r.attributes {
+                    match a {
+                        RuleAttribute::Source(std::net::IpAddr::V4(ip)) => src = Some(*ip),
+                        RuleAttribute::Priority(p) => prio = Some(*p),
+                        RuleAttribute::Table(t) => table = *t,
+                        _ => {}
+                    }
+                }
+                (prio == Some(POD_RULE_PRIORITY) && r.header.src_len == 32)
+                    .then_some((src?, table, r))
+            })
+            .collect())
+    }
+
+    /// Removes the pod rules of `ip`; none is fine.
+    pub async fn del_pod_rules(&self, ip: Ipv4Addr) -> Result<(), HostError> {
+        for (src, _, msg) in self.pod_rules().await? {
+            if src == ip {
+                self.handle
+                    .rule()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(|source| HostError::Netlink {
+                        what: "deleting a pod's ip rule",
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     /// `/32` routes whose interface name starts with `veth_prefix`.

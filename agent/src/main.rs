@@ -321,13 +321,13 @@ async fn adopt_endpoints(
             .iter()
             .find(|r| r.ip == ep.ipv4 && r.ifindex == ep.host_ifindex);
         let (Some(key), Some(route)) = (assigned.get(&ep.ipv4), route) else {
-            if let Err(e) = dp.remove_endpoint(ep.ipv4) {
+            if let Err(e) = dp.remove_endpoint(ep.ipv4).await {
                 warn!(ip = %ep.ipv4, error = %e, "could not remove a stale endpoint");
             }
             dropped += 1;
             continue;
         };
-        if let Err(e) = dp.reprogram(&ep) {
+        if let Err(e) = dp.reprogram(&ep).await {
             warn!(ip = %ep.ipv4, error = %e, "could not re-attach a pod");
             continue;
         }
@@ -343,6 +343,15 @@ async fn adopt_endpoints(
             },
         );
         kept += 1;
+    }
+    let live: std::collections::HashSet<_> = assigned.keys().copied().collect();
+    drop(st);
+    let rules = dp.sweep_rules(&live).await;
+    if rules > 0 {
+        info!(
+            rules,
+            "removed ip rules of pods deleted while the agent was down"
+        );
     }
     Ok((kept, dropped))
 }

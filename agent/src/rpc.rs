@@ -99,9 +99,9 @@ impl Shared {
     }
 
     /// Takes a pod out of the dataplane; failures are logged, never fail a DEL.
-    fn unprogram(&self, ip: Ipv4Addr) {
+    async fn unprogram(&self, ip: Ipv4Addr) {
         if let Some(dp) = self.datapath()
-            && let Err(e) = dp.remove_endpoint(ip)
+            && let Err(e) = dp.remove_endpoint(ip).await
         {
             warn!(%ip, error = %e, "removing the pod from the dataplane failed");
         }
@@ -318,6 +318,7 @@ impl v1::cni_backend_server::CniBackend for Backend {
                 }
             }
             dp.upsert_endpoint(ipv4, &eni, req.host_ifindex, &req.host_mac, &req.pod_mac)
+                .await
                 .map_err(|e| {
                     // Most often a brand-new ENI not yet up in the kernel: try again.
                     let mut s = Status::unavailable(format!(
@@ -359,7 +360,7 @@ impl v1::cni_backend_server::CniBackend for Backend {
         st.port_mappings.remove(&key);
         let released = st.store.release(&key, now_ms());
         if let Some(ip) = released {
-            self.shared.unprogram(ip);
+            self.shared.unprogram(ip).await;
             persist(&st)?;
             info!(%ip, container = %key.container_id, "released into cooldown");
             self.shared.pool_changed.notify_one();
@@ -448,7 +449,7 @@ impl v1::cni_backend_server::CniBackend for Backend {
         let mut released_ipv4 = Vec::new();
         for k in &stale {
             if let Some(ip) = st.store.release(k, now) {
-                self.shared.unprogram(ip);
+                self.shared.unprogram(ip).await;
                 released_ipv4.push(ip.to_string());
             }
             st.endpoints.remove(k);

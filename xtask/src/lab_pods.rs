@@ -363,6 +363,15 @@ fn check(status: &Value, p: &[Pod], q: &Pod, n1: &str, n2: &str) -> bool {
         ),
         svc.as_deref() == Some(&format!("hello from {}", p[1].ip)),
     );
+    if let Some(s) = sec {
+        let svc = tcp_get(&s.ns, CLUSTER_IP, 80);
+        record(
+            &format!(
+                "secondary-ENI pod -> ClusterIP -> pod on node 2, via its ENI's table: {svc:?}"
+            ),
+            svc.as_deref() == Some(&format!("hello from {}", s.ip)),
+        );
+    }
     let failed = results.iter().filter(|(_, ok)| !ok).count();
     println!(
         "\n{} of {} paths work{}",
