@@ -14,6 +14,9 @@ use vpc_ebpf_tests::{
 struct Pod {
     ns: NetNs,
     ip: String,
+    /// The ADD's CNI call and result, for CHECK.
+    call: Call,
+    result: serde_json::Value,
 }
 
 fn sh(ns: &str, argv: &[&str]) -> (bool, String) {
@@ -36,7 +39,7 @@ fn add_pods(agent: &LabAgent, dir: &std::path::Path, tag: &str, n: usize) -> Vec
     (0..n)
         .map(|i| {
             let ns = NetNs::new(&format!("{tag}{i}"));
-            let out = Call {
+            let call = Call {
                 node_ns: agent.node_ns.clone(),
                 command: "ADD".into(),
                 container_id: format!("{tag}-{i}"),
@@ -44,8 +47,8 @@ fn add_pods(agent: &LabAgent, dir: &std::path::Path, tag: &str, n: usize) -> Vec
                 ifname: "eth0".into(),
                 args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={tag}-{i}"),
                 conf: conf("1.0.0", &agent.socket(), &dir.join("plugin.log")),
-            }
-            .run();
+            };
+            let out = call.run();
             assert!(
                 out.ok,
                 "ADD {tag}-{i}: {}\n{}",
@@ -59,7 +62,13 @@ fn add_pods(agent: &LabAgent, dir: &std::path::Path, tag: &str, n: usize) -> Vec
                 .next()
                 .unwrap()
                 .to_owned();
-            Pod { ns, ip }
+            let result = out.json();
+            Pod {
+                ns,
+                ip,
+                call,
+                result,
+            }
         })
         .collect()
 }
@@ -164,6 +173,13 @@ fn every_packet_path() {
         forward_packets(&node1) > 0,
         "the FORWARD counter never counts"
     );
+
+    // CHECK asks the agent whether the pod's programs are attached.
+    let mut check = p[0].call.clone();
+    check.command = "CHECK".into();
+    check.conf["prevResult"] = p[0].result.clone();
+    let out = check.run();
+    assert!(out.ok, "CHECK: {}", out.stdout);
 
     // The dataplane counted what it did.
     let metrics = a1.get(61678, "/metrics").unwrap_or_default();
