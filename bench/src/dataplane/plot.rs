@@ -77,13 +77,14 @@ pub fn draw(path: &Path, title: &str, panels: &[Panel]) -> Result<(), String> {
             .margin(12)
             .x_label_area_size(30)
             .y_label_area_size(70)
-            .build_cartesian_2d((0..n).into_segmented(), 0.0..top)
+            .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..top)
             .map_err(|x| e(&x))?;
         let labels: Vec<&str> = panel.bars.iter().map(|b| b.label).collect();
         chart
             .configure_mesh()
             .disable_x_mesh()
             .y_desc(panel.unit)
+            .y_label_formatter(&|v| label(*v))
             .x_label_formatter(&|v| match v {
                 SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => usize::try_from(*i)
                     .ok()
