@@ -3,15 +3,18 @@
 
 mod cni;
 mod dataplane;
+mod ipam;
 
 const USAGE: &str = "usage: vpc-ebpf-bench cni --plugin PATH [--pods N] [--rounds N] [--json FILE]\n       \
-                     vpc-ebpf-bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE] ...";
+                     vpc-ebpf-bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE] ...\n       \
+                     vpc-ebpf-bench ipam [--modes secondary|prefix|both] [--pods N] [--restarts N] [--json FILE]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match args.first().map(String::as_str) {
         Some("cni") => cni::main(&args[1..]),
         Some("dataplane") => dataplane::main(&args[1..]),
+        Some("ipam") => ipam::main(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             2

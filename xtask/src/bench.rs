@@ -13,7 +13,8 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
     let Some(what) = args.first() else {
         bail!(
             "usage: cargo xtask bench cni [--pods N] [--rounds N] [--json FILE]\n       \
-             cargo xtask bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE]"
+             cargo xtask bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE]\n       \
+             cargo xtask bench ipam [--modes secondary|prefix|both] [--pods N] [--restarts N] [--json FILE]"
         );
     };
     match what.as_str() {
@@ -42,7 +43,8 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
                 .args(&args[1..]))
         }
         "dataplane" => dataplane(&args[1..]),
-        other => bail!("unknown benchmark {other:?}: available: cni, dataplane"),
+        "ipam" => ipam(&args[1..]),
+        other => bail!("unknown benchmark {other:?}: available: cni, dataplane, ipam"),
     }
 }
 
@@ -67,4 +69,37 @@ fn dataplane(args: &[String]) -> anyhow::Result<()> {
     run(Command::new(target.join("release/vpc-ebpf-bench"))
         .arg("dataplane")
         .args(&args))
+}
+
+/// Release builds of the agent, plugin and bench, then the IPAM measurements in a lab of
+/// the bench's own; the bench is pointed at the release agent and plugin, which live
+/// outside the `target/<profile>/deps` layout the test helpers look in by default.
+fn ipam(args: &[String]) -> anyhow::Result<()> {
+    deps::ensure_system_packages(&[("ip", "iproute2"), ("nsenter", "util-linux")])?;
+    let python = deps::ensure_lab_python()?;
+    deps::ensure_ebpf_toolchain()?;
+    crate::ebpf::build(true)?;
+    // Agent and plugin as they ship, apart from the bench: one cargo invocation unifies
+    // features across its packages, which would change what is measured (and rebuild the
+    // AWS SDK once more for that feature set).
+    run(Command::new(cargo())
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "vpc-ebpf-agent",
+            "-p",
+            "vpc-ebpf-cni",
+        ])
+        .current_dir(root()))?;
+    run(Command::new(cargo())
+        .args(["build", "--release", "-p", "vpc-ebpf-bench"])
+        .current_dir(root()))?;
+    let release = target_dir()?.join("release");
+    run(Command::new(release.join("vpc-ebpf-bench"))
+        .arg("ipam")
+        .args(args)
+        .env("VPC_EBPF_AGENT_BIN", release.join("vpc-ebpf-agent"))
+        .env("VPC_EBPF_CNI_BIN", release.join("vpc-ebpf-cni"))
+        .env("VPC_EBPF_LAB_PYTHON", &python))
 }
