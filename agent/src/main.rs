@@ -372,7 +372,7 @@ async fn start(config: &Config, shared: &Shared) -> anyhow::Result<Started> {
     let mut ec2: Option<Ec2> = None;
     loop {
         let r: Result<_, StartError> = async {
-            let meta = imds.discover().await?;
+            let meta = imds.discover_primary().await?;
             let client = if let Some(c) = &ec2 {
                 c.clone()
             } else {

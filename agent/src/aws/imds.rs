@@ -182,6 +182,25 @@ impl Imds {
             })
     }
 
+    /// What the agent needs at start: the instance and its primary ENI only. Every ENI's
+    /// details come from EC2 anyway, and each IMDS path is a round trip, so this keeps
+    /// start-up flat however many ENIs are attached.
+    pub async fn discover_primary(&mut self) -> Result<InstanceMetadata, ImdsError> {
+        let md = "meta-data";
+        let primary_mac = self.need(&format!("{md}/mac")).await?;
+        let eni = self.eni(primary_mac.trim()).await?;
+        Ok(InstanceMetadata {
+            instance_id: self.need(&format!("{md}/instance-id")).await?,
+            instance_type: self.need(&format!("{md}/instance-type")).await?,
+            region: self.need(&format!("{md}/placement/region")).await?,
+            availability_zone: self
+                .need(&format!("{md}/placement/availability-zone"))
+                .await?,
+            primary_mac,
+            enis: vec![eni],
+        })
+    }
+
     pub async fn discover(&mut self) -> Result<InstanceMetadata, ImdsError> {
         let md = "meta-data";
         let mut enis = Vec::new();
