@@ -58,6 +58,8 @@ pub struct Metrics {
     pub eni_max: Gauge,
     pub ip_max: Gauge,
     pub add_requests: Counter,
+    /// Time the agent spends on an AddNetwork call, lock wait and checkpoint included.
+    pub add_latency: Histogram,
     pub del_requests: Counter,
     pub no_ip: Family<ReasonLabels, Counter>,
     pub ipam_errors: Family<ReasonLabels, Counter>,
@@ -94,6 +96,8 @@ impl Metrics {
             eni_max: Gauge::default(),
             ip_max: Gauge::default(),
             add_requests: Counter::default(),
+            // 10 us .. ~5 s: a warm-pool answer is microseconds; a refill wait is seconds.
+            add_latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
             del_requests: Counter::default(),
             no_ip: Family::default(),
             ipam_errors: Family::default(),
@@ -148,6 +152,11 @@ impl Metrics {
             "add_ip_requests",
             "Address requests from the CNI plugin",
             m.add_requests.clone(),
+        );
+        registry.register(
+            "add_ip_latency_seconds",
+            "Time the agent takes to answer an address request",
+            m.add_latency.clone(),
         );
         registry.register(
             "del_ip_requests",

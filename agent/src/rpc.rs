@@ -193,96 +193,14 @@ impl v1::cni_backend_server::CniBackend for Backend {
             uid: p.uid,
         });
         self.shared.metrics.add_requests.inc();
-        let deadline = tokio::time::Instant::now() + REFILL_WAIT;
-        let mut st = self.shared.state.lock().await;
-        let result = loop {
-            if !st.ready {
-                let mut s = Status::unavailable(format!(
-                    "the agent is not ready yet: {}",
-                    st.not_ready_reason
-                ));
-                s.metadata_mut()
-                    .insert(REASON_KEY, MetadataValue::from_static(reason::NOT_READY));
-                return Err(s);
-            }
-            let result = st.store.assign(&key, &pod, now_ms());
-            self.shared.pool_changed.notify_one();
-            // The pool is being refilled right now: a short wait here beats failing the
-            // pod into kubelet's much longer retry backoff.
-            let refilling = st.blocked.is_none()
-                && matches!(result, Err(StoreError::NoFreeAddress { .. }))
-                && tokio::time::Instant::now() < deadline;
-            if !refilling {
-                break result;
-            }
-            let grown = self.shared.pool_grown.notified();
-            tokio::pin!(grown);
-            grown.as_mut().enable();
-            drop(st);
-            let _ = tokio::time::timeout_at(deadline, grown).await;
-            st = self.shared.state.lock().await;
-        };
-        match result {
-            Ok(a) => {
-                if ports.is_empty() {
-                    st.port_mappings.remove(&key);
-                } else {
-                    st.port_mappings.insert(key.clone(), ports);
-                }
-                if !a.existing {
-                    if let Err(e) = persist(&st) {
-                        // Not on disk, so not given: undo rather than risk a double handout.
-                        st.store.release(&key, 0);
-                        return Err(e);
-                    }
-                    info!(ip = %a.ip, eni = %a.eni_id, pod = %format!("{}/{}", pod.namespace, pod.name), "assigned");
-                }
-                Ok(Response::new(v1::AddNetworkReply {
-                    ipv4: a.ip.to_string(),
-                    eni_id: a.eni_id,
-                    device_index: a.device_index,
-                    existing: a.existing,
-                }))
-            }
-            Err(StoreError::NoFreeAddress { cooling, total }) => {
-                let base =
-                    format!("no free address on this node ({total} held, {cooling} cooling down)");
-                let why = match st.blocked {
-                    Some(GrowthBlock::Pool(Blocked::EniLimit)) => reason::ENI_LIMIT,
-                    Some(GrowthBlock::Pool(Blocked::MaxPods)) => reason::MAX_PODS,
-                    Some(GrowthBlock::SubnetExhausted) => reason::SUBNET_EXHAUSTED,
-                    None => reason::POOL_REFILLING,
-                };
-                self.shared
-                    .metrics
-                    .no_ip
-                    .get_or_create(&ReasonLabels { reason: why.into() })
-                    .inc();
-                Err(match st.blocked {
-                    Some(GrowthBlock::Pool(Blocked::EniLimit)) => exhausted(
-                        format!("{base}; every ENI this instance type allows is attached and full"),
-                        reason::ENI_LIMIT,
-                    ),
-                    Some(GrowthBlock::Pool(Blocked::MaxPods)) => exhausted(
-                        format!("{base}; the node holds as many addresses as max pods"),
-                        reason::MAX_PODS,
-                    ),
-                    Some(GrowthBlock::SubnetExhausted) => exhausted(
-                        format!(
-                            "{base}; the subnet has no free addresses (InsufficientFreeAddressesInSubnet)"
-                        ),
-                        reason::SUBNET_EXHAUSTED,
-                    ),
-                    None => exhausted(
-                        format!("{base}; more are being requested from EC2"),
-                        reason::POOL_REFILLING,
-                    ),
-                })
-            }
-            Err(e) => Err(Status::internal(e.to_string())),
-        }
+        let started = std::time::Instant::now();
+        let r = self.add_network_inner(key, pod, ports).await;
+        self.shared
+            .metrics
+            .add_latency
+            .observe(started.elapsed().as_secs_f64());
+        r
     }
-
     async fn endpoint_ready(
         &self,
         req: Request<v1::EndpointReadyRequest>,
@@ -470,5 +388,103 @@ impl v1::cni_backend_server::CniBackend for Backend {
                 .collect(),
             released_ipv4,
         }))
+    }
+}
+
+impl Backend {
+    async fn add_network_inner(
+        &self,
+        key: AttachmentKey,
+        pod: PodMeta,
+        ports: Vec<(u8, u16, u16)>,
+    ) -> Result<Response<v1::AddNetworkReply>, Status> {
+        let deadline = tokio::time::Instant::now() + REFILL_WAIT;
+        let mut st = self.shared.state.lock().await;
+        let result = loop {
+            if !st.ready {
+                let mut s = Status::unavailable(format!(
+                    "the agent is not ready yet: {}",
+                    st.not_ready_reason
+                ));
+                s.metadata_mut()
+                    .insert(REASON_KEY, MetadataValue::from_static(reason::NOT_READY));
+                return Err(s);
+            }
+            let result = st.store.assign(&key, &pod, now_ms());
+            self.shared.pool_changed.notify_one();
+            // The pool is being refilled right now: a short wait here beats failing the
+            // pod into kubelet's much longer retry backoff.
+            let refilling = st.blocked.is_none()
+                && matches!(result, Err(StoreError::NoFreeAddress { .. }))
+                && tokio::time::Instant::now() < deadline;
+            if !refilling {
+                break result;
+            }
+            let grown = self.shared.pool_grown.notified();
+            tokio::pin!(grown);
+            grown.as_mut().enable();
+            drop(st);
+            let _ = tokio::time::timeout_at(deadline, grown).await;
+            st = self.shared.state.lock().await;
+        };
+        match result {
+            Ok(a) => {
+                if ports.is_empty() {
+                    st.port_mappings.remove(&key);
+                } else {
+                    st.port_mappings.insert(key.clone(), ports);
+                }
+                if !a.existing {
+                    if let Err(e) = persist(&st) {
+                        // Not on disk, so not given: undo rather than risk a double handout.
+                        st.store.release(&key, 0);
+                        return Err(e);
+                    }
+                    info!(ip = %a.ip, eni = %a.eni_id, pod = %format!("{}/{}", pod.namespace, pod.name), "assigned");
+                }
+                Ok(Response::new(v1::AddNetworkReply {
+                    ipv4: a.ip.to_string(),
+                    eni_id: a.eni_id,
+                    device_index: a.device_index,
+                    existing: a.existing,
+                }))
+            }
+            Err(StoreError::NoFreeAddress { cooling, total }) => {
+                let base =
+                    format!("no free address on this node ({total} held, {cooling} cooling down)");
+                let why = match st.blocked {
+                    Some(GrowthBlock::Pool(Blocked::EniLimit)) => reason::ENI_LIMIT,
+                    Some(GrowthBlock::Pool(Blocked::MaxPods)) => reason::MAX_PODS,
+                    Some(GrowthBlock::SubnetExhausted) => reason::SUBNET_EXHAUSTED,
+                    None => reason::POOL_REFILLING,
+                };
+                self.shared
+                    .metrics
+                    .no_ip
+                    .get_or_create(&ReasonLabels { reason: why.into() })
+                    .inc();
+                Err(match st.blocked {
+                    Some(GrowthBlock::Pool(Blocked::EniLimit)) => exhausted(
+                        format!("{base}; every ENI this instance type allows is attached and full"),
+                        reason::ENI_LIMIT,
+                    ),
+                    Some(GrowthBlock::Pool(Blocked::MaxPods)) => exhausted(
+                        format!("{base}; the node holds as many addresses as max pods"),
+                        reason::MAX_PODS,
+                    ),
+                    Some(GrowthBlock::SubnetExhausted) => exhausted(
+                        format!(
+                            "{base}; the subnet has no free addresses (InsufficientFreeAddressesInSubnet)"
+                        ),
+                        reason::SUBNET_EXHAUSTED,
+                    ),
+                    None => exhausted(
+                        format!("{base}; more are being requested from EC2"),
+                        reason::POOL_REFILLING,
+                    ),
+                })
+            }
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
     }
 }

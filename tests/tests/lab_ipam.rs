@@ -136,6 +136,15 @@ fn warm_targets(prefixes: bool) {
         let ip = out.json()["ips"][0]["address"].as_str().unwrap().to_owned();
         assert!(ips.insert(ip.clone()), "{ip} handed out twice");
     }
+    // How long the agent itself took per ADD (lock, assignment, checkpoint), as it
+    // reports it.
+    let metrics = n.agent.get(61678, "/metrics").unwrap_or_default();
+    for l in metrics
+        .lines()
+        .filter(|l| l.starts_with("vpc_ebpf_add_ip_latency_seconds"))
+    {
+        eprintln!("{tag}: {l}");
+    }
     latencies.sort();
     eprintln!(
         "{tag}: 20 ADDs, median {:?}, max {:?}",
