@@ -42,6 +42,18 @@ pub struct PodRoute {
     pub ifname: String,
 }
 
+/// Adding what is already there (a restart redoing its work) is success.
+fn exists_is_ok(r: Result<(), rtnetlink::Error>, what: &'static str) -> Result<(), HostError> {
+    match r {
+        Err(rtnetlink::Error::NetlinkError(m))
+            if m.code.is_some_and(|c| -c.get() == libc::EEXIST) =>
+        {
+            Ok(())
+        }
+        r => r.map_err(|source| HostError::Netlink { what, source }),
+    }
+}
+
 pub struct Host {
     handle: Handle,
 }
@@ -122,18 +134,7 @@ impl Host {
             .add(index, std::net::IpAddr::V4(ip), 32)
             .execute()
             .await;
-        match r {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(m))
-                if m.code.is_some_and(|c| -c.get() == libc::EEXIST) =>
-            {
-                Ok(())
-            }
-            Err(source) => Err(HostError::Netlink {
-                what: "adding an ENI's address",
-                source,
-            }),
-        }
+        exists_is_ok(r, "adding an ENI's address")
     }
 
     /// The routing table of a secondary ENI, as Amazon VPC CNI lays it out (table =
@@ -185,18 +186,7 @@ impl Host {
             .action(RuleAction::ToTable)
             .execute()
             .await;
-        match r {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(m))
-                if m.code.is_some_and(|c| -c.get() == libc::EEXIST) =>
-            {
-                Ok(())
-            }
-            Err(source) => Err(HostError::Netlink {
-                what: "adding a pod's ip rule",
-                source,
-            }),
-        }
+        exists_is_ok(r, "adding a pod's ip rule")
     }
 
     /// Pod rules: (pod address, table) for every rule at the pod-rule priority.

@@ -79,6 +79,27 @@ impl LabAgent {
         a
     }
 
+    /// A CNI call on this node as a runtime makes it, for pod `container` in `pod`.
+    pub fn cni_call(
+        &self,
+        command: &str,
+        container: &str,
+        pod: Option<&crate::netns::NetNs>,
+        version: &str,
+    ) -> crate::cni::Call {
+        crate::cni::Call {
+            node_ns: self.node_ns.clone(),
+            command: command.into(),
+            container_id: container.into(),
+            netns: pod
+                .map(|p| format!("/run/netns/{}", p.name()))
+                .unwrap_or_default(),
+            ifname: "eth0".into(),
+            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container}"),
+            conf: crate::cni::conf(version, &self.socket(), &self.dir.join("plugin.log")),
+        }
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.join("agent.sock")
     }

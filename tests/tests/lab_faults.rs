@@ -4,16 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use vpc_ebpf_tests::{
-    cni::{Call, Outcome, conf},
-    lab::Lab,
-    lab_agent::LabAgent,
-    netns::NetNs,
-};
+use vpc_ebpf_tests::{cni::Outcome, lab::Lab, lab_agent::LabAgent, netns::NetNs};
 
 struct Node {
     agent: LabAgent,
-    dir: std::path::PathBuf,
 }
 
 impl Node {
@@ -22,23 +16,11 @@ impl Node {
         let _ = std::fs::remove_dir_all(&dir);
         Self {
             agent: LabAgent::start(lab, 1, &dir, env),
-            dir,
         }
     }
 
     fn cni(&self, command: &str, container: &str, pod: Option<&NetNs>) -> Outcome {
-        Call {
-            node_ns: self.agent.node_ns.clone(),
-            command: command.into(),
-            container_id: container.into(),
-            netns: pod
-                .map(|p| format!("/run/netns/{}", p.name()))
-                .unwrap_or_default(),
-            ifname: "eth0".into(),
-            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container}"),
-            conf: conf("1.1.0", &self.agent.socket(), &self.dir.join("plugin.log")),
-        }
-        .run()
+        self.agent.cni_call(command, container, pod, "1.1.0").run()
     }
 
     /// ADD as kubelet does it: code 11 ("try again later") is retried after a pause.

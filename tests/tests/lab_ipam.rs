@@ -9,12 +9,7 @@ use std::{
 };
 
 use serde_json::Value;
-use vpc_ebpf_tests::{
-    cni::{Call, conf},
-    lab::Lab,
-    lab_agent::LabAgent,
-    netns::NetNs,
-};
+use vpc_ebpf_tests::{cni::Call, lab::Lab, lab_agent::LabAgent, netns::NetNs};
 
 struct Node<'a> {
     lab: &'a Lab,
@@ -24,17 +19,7 @@ struct Node<'a> {
 
 impl Node<'_> {
     fn call(&self, command: &str, container: &str, pod: Option<&NetNs>) -> Call {
-        Call {
-            node_ns: self.agent.node_ns.clone(),
-            command: command.into(),
-            container_id: container.into(),
-            netns: pod
-                .map(|p| format!("/run/netns/{}", p.name()))
-                .unwrap_or_default(),
-            ifname: "eth0".into(),
-            args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container}"),
-            conf: conf("1.1.0", &self.agent.socket(), &self.dir.join("plugin.log")),
-        }
+        self.agent.cni_call(command, container, pod, "1.1.0")
     }
 
     /// EC2's view of node 1: ENI id -> (secondary IPs, prefixes).

@@ -186,31 +186,26 @@ impl Imds {
     /// details come from EC2 anyway, and each IMDS path is a round trip, so this keeps
     /// start-up flat however many ENIs are attached.
     pub async fn discover_primary(&mut self) -> Result<InstanceMetadata, ImdsError> {
-        let md = "meta-data";
-        let primary_mac = self.need(&format!("{md}/mac")).await?;
+        let primary_mac = self.need("meta-data/mac").await?;
         let eni = self.eni(primary_mac.trim()).await?;
-        Ok(InstanceMetadata {
-            instance_id: self.need(&format!("{md}/instance-id")).await?,
-            instance_type: self.need(&format!("{md}/instance-type")).await?,
-            region: self.need(&format!("{md}/placement/region")).await?,
-            availability_zone: self
-                .need(&format!("{md}/placement/availability-zone"))
-                .await?,
-            primary_mac,
-            enis: vec![eni],
-        })
+        self.instance(vec![eni]).await
     }
 
     pub async fn discover(&mut self) -> Result<InstanceMetadata, ImdsError> {
-        let md = "meta-data";
         let mut enis = Vec::new();
-        for mac in lines(&self.need(&format!("{md}/network/interfaces/macs/")).await?)
+        for mac in lines(&self.need("meta-data/network/interfaces/macs/").await?)
             .map(|m| m.trim_end_matches('/').to_owned())
             .collect::<Vec<_>>()
         {
             enis.push(self.eni(&mac).await?);
         }
         enis.sort_by_key(|e| e.device_index);
+        self.instance(enis).await
+    }
+
+    /// The instance's identity around the ENIs already read.
+    async fn instance(&mut self, enis: Vec<EniMetadata>) -> Result<InstanceMetadata, ImdsError> {
+        let md = "meta-data";
         Ok(InstanceMetadata {
             instance_id: self.need(&format!("{md}/instance-id")).await?,
             instance_type: self.need(&format!("{md}/instance-type")).await?,
