@@ -24,6 +24,9 @@ pub struct Config {
     pub imds_endpoint: String,
     pub external_snat: bool,
     pub exclude_snat_cidrs: Vec<ipnet_lite::Cidr>,
+    /// VPC_EBPF_SNAT_PORT_RANGE: source ports SNAT may use on the node address; the
+    /// node's own ephemeral range (`net.ipv4.ip_local_port_range`) is skipped inside it.
+    pub snat_ports: (u16, u16),
     pub veth_prefix: String,
     pub mtu: u32,
     /// AWS_EC2_ENDPOINT: an EC2 endpoint other than the region's (VPC endpoints, the lab).
@@ -43,6 +46,12 @@ pub struct Config {
     pub introspection_addr: SocketAddr,
     pub log_level: String,
 }
+
+/// VPC_EBPF_SNAT_PORT_RANGE's default: every unprivileged port, as iptables' SNAT
+/// `--random-fully` in VPC CNI uses; the node's ephemeral range is skipped at run time.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (1024, 65_535);
+/// Fewest SNAT ports a node may be left with: fewer, and one busy pod runs out.
+pub const MIN_SNAT_PORTS: u32 = 1024;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration:\n  {}", .0.join("\n  "))]
@@ -164,6 +173,23 @@ impl Reader<'_> {
         Some(out)
     }
 
+    fn port_range(&mut self, key: &str, default: (u16, u16)) -> (u16, u16) {
+        let Some(v) = self.raw(key) else {
+            return default;
+        };
+        let parsed = v
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+            .filter(|(a, b)| *a >= 1024 && a <= b && u32::from(b - a) + 1 >= MIN_SNAT_PORTS);
+        parsed.unwrap_or_else(|| {
+            self.problems.push(format!(
+                "{key}={v:?}: MIN-MAX with 1024 <= MIN, MAX <= 65535 and at least 1024 ports, \
+                 such as 1024-65535"
+            ));
+            default
+        })
+    }
+
     fn snat_exclusions(&mut self) -> Vec<ipnet_lite::Cidr> {
         self.cidrs("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS")
             .unwrap_or_default()
@@ -258,6 +284,7 @@ impl Config {
                 .unwrap_or_else(|| crate::aws::imds::DEFAULT_ENDPOINT.into()),
             external_snat: r.flag("AWS_VPC_K8S_CNI_EXTERNALSNAT", false),
             exclude_snat_cidrs,
+            snat_ports: r.port_range("VPC_EBPF_SNAT_PORT_RANGE", DEFAULT_SNAT_PORTS),
             veth_prefix,
             mtu,
             ec2_endpoint: r.raw("AWS_EC2_ENDPOINT"),
@@ -315,6 +342,7 @@ impl Config {
             "VPC_EBPF_SUBNET_FULL_PAUSE": self.subnet_full_pause.as_secs(),
             "AWS_VPC_K8S_CNI_EXTERNALSNAT": self.external_snat,
             "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS": self.exclude_snat_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "VPC_EBPF_SNAT_PORT_RANGE": format!("{}-{}", self.snat_ports.0, self.snat_ports.1),
             "AWS_VPC_K8S_CNI_VETHPREFIX": self.veth_prefix,
             "AWS_VPC_ENI_MTU": self.mtu,
             "AWS_EC2_ENDPOINT": self.ec2_endpoint,
@@ -357,6 +385,7 @@ mod tests {
         assert_eq!(c.metrics_addr.port(), 61678);
         assert_eq!(c.introspection_addr.port(), 61679);
         assert!(!c.external_snat && !c.disable_leaked_eni_cleanup);
+        assert_eq!(c.snat_ports, (1024, 65_535));
     }
 
     #[test]
@@ -377,8 +406,10 @@ mod tests {
                 "10.10.0.0/16, 192.168.0.0/24",
             ),
             ("AWS_EC2_ENDPOINT", "http://10.0.255.10"),
+            ("VPC_EBPF_SNAT_PORT_RANGE", "20000-29999"),
         ])
         .unwrap();
+        assert_eq!(c.snat_ports, (20_000, 29_999));
         assert_eq!(c.mode, Mode::Prefix);
         assert_eq!(
             (c.targets.warm_ip, c.targets.minimum_ip),
@@ -406,6 +437,7 @@ mod tests {
             ("AWS_VPC_K8S_CNI_VETHPREFIX", "eth"),
             ("AWS_VPC_ENI_MTU", "100"),
             ("INTROSPECTION_BIND_ADDRESS", "localhost"),
+            ("VPC_EBPF_SNAT_PORT_RANGE", "80-90"),
         ])
         .unwrap_err();
         let text = e.to_string();
@@ -418,10 +450,11 @@ mod tests {
             "AWS_VPC_K8S_CNI_VETHPREFIX",
             "AWS_VPC_ENI_MTU",
             "INTROSPECTION_BIND_ADDRESS",
+            "VPC_EBPF_SNAT_PORT_RANGE",
         ] {
             assert!(text.contains(var), "{var} not named in:\n{text}");
         }
-        assert_eq!(e.0.len(), 8, "{text}");
+        assert_eq!(e.0.len(), 9, "{text}");
         let e = parse(&[("WARM_PREFIX_TARGET", "1")]).unwrap_err();
         assert!(e.to_string().contains("ENABLE_PREFIX_DELEGATION=true"));
     }

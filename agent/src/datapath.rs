@@ -22,9 +22,32 @@ use crate::{
     rpc::Shared,
 };
 
-/// Source ports for SNAT, above Linux's default ephemeral range (32768-60999) so replies
-/// to them are never meant for a host socket.
-pub const SNAT_PORTS: (u16, u16) = (61_000, 65_535);
+const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+/// Linux's default `ip_local_port_range`.
+pub const LINUX_EPHEMERAL_PORTS: (u16, u16) = (32_768, 60_999);
+
+/// The node's ephemeral port range (this process's network namespace): SNAT skips it,
+/// since replies to those ports on the node address may belong to a host socket the
+/// programs do not see. Linux's default when the file cannot be read.
+pub fn host_ephemeral_ports() -> (u16, u16) {
+    match std::fs::read_to_string(LOCAL_PORT_RANGE) {
+        Ok(text) => parse_port_range(&text).unwrap_or_else(|| {
+            warn!(file = LOCAL_PORT_RANGE, %text, "unparsable; assuming Linux's default");
+            LINUX_EPHEMERAL_PORTS
+        }),
+        Err(error) => {
+            warn!(file = LOCAL_PORT_RANGE, %error, "unreadable; assuming Linux's default");
+            LINUX_EPHEMERAL_PORTS
+        }
+    }
+}
+
+/// `ip_local_port_range`'s text: two numbers separated by white space.
+pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    let (lo, hi) = (it.next()?.ok()?, it.next()?.ok()?);
+    (it.next().is_none() && lo <= hi).then_some((lo, hi))
+}
 
 /// EKS's Service CIDR defaults: 10.100.0.0/16, or 172.20.0.0/16 when the VPC is in 10/8.
 pub fn default_service_cidr(vpc_cidrs: &[Cidr]) -> Cidr {
@@ -412,5 +435,15 @@ mod tests {
         let other: Cidr = "192.168.0.0/16".parse().unwrap();
         assert_eq!(default_service_cidr(&[ten]).to_string(), "172.20.0.0/16");
         assert_eq!(default_service_cidr(&[other]).to_string(), "10.100.0.0/16");
+    }
+
+    #[test]
+    fn local_port_range_text() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32_768, 60_999)));
+        assert_eq!(parse_port_range("1024 65535"), Some((1024, 65_535)));
+        assert_eq!(parse_port_range("60999 32768"), None);
+        assert_eq!(parse_port_range("32768"), None);
+        assert_eq!(parse_port_range("1 2 3"), None);
+        assert_eq!(parse_port_range("a b"), None);
     }
 }

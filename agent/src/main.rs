@@ -11,8 +11,8 @@ use tracing_subscriber::EnvFilter;
 use vpc_ebpf_agent::{
     aws::{ec2::Ec2, imds::Imds},
     bootstrap::{self, StartError},
-    config::Config,
     config::ipnet_lite::Cidr,
+    config::{Config, MIN_SNAT_PORTS},
     datapath::{self, Datapath},
     dataplane::{Dataplane, DataplaneConfig, NodeSpec},
     host::Host,
@@ -22,6 +22,7 @@ use vpc_ebpf_agent::{
     reconcile::{Reconciler, Settings},
     rpc::{Backend, Shared, State, now_ms},
 };
+use vpc_ebpf_common::nat::SnatPorts;
 use vpc_ebpf_rpc::{server, v1::cni_backend_server::CniBackendServer};
 
 fn main() -> std::process::ExitCode {
@@ -266,6 +267,18 @@ async fn start_dataplane(
         .clone()
         .unwrap_or_else(|| vec![datapath::default_service_cidr(&vpc)]);
     let pairs = |v: &[Cidr]| v.iter().map(|c| (c.addr, c.len)).collect::<Vec<_>>();
+    let snat_skip = datapath::host_ephemeral_ports();
+    let (lo, hi) = config.snat_ports;
+    let usable = SnatPorts::new(lo, hi, snat_skip.0, snat_skip.1).usable();
+    if !config.external_snat && usable < MIN_SNAT_PORTS {
+        anyhow::bail!(
+            "VPC_EBPF_SNAT_PORT_RANGE={lo}-{hi} leaves {usable} ports once the node's \
+             ephemeral range {}-{} (net.ipv4.ip_local_port_range) is skipped; at least \
+             {MIN_SNAT_PORTS} are needed: widen the range or narrow ip_local_port_range",
+            snat_skip.0,
+            snat_skip.1
+        );
+    }
     dp.set_node(&NodeSpec {
         node_ip: node.primary_ip,
         primary_eni_ifindex: primary.index,
@@ -273,7 +286,8 @@ async fn start_dataplane(
         snat_exclusions: pairs(&config.exclude_snat_cidrs),
         passthrough_cidrs: pairs(&services),
         external_snat: config.external_snat,
-        snat_ports: datapath::SNAT_PORTS,
+        snat_ports: config.snat_ports,
+        snat_skip: Some(snat_skip),
     })
     .context("programming the node")?;
     let enis = datapath::store_enis(shared).await;

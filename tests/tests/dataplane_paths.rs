@@ -39,7 +39,7 @@ const A_HOST_MAC: [u8; 6] = [0x0e, 0, 0, 0, 0, 0xa2];
 const B_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0xb1];
 const B_HOST_MAC: [u8; 6] = [0x0e, 0, 0, 0, 0, 0xb2];
 const ENI_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xe0];
-const SNAT_PORTS: (u16, u16) = (61000, 61999);
+const SNAT_PORTS: (u16, u16) = (61000, 62999);
 const INTERNET: [u8; 4] = [8, 8, 8, 8];
 
 struct Node {
@@ -58,6 +58,7 @@ fn node_spec(eni0: u32) -> NodeSpec {
         passthrough_cidrs: vec![(ip(172, 20, 0, 0), 16)],
         external_snat: false,
         snat_ports: SNAT_PORTS,
+        snat_skip: None,
     }
 }
 
@@ -608,6 +609,138 @@ fn snat_gives_up_with_a_counted_drop_when_the_range_is_exhausted() {
         // Another destination port is another tuple: the same source port is free for it.
         let third = from_a(&v4(POD_A, dst, 17, &packets::udp(1001, 54, b"")));
         assert_eq!(run(&mut n.dp, FROM_POD, &third).2, reason::FWD_SNAT);
+    });
+}
+
+#[test]
+fn snat_never_allocates_in_the_hosts_ephemeral_band() {
+    let pins = PinRoot::new("snatskip");
+    let ns = NetNs::new("snatskip");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let mut spec = node_spec(n.eni0);
+        // Only 62999 is outside the band.
+        spec.snat_skip = Some((60000, 62998));
+        n.dp.set_node(&spec).unwrap();
+        let dst = Ipv4Addr::from(INTERNET);
+        // The pod's own port is in the range but in the band: not kept.
+        let first = from_a(&v4(POD_A, dst, 17, &packets::udp(61500, 53, b"")));
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &first);
+        assert_eq!((v, r, sport_of(&out)), (REDIRECT, reason::FWD_SNAT, 62999));
+        let second = from_a(&v4(POD_A, dst, 17, &packets::udp(61501, 53, b"")));
+        assert_eq!(
+            run(&mut n.dp, FROM_POD, &second).2,
+            reason::DROP_NO_SNAT_PORT
+        );
+        // A band covering the whole range is refused before any packet sees it.
+        spec.snat_skip = Some((61000, 62999));
+        assert!(n.dp.set_node(&spec).is_err());
+    });
+}
+
+/// One TCP segment from pod A's `sport` to the internet's port 443.
+fn pod_tcp(sport: u16, flags: u8) -> Vec<u8> {
+    from_a(&v4(
+        POD_A,
+        Ipv4Addr::from(INTERNET),
+        6,
+        &packets::tcp(sport, 443, flags),
+    ))
+}
+
+/// One TCP segment from the internet's port 443 to the node's `port`.
+fn internet_tcp(port: u16, flags: u8) -> Vec<u8> {
+    from_vpc(&v4(
+        Ipv4Addr::from(INTERNET),
+        NODE_IP,
+        6,
+        &packets::tcp(443, port, flags),
+    ))
+}
+
+const SYN: u8 = 0x02;
+const SYN_ACK: u8 = 0x12;
+const ACK: u8 = 0x10;
+const FIN_ACK: u8 = 0x11;
+const RST: u8 = 0x04;
+
+#[test]
+fn a_syn_takes_over_the_port_of_a_closed_flow_and_never_of_an_open_one() {
+    let pins = PinRoot::new("takeover");
+    let ns = NetNs::new("takeover");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let mut spec = node_spec(n.eni0);
+        spec.snat_ports = (62000, 62000);
+        n.dp.set_node(&spec).unwrap();
+        // Flow A holds the only port.
+        let (_, out, r) = run(&mut n.dp, FROM_POD, &pod_tcp(1000, SYN));
+        assert_eq!((r, sport_of(&out)), (reason::FWD_SNAT, 62000));
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &internet_tcp(62000, SYN_ACK)).2,
+            reason::FWD_REVERSE_NAT
+        );
+        // Open: a new connection cannot have it, nor can a non-SYN first packet.
+        assert_eq!(
+            run(&mut n.dp, FROM_POD, &pod_tcp(1001, SYN)).2,
+            reason::DROP_NO_SNAT_PORT
+        );
+        // Half closed (FIN from the pod only): still A's.
+        run(&mut n.dp, FROM_POD, &pod_tcp(1000, FIN_ACK));
+        assert_eq!(
+            run(&mut n.dp, FROM_POD, &pod_tcp(1001, SYN)).2,
+            reason::DROP_NO_SNAT_PORT
+        );
+        // FIN both ways: closed, and only a SYN may take the port.
+        run(&mut n.dp, FROM_ENI, &internet_tcp(62000, FIN_ACK));
+        assert_eq!(
+            run(&mut n.dp, FROM_POD, &pod_tcp(1001, ACK)).2,
+            reason::DROP_NO_SNAT_PORT
+        );
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &pod_tcp(1001, SYN));
+        assert_eq!((v, r, sport_of(&out)), (REDIRECT, reason::FWD_SNAT, 62000));
+        // Replies now reach B's port, and A's forward entry is gone with its port.
+        let (_, back, r) = run(&mut n.dp, FROM_ENI, &internet_tcp(62000, SYN_ACK));
+        assert_eq!((r, dport_of(&back)), (reason::FWD_REVERSE_NAT, 1001));
+        let dst = u32::from_ne_bytes(INTERNET);
+        let keys: Vec<NatKey> =
+            n.dp.nat_entries()
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+        assert!(
+            !keys.contains(&NatKey::new(be(POD_A), dst, 1000, 443, 6)),
+            "{keys:?}"
+        );
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        // A reset closes too.
+        run(&mut n.dp, FROM_ENI, &internet_tcp(62000, RST));
+        let (_, out, r) = run(&mut n.dp, FROM_POD, &pod_tcp(1002, SYN));
+        assert_eq!((r, sport_of(&out)), (reason::FWD_SNAT, 62000));
+    });
+}
+
+#[test]
+fn a_syn_on_a_reused_tuple_starts_the_flow_afresh() {
+    let pins = PinRoot::new("reuse");
+    let ns = NetNs::new("reuse");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let (_, out, _) = run(&mut n.dp, FROM_POD, &pod_tcp(1000, SYN));
+        let port = sport_of(&out);
+        run(&mut n.dp, FROM_POD, &pod_tcp(1000, FIN_ACK));
+        run(&mut n.dp, FROM_ENI, &internet_tcp(port, FIN_ACK));
+        let closing = n.dp.nat_entries().unwrap();
+        assert!(closing.iter().all(|(_, e)| e.state != 0), "{closing:?}");
+        // The pod reuses its port for a new connection: same translation, and neither
+        // half is left marked closing (which would expire the new flow early).
+        let (_, again, r) = run(&mut n.dp, FROM_POD, &pod_tcp(1000, SYN));
+        assert_eq!((r, sport_of(&again)), (reason::FWD_SNAT, port));
+        run(&mut n.dp, FROM_ENI, &internet_tcp(port, SYN_ACK));
+        let fresh = n.dp.nat_entries().unwrap();
+        assert_eq!(fresh.len(), 2);
+        assert!(fresh.iter().all(|(_, e)| e.state == 0), "{fresh:?}");
     });
 }
 

@@ -126,7 +126,8 @@ fn describe(lab: &Lab, pins: &PinRoot, mode: AttachMode) -> Dataplane {
             // The Service CIDR: kube-proxy's, in the host stack.
             passthrough_cidrs: vec![(ip(10, 100, 0, 0), 16)],
             external_snat: false,
-            snat_ports: (61000, 61999),
+            snat_ports: (61000, 62999),
+            snat_skip: None,
         })
         .unwrap();
         for (ifx, mac, primary_ip, gateway, is_primary) in [
@@ -407,7 +408,8 @@ fn describe_node2(n2: &Node2, pins: &PinRoot, mode: AttachMode) -> Dataplane {
             snat_exclusions: vec![],
             passthrough_cidrs: vec![(ip(10, 100, 0, 0), 16)],
             external_snat: false,
-            snat_ports: (61000, 61999),
+            snat_ports: (61000, 62999),
+            snat_skip: None,
         })
         .unwrap();
         dp.upsert_eni(&EniSpec {

@@ -39,7 +39,7 @@ pub use spec::{EndpointSpec, EniSpec, NodeSpec};
 use tracing::{debug, info, warn};
 use vpc_ebpf_common::{
     PIN_VERSION, maps as map_names,
-    nat::{KernelFlow, NatEntry, NatKey},
+    nat::{KernelFlow, NatEntry, NatKey, SnatPorts},
     programs,
 };
 
@@ -210,10 +210,18 @@ impl Dataplane {
     /// Writes the node configuration and the CIDR tables. Idempotent; until the first
     /// call the programs hand every packet to the kernel.
     pub fn set_node(&mut self, n: &NodeSpec) -> Result<(), DataplaneError> {
-        if !n.external_snat && (n.snat_ports.0 == 0 || n.snat_ports.0 > n.snat_ports.1) {
+        let value = n.value();
+        let usable = SnatPorts::new(
+            value.snat_port_min,
+            value.snat_port_max,
+            value.snat_skip_min,
+            value.snat_skip_max,
+        )
+        .usable();
+        if !n.external_snat && usable == 0 {
             return Err(DataplaneError::InvalidSpec(format!(
-                "SNAT port range {}-{} is empty or starts at 0",
-                n.snat_ports.0, n.snat_ports.1
+                "SNAT port range {}-{} less the band {:?} leaves no port",
+                n.snat_ports.0, n.snat_ports.1, n.snat_skip
             )));
         }
         maps::sync_cidrs(&mut self.ebpf, map_names::VPC_CIDRS, &n.vpc_cidrs)?;
@@ -228,7 +236,7 @@ impl Dataplane {
             &n.passthrough_cidrs,
         )?;
         // Last: the programs start acting on the flag only once the tables are in place.
-        maps::set_config(&mut self.ebpf, &n.value())
+        maps::set_config(&mut self.ebpf, &value)
     }
 
     /// Records the ENI and attaches the ENI program to it. Idempotent.

@@ -44,10 +44,12 @@ pub struct NodeSpec {
     pub passthrough_cidrs: Vec<(Ipv4Addr, u8)>,
     /// `AWS_VPC_K8S_CNI_EXTERNALSNAT`: no SNAT at all.
     pub external_snat: bool,
-    /// Inclusive SNAT source-port range. Keep it out of the host's
-    /// `net.ipv4.ip_local_port_range`: replies to these ports on the node address are
-    /// taken by the dataplane before the host stack sees them.
+    /// Inclusive SNAT source-port range.
     pub snat_ports: (u16, u16),
+    /// Inclusive band inside `snat_ports` never allocated: the host's
+    /// `net.ipv4.ip_local_port_range`, since replies to SNAT ports on the node address
+    /// are taken by the dataplane before the host stack sees them.
+    pub snat_skip: Option<(u16, u16)>,
 }
 
 /// Network-order `u32` of an address, as the programs compare it with packet bytes.
@@ -100,6 +102,8 @@ impl NodeSpec {
             snat_port_min: self.snat_ports.0,
             snat_port_max: self.snat_ports.1,
             flags,
+            snat_skip_min: self.snat_skip.map_or(0, |s| s.0),
+            snat_skip_max: self.snat_skip.map_or(0, |s| s.1),
         }
     }
 }

@@ -93,10 +93,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
             })
             .collect::<Result<_, _>>()?,
     };
-    // Out of the node's ip_local_port_range (32768-60999 by default), as the dataplane
-    // requires, without touching the node's sysctls.
+    // The agent's default; the node's ip_local_port_range is skipped inside it.
     let snat_ports = match flag(args, "--snat-ports") {
-        None => (61000, 65535),
+        None => vpc_ebpf_agent::config::DEFAULT_SNAT_PORTS,
         Some(v) => v
             .split_once('-')
             .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))

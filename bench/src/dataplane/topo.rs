@@ -509,6 +509,8 @@ pub fn ebpf(pin_root: PathBuf, mode: Option<AttachMode>, snat_ports: (u16, u16))
     let dp = run_in(&node, || {
         let mut dp = Dataplane::load(&config).expect("loading the eBPF object");
         let eni = ifindex(&node, ENI);
+        // Read inside the node namespace, as the agent does at start.
+        let snat_skip = Some(vpc_ebpf_agent::datapath::host_ephemeral_ports());
         dp.set_node(&NodeSpec {
             node_ip: NODE_IP,
             primary_eni_ifindex: eni,
@@ -517,6 +519,7 @@ pub fn ebpf(pin_root: PathBuf, mode: Option<AttachMode>, snat_ports: (u16, u16))
             passthrough_cidrs: vec![],
             external_snat: false,
             snat_ports,
+            snat_skip,
         })
         .expect("set_node");
         dp.upsert_eni(&EniSpec {

@@ -167,6 +167,74 @@ const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<HostPortKey>() == 4);
 const _: () = assert!(core::mem::size_of::<HostPortTarget>() == 8);
 
+/// The ports SNAT may allocate: `[min, max]` less one band (the node's own ephemeral
+/// ports, which the programs cannot see in use). Pure arithmetic shared by the programs
+/// and user space, so the mapping is tested on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnatPorts {
+    min: u32,
+    max: u32,
+    skip_min: u32,
+    /// Ports of the band inside `[min, max]`; zero when there is no band.
+    skip_len: u32,
+}
+
+impl SnatPorts {
+    /// `skip_min..=skip_max` is clipped to the range; `skip_max < skip_min` (or both
+    /// zero) means no band.
+    pub const fn new(min: u16, max: u16, skip_min: u16, skip_max: u16) -> Self {
+        let (min, max) = (min as u32, max as u32);
+        let lo = if (skip_min as u32) > min {
+            skip_min as u32
+        } else {
+            min
+        };
+        let hi = if (skip_max as u32) < max {
+            skip_max as u32
+        } else {
+            max
+        };
+        let none = skip_max == 0 || skip_max < skip_min || hi < lo;
+        Self {
+            min,
+            max,
+            skip_min: if none { 0 } else { lo },
+            skip_len: if none { 0 } else { hi - lo + 1 },
+        }
+    }
+
+    /// How many ports can be allocated.
+    pub const fn usable(&self) -> u32 {
+        if self.min == 0 || self.max < self.min {
+            return 0;
+        }
+        self.max - self.min + 1 - self.skip_len
+    }
+
+    /// Whether `port` may be allocated.
+    pub const fn contains(&self, port: u16) -> bool {
+        let p = port as u32;
+        self.usable() != 0
+            && p >= self.min
+            && p <= self.max
+            && !(self.skip_len != 0 && p >= self.skip_min && p < self.skip_min + self.skip_len)
+    }
+
+    /// The allocatable port `n` lands on (`n` taken modulo [`Self::usable`]): every
+    /// usable port is hit by exactly one residue. `None` when nothing is usable.
+    pub const fn nth(&self, n: u32) -> Option<u16> {
+        let Some(off) = n.checked_rem(self.usable()) else {
+            return None;
+        };
+        let mut p = self.min + off;
+        if self.skip_len != 0 && p >= self.skip_min {
+            p += self.skip_len;
+        }
+        #[expect(clippy::cast_possible_truncation, reason = "p <= max <= u16::MAX")]
+        Some(p as u16)
+    }
+}
+
 /// Compiled-in size of the NAT map; user space overrides it at load (from memory or
 /// configuration), so this only bounds a load that forgets to.
 pub const NAT_DEFAULT_MAX_ENTRIES: u32 = 65_536;
@@ -189,6 +257,47 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snat_ports_skip_the_band_and_hit_every_usable_port_once() {
+        // The agent's default: 1024-65535 around Linux's default ephemeral range.
+        let r = SnatPorts::new(1024, 65_535, 32_768, 60_999);
+        assert_eq!(r.usable(), 65_535 - 1024 + 1 - (60_999 - 32_768 + 1));
+        let mut seen = [false; 65_536];
+        for n in 0..r.usable() {
+            let p = r.nth(n).unwrap();
+            assert!(r.contains(p), "{p}");
+            assert!(!seen[usize::from(p)], "{p} twice");
+            seen[usize::from(p)] = true;
+        }
+        assert_eq!(r.nth(0), Some(1024));
+        assert_eq!(r.nth(32_768 - 1024), Some(61_000));
+        assert_eq!(r.nth(r.usable()), Some(1024));
+        assert!(!r.contains(32_768) && !r.contains(60_999) && !r.contains(1023));
+        assert!(r.contains(32_767) && r.contains(61_000) && r.contains(65_535));
+    }
+
+    #[test]
+    fn snat_ports_bands_outside_the_range_or_empty_change_nothing() {
+        let plain = SnatPorts::new(61_000, 65_535, 0, 0);
+        assert_eq!(plain.usable(), 4536);
+        assert_eq!(SnatPorts::new(61_000, 65_535, 32_768, 60_999), plain);
+        assert_eq!(SnatPorts::new(61_000, 65_535, 9, 3), plain);
+        // A band covering the top of the range is clipped to it.
+        let clipped = SnatPorts::new(1024, 65_535, 60_000, 65_535);
+        assert_eq!(clipped.usable(), 60_000 - 1024);
+        assert_eq!(clipped.nth(60_000 - 1024 - 1), Some(59_999));
+    }
+
+    #[test]
+    fn snat_ports_with_nothing_usable_give_none() {
+        assert_eq!(SnatPorts::new(0, 0, 0, 0).nth(5), None);
+        assert_eq!(SnatPorts::new(2000, 1000, 0, 0).nth(5), None);
+        let all_skipped = SnatPorts::new(40_000, 50_000, 32_768, 60_999);
+        assert_eq!(all_skipped.usable(), 0);
+        assert_eq!(all_skipped.nth(1), None);
+        assert!(!all_skipped.contains(45_000));
+    }
 
     #[test]
     fn peer_of_an_snat_entry_is_the_reply_tuple() {

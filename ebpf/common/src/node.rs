@@ -18,6 +18,12 @@ pub struct NodeConfig {
     pub snat_port_max: u16,
     /// [`config_flags`].
     pub flags: u32,
+    /// First port of a band inside `[snat_port_min, snat_port_max]` SNAT must not
+    /// allocate (host order): the node's own ephemeral ports, whose flows the programs do
+    /// not see. Both zero: no band.
+    pub snat_skip_min: u16,
+    /// Last port of that band, inclusive (host order).
+    pub snat_skip_max: u16,
 }
 
 pub mod config_flags {
@@ -79,7 +85,7 @@ pub struct Ipv4Prefix {
 /// The pod gateway every pod routes through (`169.254.1.1`), whose ARP the programs answer.
 pub const POD_GATEWAY: [u8; 4] = [169, 254, 1, 1];
 
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 20);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 28);
 const _: () = assert!(core::mem::size_of::<Eni>() == 20);
 const _: () = assert!(core::mem::size_of::<Ipv4Prefix>() == 8);

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use network_types::eth::EthHdr;
 use vpc_ebpf_common::{
     counters::reason,
-    nat::NatKey,
+    nat::{NatKey, SnatPorts},
     node::{Endpoint, NodeConfig, config_flags},
 };
 
@@ -160,7 +160,13 @@ fn snat(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, p: &Ports) -> Outcome {
         return (reason::DROP_NO_ENI, DROP);
     }
     let key = nat::key(ip, p);
-    let Some(e) = nat::snat_new(&key, cfg.node_ip, cfg.snat_port_min, cfg.snat_port_max) else {
+    let ports = SnatPorts::new(
+        cfg.snat_port_min,
+        cfg.snat_port_max,
+        cfg.snat_skip_min,
+        cfg.snat_skip_max,
+    );
+    let Some(e) = nat::snat_new(&key, p, cfg.node_ip, &ports) else {
         return (reason::DROP_NO_SNAT_PORT, DROP);
     };
     deliver::translated(ctx, cfg, ip, p, &e)

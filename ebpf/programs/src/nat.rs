@@ -5,7 +5,7 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
-use vpc_ebpf_common::nat::{NatEntry, NatKey, nat_kind, nat_origin, tcp_state};
+use vpc_ebpf_common::nat::{NatEntry, NatKey, SnatPorts, nat_kind, nat_origin, tcp_state};
 
 use crate::{
     maps::VPC_NAT,
@@ -13,11 +13,15 @@ use crate::{
     rewrite,
 };
 
-/// Ports tried for a new SNAT flow before giving up; each try is one hash insert.
-const SNAT_ATTEMPTS: u32 = 8;
+/// Ports tried for a new SNAT flow before giving up; each try is one or two hash
+/// operations.
+const SNAT_ATTEMPTS: u32 = 12;
 
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const IPPROTO_TCP: u8 = 6;
 
 #[inline(always)]
 pub fn key(ip: &Ipv4, p: &Ports) -> NatKey {
@@ -34,6 +38,9 @@ pub fn now() -> u64 {
 #[inline(always)]
 pub fn lookup(key: &NatKey, p: &Ports) -> Option<NatEntry> {
     let e = VPC_NAT.get_ptr_mut(key)?;
+    // A SYN starts a new connection on a reused tuple: the old one's FIN/RST no longer
+    // applies (else expiry would treat the new connection as closing).
+    let reset = p.tcp_flags & TCP_SYN != 0;
     let mut state = 0;
     if p.tcp_flags & TCP_FIN != 0 {
         state |= tcp_state::FIN;
@@ -45,7 +52,11 @@ pub fn lookup(key: &NatKey, p: &Ports) -> Option<NatEntry> {
     // timestamp and state bits, where any of the racing values is fine.
     unsafe {
         (*e).last_seen_ns = now();
-        (*e).state |= state;
+        if reset {
+            (*e).state = state;
+        } else {
+            (*e).state |= state;
+        }
         Some(*e)
     }
 }
@@ -108,24 +119,23 @@ pub fn forget(key: &NatKey) {
     let _ = VPC_NAT.remove(key);
 }
 
-/// Allocates a port in `[min, max]` for a new flow `key` from a pod and records both
-/// directions. The pod's own port is kept when it is in range and free (as Linux does),
-/// then hashed candidates are tried. `None`: every try was taken.
+/// Allocates a port from `ports` for a new flow `key` from a pod and records both
+/// directions. The pod's own port is kept when it is allocatable and free (as Linux's
+/// NAT does), then hashed candidates are tried. A candidate whose reverse entry is taken
+/// is still used when that entry is this very flow's (its forward half was evicted) or,
+/// for a TCP SYN, when the flow holding it has closed: as conntrack lets a SYN reuse a
+/// tuple in TIME_WAIT, so that a high connection rate to one server does not run out of
+/// ports while closed flows wait for expiry. `None`: every try was taken.
 #[inline(always)]
-pub fn snat_new(key: &NatKey, node_ip: u32, min: u16, max: u16) -> Option<NatEntry> {
-    if min == 0 || max < min {
-        return None;
-    }
-    let span = u32::from(max - min) + 1;
+pub fn snat_new(key: &NatKey, p: &Ports, node_ip: u32, ports: &SnatPorts) -> Option<NatEntry> {
+    let syn = key.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let h = hash(key);
     let mut i = 0;
     while i < SNAT_ATTEMPTS {
-        let port = if i == 0 && key.src_port >= min && key.src_port <= max {
+        let port = if i == 0 && ports.contains(key.src_port) {
             key.src_port
         } else {
-            #[expect(clippy::cast_possible_truncation, reason = "< span <= 65536")]
-            let off = (h.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % span) as u16;
-            min + off
+            ports.nth(h.wrapping_add(i.wrapping_mul(0x9e37_79b1)))?
         };
         i += 1;
         let fwd = NatEntry {
@@ -142,6 +152,7 @@ pub fn snat_new(key: &NatKey, node_ip: u32, min: u16, max: u16) -> Option<NatEnt
         if VPC_NAT
             .insert(rev_key, rev, u64::from(BPF_NOEXIST))
             .is_err()
+            && !take_over(&rev_key, &rev, key, syn)
         {
             continue;
         }
@@ -154,6 +165,33 @@ pub fn snat_new(key: &NatKey, node_ip: u32, min: u16, max: u16) -> Option<NatEnt
         return unsafe { VPC_NAT.get(key) }.copied();
     }
     None
+}
+
+/// Whether the taken reverse entry `rev_key` may be given to the new flow `key` (and, if
+/// so, rewrites it to `rev`): it already points back at `key`, or `syn` opens a TCP
+/// connection and the flow holding the entry has closed (RST seen, or FIN both ways).
+#[inline(always)]
+fn take_over(rev_key: &NatKey, rev: &NatEntry, key: &NatKey, syn: bool) -> bool {
+    // SAFETY: read-only copy of a map value.
+    let Some(old) = (unsafe { VPC_NAT.get(rev_key) }).copied() else {
+        return false;
+    };
+    let old_fwd_key = old.peer_key(rev_key);
+    if old_fwd_key != *key {
+        if !syn {
+            return false;
+        }
+        // SAFETY: read-only copy of a map value.
+        let old_fwd = unsafe { VPC_NAT.get(&old_fwd_key) }.copied();
+        let fwd_state = old_fwd.map_or(tcp_state::FIN, |f| f.state);
+        let closed = (old.state | fwd_state) & tcp_state::RST != 0
+            || old.state & fwd_state & tcp_state::FIN != 0;
+        if !closed {
+            return false;
+        }
+        let _ = VPC_NAT.remove(&old_fwd_key);
+    }
+    VPC_NAT.insert(rev_key, rev, u64::from(BPF_ANY)).is_ok()
 }
 
 /// Records a new hostPort flow `key` (client → node:hostPort) translated to
