@@ -210,27 +210,36 @@ impl v1::cni_backend_server::CniBackend for Backend {
         let ipv4: Ipv4Addr = req.ipv4.parse().map_err(|_| {
             Status::invalid_argument(format!("ipv4 {:?} is not an address", req.ipv4))
         })?;
-        let mut st = self.shared.state.lock().await;
-        if st.store.lookup(&key) != Some(ipv4) {
-            return Err(Status::failed_precondition(format!(
+        let not_given = || {
+            Status::failed_precondition(format!(
                 "the agent has not given {ipv4} to this attachment"
-            )));
-        }
-        let mut arp_answered = false;
-        if let Some(dp) = self.shared.datapath() {
+            ))
+        };
+        // What the dataplane needs, read under the lock; the attach itself (milliseconds
+        // of netlink and bpf syscalls) runs without it so other pods' ADDs are not held up.
+        let (eni, ports, enis) = {
+            let st = self.shared.state.lock().await;
+            if st.store.lookup(&key) != Some(ipv4) {
+                return Err(not_given());
+            }
             let eni = st
                 .store
                 .assignments()
                 .find(|(k, ..)| **k == key)
                 .map(|(.., e)| e.id.clone())
                 .unwrap_or_default();
+            let enis: Vec<_> = st
+                .store
+                .enis()
+                .map(|e| (e.id.clone(), e.device_index, e.mac.clone(), e.primary_ip))
+                .collect();
+            let ports = st.port_mappings.get(&key).cloned().unwrap_or_default();
+            (eni, ports, enis)
+        };
+        let mut arp_answered = false;
+        if let Some(dp) = self.shared.datapath() {
             if dp.eni_ifindex(&eni).is_none() {
                 // The ENI was attached moments ago: program it now rather than fail.
-                let enis: Vec<_> = st
-                    .store
-                    .enis()
-                    .map(|e| (e.id.clone(), e.device_index, e.mac.clone(), e.primary_ip))
-                    .collect();
                 if let Err(e) = dp.sync_enis(&enis).await {
                     warn!(error = %e, "ENI sync for a new pod failed");
                 }
@@ -249,10 +258,16 @@ impl v1::cni_backend_server::CniBackend for Backend {
                     );
                     s
                 })?;
-            let ports = st.port_mappings.get(&key).cloned().unwrap_or_default();
             dp.set_hostports(ipv4, &ports)
                 .map_err(|e| Status::invalid_argument(format!("hostPorts of {ipv4}: {e}")))?;
             arp_answered = true;
+        }
+        let mut st = self.shared.state.lock().await;
+        if st.store.lookup(&key) != Some(ipv4) {
+            // Released by a DEL while the programs were being attached: undo.
+            drop(st);
+            self.shared.unprogram(ipv4).await;
+            return Err(not_given());
         }
         st.endpoints.insert(
             key,

@@ -178,6 +178,17 @@ async fn stale_sockets_are_replaced_and_live_ones_refused() {
     // A socket file left by a crashed agent: bound, never served.
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     let _live = server::bind(&sock).await.expect("stale socket replaced");
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The live socket answers at its final path, and binding left nothing else behind.
+    std::os::unix::net::UnixStream::connect(&sock).expect("connect to the moved socket");
+    let names: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["agent.sock"], "{names:?}");
     let err = server::bind(&sock).await.unwrap_err();
     assert!(err.to_string().contains("another agent"), "{err}");
     std::fs::remove_dir_all(d).unwrap();

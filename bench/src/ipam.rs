@@ -12,6 +12,7 @@ use std::{
     fs::File,
     io::Write as _,
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -176,6 +177,79 @@ impl Node {
             .sum();
         (enis.len(), sum("free"), sum("assigned"), prefixes)
     }
+}
+
+/// AddNetwork round trips the pool can serve without growing.
+const RPC_CALLS: u64 = 20;
+
+/// Times AddNetwork and DelNetwork on the agent's socket, one call at a time, for
+/// [`RPC_CALLS`] attachments, in rounds until `RPC_ROUNDS` are done. Each round first
+/// waits for that many free addresses, so every ADD is served from the warm pool.
+fn agent_round_trips(n: &Node, tag: &str) -> (Vec<Duration>, Vec<Duration>) {
+    use vpc_ebpf_rpc::v1::{AddNetworkRequest, Attachment, DelNetworkRequest, Pod};
+    const RPC_ROUNDS: usize = 5;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut client = rt
+        .block_on(vpc_ebpf_rpc::client::connect(
+            n.agent.socket(),
+            Duration::from_secs(10),
+        ))
+        .expect("agent socket");
+    let (mut adds, mut dels) = (Vec::new(), Vec::new());
+    for round in 0..RPC_ROUNDS {
+        let t0 = Instant::now();
+        while n.pool().1 < RPC_CALLS {
+            assert!(
+                t0.elapsed() < Duration::from_mins(2),
+                "the pool never had {RPC_CALLS} free addresses: {:?}",
+                n.pool()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let keys: Vec<Attachment> = (0..RPC_CALLS)
+            .map(|i| Attachment {
+                network: "aws-cni".into(),
+                container_id: format!("{tag}-rpc{round}-{i}"),
+                ifname: "eth0".into(),
+            })
+            .collect();
+        for k in &keys {
+            let req = AddNetworkRequest {
+                attachment: Some(k.clone()),
+                pod: Some(Pod {
+                    namespace: "bench".into(),
+                    name: k.container_id.clone(),
+                    ..Pod::default()
+                }),
+                ..AddNetworkRequest::default()
+            };
+            let t = Instant::now();
+            let reply = rt.block_on(client.add_network(req));
+            adds.push(t.elapsed());
+            let reply = reply.expect("AddNetwork from a warm pool").into_inner();
+            assert!(!reply.existing && !reply.ipv4.is_empty(), "{reply:?}");
+        }
+        for k in &keys {
+            let req = DelNetworkRequest {
+                attachment: Some(k.clone()),
+                pod: None,
+            };
+            let t = Instant::now();
+            let reply = rt.block_on(client.del_network(req));
+            dels.push(t.elapsed());
+            assert!(
+                !reply
+                    .expect("DelNetwork")
+                    .into_inner()
+                    .released_ipv4
+                    .is_empty()
+            );
+        }
+    }
+    (adds, dels)
 }
 
 fn calls_of(status: &Value) -> BTreeMap<String, u64> {
@@ -428,7 +502,9 @@ fn run_mode(o: &Opts, prefixes: bool) -> Value {
         "--json",
     ]);
     lab.status = serde_json::from_str(&out).expect("lab up --json");
-    let dir = std::env::temp_dir().join(format!("vpc-ebpf-bench-{tag}-{}", std::process::id()));
+    // On tmpfs, as the agent's default /var/run/vpc-ebpf is on a node: the checkpoint's
+    // fsync costs what it costs there (this machine's /tmp and /run are on disk).
+    let dir = Path::new("/dev/shm").join(format!("vpc-ebpf-bench-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     // The agent's defaults (WARM_ENI_TARGET=1, 30 s cooldown), at the log level a node runs.
     let mut env = vec![("VPC_EBPF_LOG", "info")];
@@ -542,6 +618,15 @@ fn run_mode(o: &Opts, prefixes: bool) -> Value {
         });
         del_conc.extend(took);
     }
+    // 6. The agent alone, from its warm pool: AddNetwork then DelNetwork over its socket,
+    // as the plugin calls them but without the veth work around them.
+    let (rpc_add, rpc_del) = agent_round_trips(&n, &tag);
+    eprintln!(
+        "{name}: agent-only AddNetwork p50 {:.3} ms p99 {:.3} ms (n={})",
+        summary(&rpc_add)["p50_ms"],
+        summary(&rpc_add)["p99_ms"],
+        rpc_add.len()
+    );
     let (rss_end, hwm_end, cpu_end) = proc_stats(pid);
     let status = n.status();
     drop(n);
@@ -589,6 +674,8 @@ fn run_mode(o: &Opts, prefixes: bool) -> Value {
         "add_concurrent_refused_try_again": refused_conc,
         "concurrency": o.concurrency,
         "del_sequential": summary(&del_seq),
+        "agent_add_rpc": summary(&rpc_add),
+        "agent_del_rpc": summary(&rpc_del),
         "del_concurrent": summary(&del_conc),
         "start_to_ready": {
             "runs": restarts.len(),
@@ -675,6 +762,14 @@ fn print_table(modes: &[Value]) {
             "add_concurrent",
             Some("add_concurrent_refused_try_again")
         ))
+    );
+    println!(
+        "| agent alone: AddNetwork p50 / p99 / max ms over gRPC | {} | well under 1 ms |",
+        col(&lat("agent_add_rpc", None))
+    );
+    println!(
+        "| agent alone: DelNetwork p50 / p99 / max ms over gRPC | {} | |",
+        col(&lat("agent_del_rpc", None))
     );
     println!(
         "| DEL p50 / p99 / max ms, sequential | {} | |",

@@ -2,7 +2,7 @@
 
 use std::{
     io,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -43,8 +43,24 @@ pub async fn bind(path: &Path) -> Result<UnixListenerStream, BindError> {
                 .map_err(err("removing stale socket"))?,
         }
     }
-    let listener = UnixListener::bind(path).map_err(err("binding"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(err("chmod 0600 of"))?;
-    Ok(UnixListenerStream::new(listener))
+    // Bound inside a private (0700) directory, made 0600, then renamed into place: at
+    // no instant is the socket reachable with the mode the umask would give it.
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let private = dir.join(format!(".bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(err("creating a private directory next to"))?;
+    let staged = private.join("sock");
+    let bound = UnixListener::bind(&staged)
+        .map_err(err("binding"))
+        .and_then(|l| {
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+                .map_err(err("chmod 0600 of"))?;
+            std::fs::rename(&staged, path).map_err(err("moving the socket to"))?;
+            Ok(l)
+        });
+    let _ = std::fs::remove_dir_all(&private);
+    Ok(UnixListenerStream::new(bound?))
 }

@@ -658,6 +658,8 @@ fn internet_tcp(port: u16, flags: u8) -> Vec<u8> {
     ))
 }
 
+/// How long a closed SNAT flow keeps its port (the programs' REUSE_AFTER_NS), plus margin.
+const REUSE_AFTER: std::time::Duration = std::time::Duration::from_millis(2100);
 const SYN: u8 = 0x02;
 const SYN_ACK: u8 = 0x12;
 const ACK: u8 = 0x10;
@@ -691,8 +693,14 @@ fn a_syn_takes_over_the_port_of_a_closed_flow_and_never_of_an_open_one() {
             run(&mut n.dp, FROM_POD, &pod_tcp(1001, SYN)).2,
             reason::DROP_NO_SNAT_PORT
         );
-        // FIN both ways: closed, and only a SYN may take the port.
+        // FIN both ways: closed, but the last ACK may still be on its way, so the port
+        // is left alone for a while; after that only a SYN may take it.
         run(&mut n.dp, FROM_ENI, &internet_tcp(62000, FIN_ACK));
+        assert_eq!(
+            run(&mut n.dp, FROM_POD, &pod_tcp(1001, SYN)).2,
+            reason::DROP_NO_SNAT_PORT
+        );
+        std::thread::sleep(REUSE_AFTER);
         assert_eq!(
             run(&mut n.dp, FROM_POD, &pod_tcp(1001, ACK)).2,
             reason::DROP_NO_SNAT_PORT
@@ -716,6 +724,7 @@ fn a_syn_takes_over_the_port_of_a_closed_flow_and_never_of_an_open_one() {
         assert_eq!(keys.len(), 2, "{keys:?}");
         // A reset closes too.
         run(&mut n.dp, FROM_ENI, &internet_tcp(62000, RST));
+        std::thread::sleep(REUSE_AFTER);
         let (_, out, r) = run(&mut n.dp, FROM_POD, &pod_tcp(1002, SYN));
         assert_eq!((r, sport_of(&out)), (reason::FWD_SNAT, 62000));
     });
@@ -1152,6 +1161,26 @@ fn host_stack_flows_are_recorded_on_egress_and_handed_back_to_the_kernel() {
         assert_eq!(run(&mut n.dp, FROM_POD, &node).2, reason::PASS_TO_HOST);
         let back = from_vpc(&v4(backend, POD_A, 17, &packets::udp(53, 40002, b"a")));
         assert_eq!(run(&mut n.dp, FROM_ENI, &back).2, reason::PASS_KERNEL_FLOW);
+        // An ICMP error about such a flow quotes the backend, not the address the pod
+        // knows: the kernel's conntrack translates it, so it goes to the kernel too; one
+        // about a flow of the pod's own goes straight to the pod.
+        let quoted_flow = v4(POD_A, backend, 6, &packets::tcp(40000, 8080, 0x02));
+        let err = from_vpc(&v4(
+            backend,
+            POD_A,
+            1,
+            &packets::icmp_error(3, 3, &quoted_flow),
+        ));
+        let (v, out, r) = run(&mut n.dp, FROM_ENI, &err);
+        assert_eq!((v, r, out), (PASS, reason::PASS_KERNEL_FLOW, err));
+        let quoted_own = v4(POD_A, backend, 6, &packets::tcp(40001, 8080, 0x02));
+        let err = from_vpc(&v4(
+            backend,
+            POD_A,
+            1,
+            &packets::icmp_error(3, 3, &quoted_own),
+        ));
+        assert_eq!(run(&mut n.dp, FROM_ENI, &err).2, reason::FWD_LOCAL_POD);
 
         // Idle ones are collected.
         let far = monotonic_now_ns() + 7 * 3_600_000_000_000;

@@ -258,7 +258,7 @@ fn pod_paths(mode: AttachMode) {
         from
     });
     assert_eq!(seen_from.ip().to_string(), "10.0.0.10", "source translated");
-    assert!((61000..=61999).contains(&seen_from.port()));
+    assert!((61000..=62999).contains(&seen_from.port()));
 
     let rows = dp.counters().unwrap();
     let (hva, hvb, eni0, eni1) = lab.node.run(|| {

@@ -75,6 +75,13 @@ pub fn handle(ctx: &TcContext) -> Outcome {
         {
             return (reason::PASS_KERNEL_FLOW, PASS);
         }
+        if ip.proto == IPPROTO_ICMP
+            && ports.is_none()
+            && !ip.fragment
+            && crate::icmp_error::about_kernel_flow(ctx, &ip)
+        {
+            return (reason::PASS_KERNEL_FLOW, PASS);
+        }
         return deliver::to_pod(ctx, &ip, &pod, reason::FWD_LOCAL_POD);
     }
     (reason::PASS_NOT_FOR_POD, PASS)

@@ -21,7 +21,7 @@ use vpc_ebpf_common::{
 use crate::{
     deliver,
     from_pod::{DROP, Outcome, PASS},
-    maps::{VPC_ENDPOINTS, VPC_NAT},
+    maps::{VPC_ENDPOINTS, VPC_KFLOWS, VPC_NAT},
     packet::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, ptr_at},
     rewrite,
 };
@@ -56,6 +56,29 @@ pub fn translate(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4) -> Option<Outcome
         Ok(o) => o,
         Err(r) => (r, PASS),
     })
+}
+
+/// Whether `ip`, addressed to a pod, is an ICMP error about a flow the pod sent into the
+/// host stack (a Service kube-proxy DNATed to a backend elsewhere): the quote holds the
+/// backend, not the ClusterIP the pod knows, and only the kernel's conntrack can put it
+/// back, so such an error must go through the host stack like the flow's replies do.
+#[inline(always)]
+pub fn about_kernel_flow(ctx: &TcContext, ip: &Ipv4) -> bool {
+    let Ok(icmp) = ptr_at::<Icmpv4Hdr>(ctx, ip.l4) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked the whole 8-byte header.
+    let ty = unsafe { (*icmp).type_ };
+    if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED && ty != ICMP_PARAMETER_PROBLEM {
+        return false;
+    }
+    let Ok(q) = quote(ctx, ip) else {
+        return false;
+    };
+    u32::from_ne_bytes(q.src) == ip.dst
+        && VPC_KFLOWS
+            .get_ptr(&NatKey::pod_port(ip.dst, q.sport, q.proto))
+            .is_some()
 }
 
 /// The quoted packet's tuple and where its fields are.

@@ -121,15 +121,18 @@ pub fn forget(key: &NatKey) {
 
 /// Allocates a port from `ports` for a new flow `key` from a pod and records both
 /// directions. The pod's own port is kept when it is allocatable and free (as Linux's
-/// NAT does), then hashed candidates are tried. A candidate whose reverse entry is taken
-/// is still used when that entry is this very flow's (its forward half was evicted) or,
-/// for a TCP SYN, when the flow holding it has closed: as conntrack lets a SYN reuse a
-/// tuple in TIME_WAIT, so that a high connection rate to one server does not run out of
-/// ports while closed flows wait for expiry. `None`: every try was taken.
+/// NAT does), then hashed candidates are tried. A candidate whose reverse entry is this
+/// very flow's (its forward half was evicted) is taken back at once. Only when every
+/// candidate is taken may a TCP SYN take the port of a flow that closed (RST, or FIN both
+/// ways) at least [`REUSE_AFTER_NS`] ago, as conntrack lets a SYN reuse a TIME_WAIT
+/// tuple: a high connection rate to one server then never runs out of ports, while a
+/// port that closed moments ago (whose last ACK may still be on its way) is left alone.
+/// `None`: every try was taken.
 #[inline(always)]
 pub fn snat_new(key: &NatKey, p: &Ports, node_ip: u32, ports: &SnatPorts) -> Option<NatEntry> {
     let syn = key.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let h = hash(key);
+    let mut closed_port = 0u16;
     let mut i = 0;
     while i < SNAT_ATTEMPTS {
         let port = if i == 0 && ports.contains(key.src_port) {
@@ -138,60 +141,109 @@ pub fn snat_new(key: &NatKey, p: &Ports, node_ip: u32, ports: &SnatPorts) -> Opt
             ports.nth(h.wrapping_add(i.wrapping_mul(0x9e37_79b1)))?
         };
         i += 1;
-        let fwd = NatEntry {
-            last_seen_ns: now(),
-            addr: node_ip,
-            port,
-            kind: nat_kind::REWRITE_SRC,
-            origin: nat_origin::SNAT,
-            state: 0,
-            pad: [0; 7],
-        };
-        let rev_key = fwd.peer_key(key);
-        let rev = reverse_of(key, &fwd);
-        if VPC_NAT
-            .insert(rev_key, rev, u64::from(BPF_NOEXIST))
-            .is_err()
-            && !take_over(&rev_key, &rev, key, syn)
-        {
-            continue;
+        match claim(key, node_ip, port, false) {
+            claim::DONE => return Some(snat_entry(node_ip, port)),
+            // SAFETY: read-only copy of a map value.
+            claim::RACED => return unsafe { VPC_NAT.get(key) }.copied(),
+            claim::CLOSED if syn && closed_port == 0 => closed_port = port,
+            _ => {}
         }
-        if VPC_NAT.insert(key, fwd, u64::from(BPF_NOEXIST)).is_ok() {
-            return Some(fwd);
-        }
-        // Another CPU created this flow meanwhile: give our port back and use theirs.
-        let _ = VPC_NAT.remove(rev_key);
-        // SAFETY: read-only copy of a map value.
-        return unsafe { VPC_NAT.get(key) }.copied();
+    }
+    if closed_port != 0 && claim(key, node_ip, closed_port, true) == claim::DONE {
+        return Some(snat_entry(node_ip, closed_port));
     }
     None
 }
 
-/// Whether the taken reverse entry `rev_key` may be given to the new flow `key` (and, if
-/// so, rewrites it to `rev`): it already points back at `key`, or `syn` opens a TCP
-/// connection and the flow holding the entry has closed (RST seen, or FIN both ways).
-#[inline(always)]
-fn take_over(rev_key: &NatKey, rev: &NatEntry, key: &NatKey, syn: bool) -> bool {
-    // SAFETY: read-only copy of a map value.
-    let Some(old) = (unsafe { VPC_NAT.get(rev_key) }).copied() else {
-        return false;
-    };
-    let old_fwd_key = old.peer_key(rev_key);
-    if old_fwd_key != *key {
-        if !syn {
-            return false;
+/// What became of one candidate port (plain codes rather than an enum carrying the
+/// entry: this runs as a BPF-to-BPF call and every byte of its frame counts).
+mod claim {
+    /// The flow has this port now.
+    pub const DONE: u8 = 0;
+    /// Held by a flow that closed long enough ago to be taken over.
+    pub const CLOSED: u8 = 1;
+    /// Held by a live flow.
+    pub const TAKEN: u8 = 2;
+    /// Another CPU created the same flow meanwhile; its entry stands.
+    pub const RACED: u8 = 3;
+}
+
+/// Tries to give `port` to the new flow `key`; with `take_closed`, a closed flow holding
+/// it is evicted. A BPF-to-BPF call rather than inlined: it touches no packet memory,
+/// and inlined copies would overflow the 512-byte stack of `from_pod`.
+#[inline(never)]
+fn claim(key: &NatKey, node_ip: u32, port: u16, take_closed: bool) -> u8 {
+    let fwd = snat_entry(node_ip, port);
+    let rev_key = fwd.peer_key(key);
+    if VPC_NAT
+        .insert(&rev_key, &reverse_of(key, &fwd), u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        let Some(old) = VPC_NAT.get_ptr(&rev_key) else {
+            return claim::TAKEN;
+        };
+        // SAFETY: a valid map value, read in place.
+        let old_fwd_key = unsafe { (*old).peer_key(&rev_key) };
+        if old_fwd_key != *key {
+            // SAFETY: as above.
+            if !closed_long_enough(unsafe { &*old }, &old_fwd_key) {
+                return claim::TAKEN;
+            }
+            if !take_closed {
+                return claim::CLOSED;
+            }
+            let _ = VPC_NAT.remove(&old_fwd_key);
         }
-        // SAFETY: read-only copy of a map value.
-        let old_fwd = unsafe { VPC_NAT.get(&old_fwd_key) }.copied();
-        let fwd_state = old_fwd.map_or(tcp_state::FIN, |f| f.state);
-        let closed = (old.state | fwd_state) & tcp_state::RST != 0
-            || old.state & fwd_state & tcp_state::FIN != 0;
-        if !closed {
-            return false;
+        if VPC_NAT
+            .insert(&rev_key, &reverse_of(key, &fwd), u64::from(BPF_ANY))
+            .is_err()
+        {
+            return claim::TAKEN;
         }
-        let _ = VPC_NAT.remove(&old_fwd_key);
     }
-    VPC_NAT.insert(rev_key, rev, u64::from(BPF_ANY)).is_ok()
+    if VPC_NAT.insert(key, &fwd, u64::from(BPF_NOEXIST)).is_ok() {
+        return claim::DONE;
+    }
+    // Give our port back: the other CPU's entry is the flow's.
+    let _ = VPC_NAT.remove(&rev_key);
+    claim::RACED
+}
+
+/// The forward entry of an SNAT flow given `port` on `node_ip`.
+#[inline(always)]
+fn snat_entry(node_ip: u32, port: u16) -> NatEntry {
+    NatEntry {
+        last_seen_ns: now(),
+        addr: node_ip,
+        port,
+        kind: nat_kind::REWRITE_SRC,
+        origin: nat_origin::SNAT,
+        state: 0,
+        pad: [0; 7],
+    }
+}
+
+/// How long a closed flow keeps its port before a new connection may take it: long
+/// enough for the closing handshake's last segments to arrive.
+const REUSE_AFTER_NS: u64 = 2_000_000_000;
+
+/// Whether the flow of reverse entry `rev` (forward key `fwd_key`) saw RST, or FIN both
+/// ways, and has been quiet for [`REUSE_AFTER_NS`].
+#[inline(always)]
+fn closed_long_enough(rev: &NatEntry, fwd_key: &NatKey) -> bool {
+    let (fwd_state, fwd_seen) = match VPC_NAT.get_ptr(fwd_key) {
+        // SAFETY: a valid map value, read in place.
+        Some(f) => unsafe { ((*f).state, (*f).last_seen_ns) },
+        None => (tcp_state::FIN, 0),
+    };
+    let closed = (rev.state | fwd_state) & tcp_state::RST != 0
+        || rev.state & fwd_state & tcp_state::FIN != 0;
+    let last = if fwd_seen > rev.last_seen_ns {
+        fwd_seen
+    } else {
+        rev.last_seen_ns
+    };
+    closed && now().saturating_sub(last) >= REUSE_AFTER_NS
 }
 
 /// Records a new hostPort flow `key` (client → node:hostPort) translated to
