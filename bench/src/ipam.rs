@@ -650,7 +650,7 @@ fn run_mode(o: &Opts, prefixes: bool) -> Value {
     // The agent's own histogram over the same calls tells its time from the client's
     // (gRPC, scheduling on a 2-core machine shared with the EC2 emulator).
     let hist_before = add_latency_buckets(&n);
-    let (rpc_add, rpc_del) = agent_round_trips(&n, &tag);
+    let (rpc_add, rpc_del) = agent_round_trips(&n, tag);
     let agent_add_hist = bucket_diff(&add_latency_buckets(&n), &hist_before);
     eprintln!(
         "{name}: agent-only AddNetwork p50 {:.3} ms p99 {:.3} ms (n={}); agent's own time, cumulative per bucket: {agent_add_hist:?}",

@@ -263,7 +263,7 @@ mod tests {
         // The agent's default: 1024-65535 around Linux's default ephemeral range.
         let r = SnatPorts::new(1024, 65_535, 32_768, 60_999);
         assert_eq!(r.usable(), 65_535 - 1024 + 1 - (60_999 - 32_768 + 1));
-        let mut seen = [false; 65_536];
+        let mut seen = vec![false; 65_536];
         for n in 0..r.usable() {
             let p = r.nth(n).unwrap();
             assert!(r.contains(p), "{p}");

@@ -59,8 +59,8 @@ pub fn translate(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4) -> Option<Outcome
 }
 
 /// Whether `ip`, addressed to a pod, is an ICMP error about a flow the pod sent into the
-/// host stack (a Service kube-proxy DNATed to a backend elsewhere): the quote holds the
-/// backend, not the ClusterIP the pod knows, and only the kernel's conntrack can put it
+/// host stack (a Service that kube-proxy translated to a backend elsewhere): the quote
+/// holds the backend, not the Service address the pod knows, and only the kernel's conntrack can put it
 /// back, so such an error must go through the host stack like the flow's replies do.
 #[inline(always)]
 pub fn about_kernel_flow(ctx: &TcContext, ip: &Ipv4) -> bool {
@@ -77,7 +77,7 @@ pub fn about_kernel_flow(ctx: &TcContext, ip: &Ipv4) -> bool {
     };
     u32::from_ne_bytes(q.src) == ip.dst
         && VPC_KFLOWS
-            .get_ptr(&NatKey::pod_port(ip.dst, q.sport, q.proto))
+            .get_ptr(NatKey::pod_port(ip.dst, q.sport, q.proto))
             .is_some()
 }
 

@@ -124,7 +124,7 @@ pub fn forget(key: &NatKey) {
 /// NAT does), then hashed candidates are tried. A candidate whose reverse entry is this
 /// very flow's (its forward half was evicted) is taken back at once. Only when every
 /// candidate is taken may a TCP SYN take the port of a flow that closed (RST, or FIN both
-/// ways) at least [`REUSE_AFTER_NS`] ago, as conntrack lets a SYN reuse a TIME_WAIT
+/// ways) at least [`REUSE_AFTER_NS`] ago, as conntrack lets a SYN reuse a `TIME_WAIT`
 /// tuple: a high connection rate to one server then never runs out of ports, while a
 /// port that closed moments ago (whose last ACK may still be on its way) is left alone.
 /// `None`: every try was taken.
@@ -176,10 +176,10 @@ fn claim(key: &NatKey, node_ip: u32, port: u16, take_closed: bool) -> u8 {
     let fwd = snat_entry(node_ip, port);
     let rev_key = fwd.peer_key(key);
     if VPC_NAT
-        .insert(&rev_key, &reverse_of(key, &fwd), u64::from(BPF_NOEXIST))
+        .insert(rev_key, reverse_of(key, &fwd), u64::from(BPF_NOEXIST))
         .is_err()
     {
-        let Some(old) = VPC_NAT.get_ptr(&rev_key) else {
+        let Some(old) = VPC_NAT.get_ptr(rev_key) else {
             return claim::TAKEN;
         };
         // SAFETY: a valid map value, read in place.
@@ -192,20 +192,20 @@ fn claim(key: &NatKey, node_ip: u32, port: u16, take_closed: bool) -> u8 {
             if !take_closed {
                 return claim::CLOSED;
             }
-            let _ = VPC_NAT.remove(&old_fwd_key);
+            let _ = VPC_NAT.remove(old_fwd_key);
         }
         if VPC_NAT
-            .insert(&rev_key, &reverse_of(key, &fwd), u64::from(BPF_ANY))
+            .insert(rev_key, reverse_of(key, &fwd), u64::from(BPF_ANY))
             .is_err()
         {
             return claim::TAKEN;
         }
     }
-    if VPC_NAT.insert(key, &fwd, u64::from(BPF_NOEXIST)).is_ok() {
+    if VPC_NAT.insert(key, fwd, u64::from(BPF_NOEXIST)).is_ok() {
         return claim::DONE;
     }
     // Give our port back: the other CPU's entry is the flow's.
-    let _ = VPC_NAT.remove(&rev_key);
+    let _ = VPC_NAT.remove(rev_key);
     claim::RACED
 }
 
