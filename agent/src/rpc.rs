@@ -228,17 +228,25 @@ impl v1::cni_backend_server::CniBackend for Backend {
                 .find(|(k, ..)| **k == key)
                 .map(|(.., e)| e.id.clone())
                 .unwrap_or_default();
-            let enis: Vec<_> = st
-                .store
-                .enis()
-                .map(|e| (e.id.clone(), e.device_index, e.mac.clone(), e.primary_ip))
-                .collect();
+            // Only for an ENI attached moments ago, which the dataplane does not know yet.
+            let enis: Vec<_> = if self
+                .shared
+                .datapath()
+                .is_some_and(|dp| dp.eni_ifindex(&eni).is_none())
+            {
+                st.store
+                    .enis()
+                    .map(|e| (e.id.clone(), e.device_index, e.mac.clone(), e.primary_ip))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let ports = st.port_mappings.get(&key).cloned().unwrap_or_default();
             (eni, ports, enis)
         };
         let mut arp_answered = false;
         if let Some(dp) = self.shared.datapath() {
-            if dp.eni_ifindex(&eni).is_none() {
+            if !enis.is_empty() {
                 // The ENI was attached moments ago: program it now rather than fail.
                 if let Err(e) = dp.sync_enis(&enis).await {
                     warn!(error = %e, "ENI sync for a new pod failed");

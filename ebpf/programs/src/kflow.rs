@@ -4,24 +4,9 @@
 //! (or be source-NATed by us instead). See [`vpc_ebpf_common::nat::KernelFlow`].
 
 use aya_ebpf::bindings::BPF_ANY;
-use vpc_ebpf_common::nat::{KernelFlow, NatKey, tcp_state};
+use vpc_ebpf_common::nat::{KernelFlow, NatKey};
 
 use crate::{maps::VPC_KFLOWS, nat, packet::Ports};
-
-const TCP_FIN: u8 = 0x01;
-const TCP_RST: u8 = 0x04;
-
-#[inline(always)]
-fn state_of(p: &Ports) -> u8 {
-    let mut s = 0;
-    if p.tcp_flags & TCP_FIN != 0 {
-        s |= tcp_state::FIN;
-    }
-    if p.tcp_flags & TCP_RST != 0 {
-        s |= tcp_state::RST;
-    }
-    s
-}
 
 /// Whether `key` is a kernel flow; refreshes it when it is.
 #[inline(always)]
@@ -33,7 +18,7 @@ pub fn touch(key: &NatKey, p: &Ports) -> bool {
     // where any of the racing values is fine.
     unsafe {
         (*f).last_seen_ns = nat::now();
-        (*f).state |= state_of(p);
+        (*f).state = p.next_state((*f).state);
     }
     true
 }
@@ -48,7 +33,7 @@ pub fn record(key: &NatKey, p: &Ports) {
     }
     let f = KernelFlow {
         last_seen_ns: nat::now(),
-        state: state_of(p),
+        state: p.next_state(0),
         pad: [0; 7],
     };
     let _ = VPC_KFLOWS.insert(key, f, u64::from(BPF_ANY));

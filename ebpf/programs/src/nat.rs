@@ -9,19 +9,13 @@ use vpc_ebpf_common::nat::{NatEntry, NatKey, SnatPorts, nat_kind, nat_origin, tc
 
 use crate::{
     maps::VPC_NAT,
-    packet::{Ipv4, Ports},
+    packet::{IPPROTO_TCP, Ipv4, Ports, TCP_ACK, TCP_SYN},
     rewrite,
 };
 
 /// Ports tried for a new SNAT flow before giving up; each try is one or two hash
 /// operations.
 const SNAT_ATTEMPTS: u32 = 12;
-
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
-const IPPROTO_TCP: u8 = 6;
 
 #[inline(always)]
 pub fn key(ip: &Ipv4, p: &Ports) -> NatKey {
@@ -38,25 +32,11 @@ pub fn now() -> u64 {
 #[inline(always)]
 pub fn lookup(key: &NatKey, p: &Ports) -> Option<NatEntry> {
     let e = VPC_NAT.get_ptr_mut(key)?;
-    // A SYN starts a new connection on a reused tuple: the old one's FIN/RST no longer
-    // applies (else expiry would treat the new connection as closing).
-    let reset = p.tcp_flags & TCP_SYN != 0;
-    let mut state = 0;
-    if p.tcp_flags & TCP_FIN != 0 {
-        state |= tcp_state::FIN;
-    }
-    if p.tcp_flags & TCP_RST != 0 {
-        state |= tcp_state::RST;
-    }
     // SAFETY: a valid map value; concurrent updates from other CPUs only race on the
     // timestamp and state bits, where any of the racing values is fine.
     unsafe {
         (*e).last_seen_ns = now();
-        if reset {
-            (*e).state = state;
-        } else {
-            (*e).state |= state;
-        }
+        (*e).state = p.next_state((*e).state);
         Some(*e)
     }
 }

@@ -2,7 +2,7 @@
 
 use aya_ebpf::programs::TcContext;
 use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use vpc_ebpf_common::counters::reason;
+use vpc_ebpf_common::{counters::reason, nat::tcp_state};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
@@ -161,6 +161,32 @@ pub struct Ports {
     pub dst: u16,
     /// TCP flags byte (zero for UDP and ICMP).
     pub tcp_flags: u8,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+impl Ports {
+    /// The [`tcp_state`] of a flow entry once this packet is seen, from its state
+    /// `before`: FIN and RST accumulate, and a SYN starts over (a new connection on a
+    /// reused tuple, whose old FIN/RST would otherwise expire it as closing).
+    #[inline(always)]
+    pub fn next_state(self, before: u8) -> u8 {
+        let mut seen = 0;
+        if self.tcp_flags & TCP_FIN != 0 {
+            seen |= tcp_state::FIN;
+        }
+        if self.tcp_flags & TCP_RST != 0 {
+            seen |= tcp_state::RST;
+        }
+        if self.tcp_flags & TCP_SYN != 0 {
+            seen
+        } else {
+            before | seen
+        }
+    }
 }
 
 /// Reads the ports of a TCP, UDP or ICMP echo packet. `Ok(None)`: no ports to translate
