@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 #[test]
 fn corpus_replays_without_panics() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/cni_parse");
+    // Cargo's run-time value first: a shared target dir may hold a binary compiled in
+    // another checkout.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    let dir = manifest.join("../fuzz/corpus/cni_parse");
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.unwrap().path();

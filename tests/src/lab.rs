@@ -21,7 +21,7 @@ pub fn python() -> PathBuf {
 }
 
 fn lab_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../xtask/lab")
+    crate::repo_root().join("xtask/lab")
 }
 
 #[derive(Debug)]

@@ -2,6 +2,20 @@
 //! packets.
 
 pub mod agent;
+
+/// The repository's root. Taken from the CARGO_MANIFEST_DIR that cargo and nextest set
+/// when they run a binary (every package sits one level below the root), and only then
+/// from the compile-time value: several checkouts may share one target dir, and cargo
+/// does not rebuild a crate because its checkout moved, so a compiled-in path can name
+/// another checkout, or one deleted since.
+pub fn repo_root() -> std::path::PathBuf {
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || env!("CARGO_MANIFEST_DIR").into(),
+        std::path::PathBuf::from,
+    );
+    dir.parent()
+        .map_or(dir.clone(), std::path::Path::to_path_buf)
+}
 pub mod cni;
 pub mod containerd;
 pub mod lab;

@@ -25,7 +25,7 @@ const READY: &str = "vpce-ready";
 
 /// The conflist the chart installs, pointed at the test agent and a log file of the test's.
 fn shipped_conflist(dir: &Path, agent: &TestAgent) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cni/10-vpc-ebpf.conflist");
+    let path = vpc_ebpf_tests::repo_root().join("cni/10-vpc-ebpf.conflist");
     let mut conf: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let plugin = &mut conf["plugins"][0];

@@ -6,9 +6,12 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-/// The repository root (xtask lives one level below it).
+/// The repository's root. `cargo xtask` (cargo run) sets CARGO_MANIFEST_DIR at run time;
+/// that value wins over the compile-time one because checkouts sharing a target dir share
+/// this binary, and cargo does not rebuild it when only the checkout's path differs.
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
         .parent()
         .expect("xtask is inside the repository")
         .to_path_buf()

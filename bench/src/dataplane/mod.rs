@@ -456,9 +456,7 @@ fn loadavg() -> String {
 /// Which code was measured: the checkout's commit, whether the dataplane's sources
 /// differed from it, and a fingerprint of the embedded eBPF object.
 fn source_state() -> Value {
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap_or(std::path::Path::new("."));
+    let repo = &vpc_ebpf_tests::repo_root();
     let git = |args: &[&str]| {
         Command::new("git")
             .arg("-C")
