@@ -169,6 +169,12 @@ impl Dataplane {
     /// Loads the embedded object, re-using maps already pinned by an earlier run, and
     /// loads every program into the kernel (attaching is separate).
     pub fn load(config: &DataplaneConfig) -> Result<Self, DataplaneError> {
+        Self::load_object(config, OBJECT)
+    }
+
+    /// [`Self::load`] with another build of the programs than the embedded one, so that
+    /// two builds can be compared in one process (`vpc-ebpf-bench progcost --object`).
+    pub fn load_object(config: &DataplaneConfig, object: &[u8]) -> Result<Self, DataplaneError> {
         bpffs::ensure_mounted(&config.pin_root)?;
         let pin_dir = config.pin_root.join(PIN_VERSION);
         std::fs::create_dir_all(&pin_dir).map_err(|source| DataplaneError::PinDir {
@@ -184,7 +190,7 @@ impl Dataplane {
             .default_map_pin_directory(&pin_dir)
             .map_max_entries(map_names::NAT, nat_entries)
             .map_max_entries(map_names::KERNEL_FLOWS, nat_entries)
-            .load(OBJECT)
+            .load(object)
             .map_err(|source| DataplaneError::Load {
                 pin_dir: pin_dir.clone(),
                 source: Box::new(source),
@@ -451,6 +457,25 @@ impl Dataplane {
     pub fn test_run(&mut self, program: &'static str, frame: &[u8]) -> Result<i32, DataplaneError> {
         self.test_run_frame(program, frame)
             .map(|(verdict, _)| verdict)
+    }
+
+    /// [`Self::test_run`] that also returns how long the program ran, as the kernel timed
+    /// it (one run on a fresh skb: rewrites never accumulate across runs).
+    pub fn test_run_timed(
+        &mut self,
+        program: &'static str,
+        frame: &[u8],
+    ) -> Result<(i32, std::time::Duration), DataplaneError> {
+        let prog = classifier(&mut self.ebpf, program)?;
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        let result = prog
+            .test_run(opts)
+            .map_err(|source| DataplaneError::TestRun {
+                name: program,
+                source,
+            })?;
+        Ok((result.return_value.cast_signed(), result.duration))
     }
 
     /// [`Self::test_run`] that also returns the frame as the program left it.

@@ -14,7 +14,7 @@ use std::{
     os::fd::AsRawFd as _,
     process::{Command, Stdio},
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, AtomicU16, Ordering},
         mpsc,
     },
@@ -84,11 +84,41 @@ pub struct Sample {
     pub peers: BTreeSet<Ipv4Addr>,
 }
 
+/// The CPU every client, server and iperf3 of the run is pinned to; `None`: unpinned.
+static CPU: OnceLock<Option<usize>> = OnceLock::new();
+
+/// Pins the traffic of the whole run to `cpu` (or not). Once, before any measurement.
+pub fn set_cpu(cpu: Option<usize>) {
+    let _ = CPU.set(cpu);
+}
+
+fn cpu() -> Option<usize> {
+    CPU.get().copied().flatten()
+}
+
+/// Pins the calling thread to the run's CPU, if there is one.
+fn pin_thread() {
+    let Some(cpu) = cpu() else { return };
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET stays inside it for cpu < CPU_SETSIZE,
+    // which the option parser checked; the call affects only this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set);
+        assert!(
+            rc == 0,
+            "sched_setaffinity(cpu {cpu}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Runs `f` on a new thread that has entered the named network namespace, so every
 /// socket it opens lives there.
 fn spawn_in<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
     let path = format!("/run/netns/{ns}");
     std::thread::spawn(move || {
+        pin_thread();
         let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
         // SAFETY: a valid open fd of a netns file; affects only this thread.
         let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
@@ -300,7 +330,11 @@ pub fn transactions(
 
 fn netns_cmd(ns: &str, program: &str) -> Command {
     let mut c = Command::new("ip");
-    c.args(["netns", "exec", ns, program]);
+    c.args(["netns", "exec", ns]);
+    if let Some(cpu) = cpu() {
+        c.args(["taskset", "-c", &cpu.to_string()]);
+    }
+    c.arg(program);
     c
 }
 

@@ -31,17 +31,59 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, ()> {
     Ok((start + offset) as *const T)
 }
 
-/// Makes the headers readable: TC may see packets whose headers are partly in paged
-/// fragments (GSO, some drivers). Pulls at most what exists, so short packets stay short
-/// and are classified as truncated rather than failing here.
+/// Makes the headers the programs read linear: TC may see packets whose headers are
+/// partly in paged fragments (GSO, some drivers). Only the headers are pulled, never
+/// payload: every TCP segment is a clone of the socket's copy with its payload in
+/// fragments, and pulling past the headers of a clone makes the kernel reallocate the
+/// head and copy the payload in, on every packet. Pulls at most what exists, so short
+/// packets stay short and are classified as truncated rather than failing here.
 #[inline(always)]
 pub fn pull_headers(ctx: &TcContext) {
     let len = ctx.len();
-    let want = if len < MAX_HEADERS { len } else { MAX_HEADERS };
     let linear = ctx.data_end() - ctx.data();
+    // Most packets are linear throughout: nothing to work out.
+    if linear >= len as usize {
+        return;
+    }
+    let want = headers_len(ctx).min(len);
     if linear < want as usize {
         // A failure leaves the packet as it was; classification then reports truncation.
         let _ = ctx.pull_data(want);
+    }
+}
+
+/// How many bytes from the frame's start the programs read: Ethernet, the IPv4 header
+/// with its options and the L4 header up to the TCP flags and checksums; an ICMP error
+/// also its quote. [`MAX_HEADERS`] when the fixed headers themselves are not linear yet.
+#[inline(always)]
+fn headers_len(ctx: &TcContext) -> u32 {
+    const ARP_LEN: u32 = 28;
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return MAX_HEADERS;
+    };
+    // SAFETY: ptr_at checked the whole header.
+    match u16::from_be(unsafe { (*eth).ether_type }) {
+        ETH_P_IP => {}
+        ETH_P_ARP => return EthHdr::LEN as u32 + ARP_LEN,
+        // Classified by the Ethernet header alone.
+        _ => return EthHdr::LEN as u32,
+    }
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, IP_OFF) else {
+        return MAX_HEADERS;
+    };
+    // SAFETY: ptr_at checked the whole fixed header.
+    let (vihl, frags, proto) = unsafe { ((*ip).vihl, (*ip).frags, (*ip).proto) };
+    let l4 = EthHdr::LEN as u32 + u32::from(vihl & 0x0f) * 4;
+    if u16::from_be_bytes(frags) & IP_OFFSET_MASK != 0 {
+        return l4;
+    }
+    l4 + match proto {
+        IPPROTO_TCP => TcpHdr::LEN as u32,
+        IPPROTO_UDP => UdpHdr::LEN as u32,
+        // An echo needs its 8 bytes; an error's quote is read too. Both are rare and
+        // small, so the whole chain is asked for rather than parsing the type here.
+        IPPROTO_ICMP => MAX_HEADERS - l4,
+        _ => 0,
     }
 }
 

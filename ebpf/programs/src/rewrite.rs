@@ -1,6 +1,6 @@
 //! Packet rewrites that keep every checksum right, and the redirect helpers.
 //!
-//! Callers read everything they need first: each helper here may move the packet data,
+//! Callers read everything they need first: each function here may move the packet data,
 //! so no packet pointer survives a call.
 
 use aya_ebpf::{
@@ -12,7 +12,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::packet::{IP_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4};
+use vpc_ebpf_common::csum;
+
+use crate::packet::{IP_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, ptr_at};
 
 const IP_CSUM: usize = IP_OFF + 10;
 const IP_TTL: usize = IP_OFF + 8;
@@ -76,26 +78,41 @@ pub fn set_port(ctx: &TcContext, ip: &Ipv4, src: bool, old: u16, new: u16) -> Re
     Ok(())
 }
 
+/// A writable view of the `T` at `offset`, bounds-checked by [`ptr_at`]. The per-packet
+/// rewrites of forwarding (TTL, MACs) store directly: a store helper is a call that
+/// re-checks writability each time, where a program that writes directly has the kernel
+/// make the packet writable once, before it starts.
+#[inline(always)]
+fn mut_at<T>(ctx: &TcContext, offset: usize) -> Result<*mut T, ()> {
+    ptr_at::<T>(ctx, offset).map(<*const T>::cast_mut)
+}
+
 /// Decrements the TTL as a router does. The caller hands TTL <= 1 to the kernel, which
 /// sends the ICMP time-exceeded.
 #[inline(always)]
 pub fn dec_ttl(ctx: &TcContext, ip: &Ipv4) -> Result<(), ()> {
-    let ttl = ip.ttl.wrapping_sub(1);
-    // The checksum covers TTL and protocol as one 16-bit word.
-    let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
-    let new = u16::from_ne_bytes([ttl, ip.proto]);
-    ctx.store(IP_TTL, &ttl, 0).map_err(|_| ())?;
-    ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 2)
-        .map_err(|_| ())
+    // Bytes 8..12 of the IPv4 header: TTL, protocol, checksum.
+    let h = mut_at::<[u8; 4]>(ctx, IP_TTL)?;
+    // SAFETY: mut_at checked that the 4 bytes lie inside the packet, which the kernel
+    // made writable for this program.
+    unsafe {
+        let check = u16::from_be_bytes([(*h)[2], (*h)[3]]);
+        let [hi, lo] = csum::ttl_decremented(check).to_be_bytes();
+        *h = [ip.ttl.wrapping_sub(1), (*h)[1], hi, lo];
+    }
+    Ok(())
 }
 
 /// Rewrites the Ethernet addresses (no checksum covers them).
 #[inline(always)]
 pub fn set_macs(ctx: &TcContext, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), ()> {
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(dst);
-    macs[6..].copy_from_slice(src);
-    ctx.store(0, &macs, 0).map_err(|_| ())
+    let eth = mut_at::<[u8; 12]>(ctx, 0)?;
+    // SAFETY: as in dec_ttl.
+    unsafe {
+        (*eth.cast::<[u8; 6]>()) = *dst;
+        (*eth.cast::<[u8; 6]>().add(1)) = *src;
+    }
+    Ok(())
 }
 
 /// Delivers into the network namespace of the veth whose host side is `host_ifindex`,
