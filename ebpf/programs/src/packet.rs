@@ -57,29 +57,33 @@ pub fn pull_headers(ctx: &TcContext) {
 /// also its quote. [`MAX_HEADERS`] when the fixed headers themselves are not linear yet.
 #[inline(always)]
 fn headers_len(ctx: &TcContext) -> u32 {
+    const ETH_LEN: u32 = 14;
     const ARP_LEN: u32 = 28;
+    const TCP_LEN: u32 = 20;
+    const UDP_LEN: u32 = 8;
+    const _: () = assert!(TcpHdr::LEN == 20 && UdpHdr::LEN == 8);
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return MAX_HEADERS;
     };
     // SAFETY: ptr_at checked the whole header.
     match u16::from_be(unsafe { (*eth).ether_type }) {
         ETH_P_IP => {}
-        ETH_P_ARP => return EthHdr::LEN as u32 + ARP_LEN,
+        ETH_P_ARP => return ETH_LEN + ARP_LEN,
         // Classified by the Ethernet header alone.
-        _ => return EthHdr::LEN as u32,
+        _ => return ETH_LEN,
     }
     let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, IP_OFF) else {
         return MAX_HEADERS;
     };
     // SAFETY: ptr_at checked the whole fixed header.
     let (vihl, frags, proto) = unsafe { ((*ip).vihl, (*ip).frags, (*ip).proto) };
-    let l4 = EthHdr::LEN as u32 + u32::from(vihl & 0x0f) * 4;
+    let l4 = ETH_LEN + u32::from(vihl & 0x0f) * 4;
     if u16::from_be_bytes(frags) & IP_OFFSET_MASK != 0 {
         return l4;
     }
     l4 + match proto {
-        IPPROTO_TCP => TcpHdr::LEN as u32,
-        IPPROTO_UDP => UdpHdr::LEN as u32,
+        IPPROTO_TCP => TCP_LEN,
+        IPPROTO_UDP => UDP_LEN,
         // An echo needs its 8 bytes; an error's quote is read too. Both are rare and
         // small, so the whole chain is asked for rather than parsing the type here.
         IPPROTO_ICMP => MAX_HEADERS - l4,
