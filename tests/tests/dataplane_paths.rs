@@ -997,6 +997,81 @@ fn icmp_errors_about_snated_flows_are_translated_back_to_the_pod() {
 }
 
 #[test]
+fn icmp_errors_a_pod_sends_about_translated_flows_leave_translated() {
+    let pins = PinRoot::new("podicmp");
+    let ns = NetNs::new("podicmp");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        n.dp.set_hostports(POD_A, &[(17, 5353, 53), (6, 8080, 80)])
+            .unwrap();
+        let client = ip(10, 0, 9, 9);
+        let ext = Ipv4Addr::from(INTERNET);
+        // Reply of an SNATed flow: the pod's UDP socket is gone when the answer comes.
+        let query = from_a(&v4(POD_A, ext, 17, &packets::udp(40000, 53, b"query")));
+        let (_, sent, _) = run(&mut n.dp, FROM_POD, &query);
+        let snat_port = sport_of(&sent);
+        let answer = from_vpc(&v4(
+            ext,
+            NODE_IP,
+            17,
+            &packets::udp(53, snat_port, b"answer"),
+        ));
+        // (what arrives at the ENI, the node port the far end knows, who sent it)
+        let flows = [
+            (
+                from_vpc(&v4(client, NODE_IP, 17, &packets::udp(999, 5353, b"q"))),
+                5353,
+                client,
+            ),
+            (
+                from_vpc(&v4(client, NODE_IP, 6, &packets::tcp(40000, 8080, 0x02))),
+                8080,
+                client,
+            ),
+            (answer, snat_port, ext),
+        ];
+        for (arrived, node_port, peer) in flows {
+            let (v, delivered, _) = run(&mut n.dp, FROM_ENI, &arrived);
+            assert_eq!(v, REDIRECT);
+            assert_eq!(dst_of(&delivered), POD_A);
+            // Port unreachable, quoting the packet as the pod received it.
+            let err = from_a(&v4(
+                POD_A,
+                peer,
+                1,
+                &packets::icmp_error(3, 3, &delivered[14..]),
+            ));
+            let (v, out, r) = run(&mut n.dp, FROM_POD, &err);
+            let what = format!("error about {node_port} from {peer}");
+            assert_eq!((v, r), (REDIRECT, reason::FWD_ICMP_ERROR_NAT), "{what}");
+            assert_eq!((src_of(&out), dst_of(&out)), (NODE_IP, peer), "{what}");
+            assert_eq!(ttl_of(&out), 63);
+            let back = quoted(&out);
+            assert_eq!(&back[12..16], &peer.octets(), "quoted source kept: {what}");
+            assert_eq!(
+                &back[16..20],
+                &NODE_IP.octets(),
+                "quoted destination: {what}"
+            );
+            assert_eq!(
+                u16::from_be_bytes([back[22], back[23]]),
+                node_port,
+                "{what}"
+            );
+            // The quote reads as the packet the peer sent (TTL aside).
+            assert_eq!(&back[20..], &arrived[34..], "quoted L4 as sent: {what}");
+            assert_error_checksums(&out);
+        }
+        // About a flow nothing translated: routed like any packet, unchanged.
+        let direct = v4(POD_B, POD_A, 17, &packets::udp(7, 9, b"x"));
+        let err = from_a(&v4(POD_A, POD_B, 1, &packets::icmp_error(3, 3, &direct)));
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &err);
+        assert_eq!((v, r), (REDIRECT, reason::FWD_LOCAL_POD));
+        assert_eq!(&out[14 + 28..], &err[14 + 28..], "quote untouched");
+    });
+}
+
+#[test]
 fn icmp_errors_about_unknown_flows_or_cut_short_pass_unchanged() {
     let pins = PinRoot::new("icmpunk");
     let ns = NetNs::new("icmpunk");

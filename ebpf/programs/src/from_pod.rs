@@ -13,10 +13,10 @@ use vpc_ebpf_common::{
 };
 
 use crate::{
-    arp, deliver, kflow,
+    arp, deliver, icmp_error, kflow,
     maps::{VPC_CIDRS, VPC_ENDPOINTS, VPC_ENIS, VPC_PASSTHRU, VPC_SNAT_EXCL},
     nat,
-    packet::{self, ETH_P_ARP, ETH_P_IP, Ipv4, Ports, ptr_at},
+    packet::{self, ETH_P_ARP, ETH_P_IP, IPPROTO_ICMP, Ipv4, Ports, ptr_at},
 };
 
 /// (reason, TC verdict) of one packet.
@@ -83,6 +83,14 @@ fn ipv4(ctx: &TcContext, ifindex: u32, src_mac: &[u8; 6]) -> Outcome {
         if kflow::touch(&key, &p) {
             return (reason::PASS_KERNEL_FLOW, PASS);
         }
+    }
+    // An error about a packet the pod received translated (hostPort, SNAT reply).
+    if ip.proto == IPPROTO_ICMP
+        && ports.is_none()
+        && !ip.fragment
+        && let Some(o) = icmp_error::translate_from_pod(ctx, &cfg, &ip)
+    {
+        return o;
     }
     if ip.dst == cfg.node_ip {
         // A pod reaching a hostPort through the node address.

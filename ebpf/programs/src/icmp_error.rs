@@ -21,7 +21,7 @@ use vpc_ebpf_common::{
 use crate::{
     deliver,
     from_pod::{DROP, Outcome, PASS},
-    maps::{VPC_ENDPOINTS, VPC_KFLOWS, VPC_NAT},
+    maps::{VPC_ENDPOINTS, VPC_ENIS, VPC_KFLOWS, VPC_NAT},
     packet::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, ptr_at},
     rewrite,
 };
@@ -175,16 +175,121 @@ fn translate_error(
         return Err(reason::PASS_TTL_EXPIRED);
     }
 
-    // Everything is computed before the first byte is written.
-    let old_addr = q.src;
-    let new_addr = e.addr.to_ne_bytes();
-    let old_port = q.sport.to_be_bytes();
-    let new_port = e.port.to_be_bytes();
+    let quote_ok = rewrite_quote(
+        ctx,
+        &q,
+        Side::Source,
+        icmp_csum,
+        (e.addr.to_ne_bytes(), e.port),
+    );
+    if quote_ok.is_err() || rewrite::set_addr(ctx, ip, false, ip.dst, e.addr).is_err() {
+        return Ok((reason::DROP_REWRITE_FAILED, DROP));
+    }
+    let mut out = *ip;
+    out.dst = e.addr;
+    Ok(deliver::to_pod(ctx, &out, &pod, reason::FWD_ICMP_ERROR_NAT))
+}
+
+/// An ICMP error a pod sends about a packet it received through a translation (a hostPort
+/// DNAT, or a reply to one of its source-NATed flows): the quote holds the pod's address and
+/// port, which the far end never saw. They become the node address and port it did see,
+/// so does the error's source, and the error leaves the way the flow's packets do. `None`:
+/// not an error about a translated flow, which the caller routes like any packet.
+#[inline(always)]
+pub fn translate_from_pod(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4) -> Option<Outcome> {
+    let icmp = ptr_at::<Icmpv4Hdr>(ctx, ip.l4).ok()?;
+    // SAFETY: ptr_at checked the whole 8-byte header.
+    let (ty, icmp_csum) = unsafe { ((*icmp).type_, (*icmp).check) };
+    if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED && ty != ICMP_PARAMETER_PROBLEM {
+        return None;
+    }
+    pod_error(ctx, cfg, ip, icmp_csum).ok()
+}
+
+#[inline(always)]
+fn pod_error(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    ip: &Ipv4,
+    icmp_csum: [u8; 2],
+) -> Result<Outcome, u16> {
+    let q = quote(ctx, ip)?;
+    // About a packet the pod received: the quote's destination is the pod. Pods' own echo
+    // requests are never translated inbound, so only TCP and UDP quotes qualify.
+    if u32::from_ne_bytes(q.dst) != ip.src || q.proto == IPPROTO_ICMP || ip.ttl <= 1 {
+        return Err(reason::PASS_ICMP_ERROR_UNKNOWN);
+    }
+    // The pod's replies on that flow: what they are translated with.
+    let reply_key = NatKey::new(ip.src, u32::from_ne_bytes(q.src), q.dport, q.sport, q.proto);
+    // Read in place and left alone: an error does not keep a flow alive.
+    // SAFETY: a valid map value.
+    let e = unsafe { VPC_NAT.get(reply_key) }.ok_or(reason::PASS_ICMP_ERROR_UNKNOWN)?;
+    if e.kind != nat_kind::REWRITE_SRC || e.addr != cfg.node_ip {
+        return Err(reason::PASS_ICMP_ERROR_UNKNOWN);
+    }
+    let (addr, port) = (e.addr, e.port);
+    // Where it goes is settled before the packet is touched: to a pod of this node, or
+    // out of the primary ENI, which owns the node address.
+    // SAFETY: valid map values, read in place.
+    let peer = unsafe { VPC_ENDPOINTS.get(ip.dst) };
+    let gateway = match (peer, unsafe { VPC_ENIS.get(cfg.primary_eni_ifindex) }) {
+        (Some(_), _) => 0,
+        (None, Some(eni)) => eni.gateway_ip,
+        (None, None) => return Ok((reason::DROP_NO_ENI, DROP)),
+    };
+    let quote_ok = rewrite_quote(
+        ctx,
+        &q,
+        Side::Destination,
+        icmp_csum,
+        (addr.to_ne_bytes(), port),
+    );
+    if quote_ok.is_err() || rewrite::set_addr(ctx, ip, true, ip.src, addr).is_err() {
+        return Ok((reason::DROP_REWRITE_FAILED, DROP));
+    }
+    // Forwarding reads only the TTL of `ip`, which the translation left alone.
+    Ok(match peer {
+        Some(peer) => deliver::to_pod(ctx, ip, peer, reason::FWD_ICMP_ERROR_NAT),
+        None => deliver::to_gateway(
+            ctx,
+            ip,
+            cfg.primary_eni_ifindex,
+            gateway,
+            reason::FWD_ICMP_ERROR_NAT,
+        ),
+    })
+}
+
+/// Which end of the quoted packet a translation rewrites.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// Rewrites one end (address and port, or echo identifier) of the quoted packet to `to`,
+/// with the quoted IPv4 checksum, the quoted L4 checksum when it is there, and the ICMP
+/// checksum over all of it. Everything is computed before the first byte is written.
+#[inline(always)]
+fn rewrite_quote(
+    ctx: &TcContext,
+    q: &Quote,
+    side: Side,
+    icmp_csum: [u8; 2],
+    (new_addr, new_port): ([u8; 4], u16),
+) -> Result<(), ()> {
+    let (old_addr, old_port, addr_off, port_off) = match side {
+        Side::Source if q.proto == IPPROTO_ICMP => (q.src, q.sport, 12, q.l4_off + 4),
+        Side::Source => (q.src, q.sport, 12, q.l4_off),
+        Side::Destination => (q.dst, q.dport, 16, q.l4_off + 2),
+    };
+    let old_port = old_port.to_be_bytes();
+    let new_port = new_port.to_be_bytes();
     let ip_csum = replace32(q.ip_csum, old_addr, new_addr);
     let mut icmp = replace32(icmp_csum, old_addr, new_addr);
     icmp = replace16(icmp, q.ip_csum, ip_csum);
     icmp = replace16(icmp, old_port, new_port);
-    let l4_csum = quoted_l4_csum(ctx, &q).map(|(off, old)| {
+    let l4_csum = quoted_l4_csum(ctx, q).map(|(off, old)| {
         let mut new = old;
         if q.proto != IPPROTO_ICMP {
             // TCP and UDP checksums cover the addresses through the pseudo-header.
@@ -198,24 +303,12 @@ fn translate_error(
         icmp = replace16(icmp, old, new);
         (off, new)
     });
-    let port_off = if q.proto == IPPROTO_ICMP {
-        q.l4_off + 4
-    } else {
-        q.l4_off
-    };
-
-    let failed = ctx.store(q.ip_off + 12, &new_addr, 0).is_err()
+    let failed = ctx.store(q.ip_off + addr_off, &new_addr, 0).is_err()
         || ctx.store(q.ip_off + 10, &ip_csum, 0).is_err()
         || ctx.store(port_off, &new_port, 0).is_err()
         || l4_csum.is_some_and(|(off, c)| ctx.store(off, &c, 0).is_err())
-        || ctx.store(ip.l4 + 2, &icmp, 0).is_err()
-        || rewrite::set_addr(ctx, ip, false, ip.dst, e.addr).is_err();
-    if failed {
-        return Ok((reason::DROP_REWRITE_FAILED, DROP));
-    }
-    let mut out = *ip;
-    out.dst = e.addr;
-    Ok(deliver::to_pod(ctx, &out, &pod, reason::FWD_ICMP_ERROR_NAT))
+        || ctx.store(q.ip_off - Icmpv4Hdr::LEN + 2, &icmp, 0).is_err();
+    if failed { Err(()) } else { Ok(()) }
 }
 
 /// Offset and value of the quoted L4 checksum, when the quote holds one that must follow
