@@ -14,7 +14,8 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
         bail!(
             "usage: cargo xtask bench cni [--pods N] [--rounds N] [--json FILE]\n       \
              cargo xtask bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE]\n       \
-             cargo xtask bench ipam [--modes secondary|prefix|both] [--pods N] [--restarts N] [--json FILE]"
+             cargo xtask bench ipam [--modes secondary|prefix|both] [--pods N] [--restarts N] [--json FILE]\n       \
+             cargo xtask bench progcost [--runs N] [--object FILE] [--json FILE]"
         );
     };
     match what.as_str() {
@@ -44,7 +45,18 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
         }
         "dataplane" => dataplane(&args[1..]),
         "ipam" => ipam(&args[1..]),
-        other => bail!("unknown benchmark {other:?}: available: cni, dataplane, ipam"),
+        "progcost" => {
+            deps::ensure_system_packages(&[("ip", "iproute2")])?;
+            deps::ensure_ebpf_toolchain()?;
+            crate::ebpf::build(true)?;
+            run(Command::new(cargo())
+                .args(["build", "--release", "-p", "vpc-ebpf-bench"])
+                .current_dir(root()))?;
+            run(Command::new(target_dir()?.join("release/vpc-ebpf-bench"))
+                .arg("progcost")
+                .args(&args[1..]))
+        }
+        other => bail!("unknown benchmark {other:?}: available: cni, dataplane, ipam, progcost"),
     }
 }
 
