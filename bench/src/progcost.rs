@@ -11,10 +11,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 use serde_json::json;
 use vpc_ebpf_agent::dataplane::{Dataplane, DataplaneConfig, EndpointSpec, EniSpec, NodeSpec};
 use vpc_ebpf_common::programs::{COUNT_INGRESS, FROM_ENI, FROM_POD, TO_POD};
-use vpc_ebpf_tests::{
-    netns::NetNs,
-    packets::{self, Ipv4},
-};
+use vpc_ebpf_tests::{netns::NetNs, packets};
 
 const USAGE: &str = "usage: vpc-ebpf-bench progcost [--runs N] [--object FILE] [--json FILE]";
 
@@ -122,17 +119,7 @@ fn ifindex(name: &str) -> Result<u32, String> {
 }
 
 fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
-    let mut p = packets::ipv4(
-        &Ipv4 {
-            proto,
-            src: src.octets(),
-            dst: dst.octets(),
-            ..Ipv4::default()
-        },
-        l4,
-    );
-    packets::fill_l4_checksum(&mut p);
-    p
+    packets::ipv4_between(src, dst, proto, l4)
 }
 
 /// A one-byte TCP segment, as a TCP_RR transaction sends.

@@ -132,17 +132,7 @@ fn run(dp: &mut Dataplane, program: &'static str, frame: &[u8]) -> (i32, Vec<u8>
 }
 
 fn v4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
-    let mut p = packets::ipv4(
-        &Ipv4 {
-            proto,
-            src: src.octets(),
-            dst: dst.octets(),
-            ..Ipv4::default()
-        },
-        l4,
-    );
-    packets::fill_l4_checksum(&mut p);
-    p
+    packets::ipv4_between(src, dst, proto, l4)
 }
 
 /// A frame from pod A to its gateway.

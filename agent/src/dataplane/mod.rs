@@ -466,15 +466,7 @@ impl Dataplane {
         program: &'static str,
         frame: &[u8],
     ) -> Result<(i32, std::time::Duration), DataplaneError> {
-        let prog = classifier(&mut self.ebpf, program)?;
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        let result = prog
-            .test_run(opts)
-            .map_err(|source| DataplaneError::TestRun {
-                name: program,
-                source,
-            })?;
+        let result = self.run_program(program, frame, None)?;
         Ok((result.return_value.cast_signed(), result.duration))
     }
 
@@ -484,20 +476,29 @@ impl Dataplane {
         program: &'static str,
         frame: &[u8],
     ) -> Result<(i32, Vec<u8>), DataplaneError> {
-        let prog = classifier(&mut self.ebpf, program)?;
         // Room for what the programs may add (they only rewrite in place today).
         let mut out = vec![0u8; frame.len() + 256];
+        let result = self.run_program(program, frame, Some(&mut out))?;
+        out.truncate(usize::try_from(result.data_size_out).unwrap_or(0));
+        Ok((result.return_value.cast_signed(), out))
+    }
+
+    /// One `BPF_PROG_TEST_RUN` of `program` on `frame`, the frame as left written to `out`.
+    fn run_program(
+        &mut self,
+        program: &'static str,
+        frame: &[u8],
+        out: Option<&mut [u8]>,
+    ) -> Result<aya::programs::TestRunResult, DataplaneError> {
+        let prog = classifier(&mut self.ebpf, program)?;
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        let result = prog
-            .test_run(opts)
+        opts.data_out = out;
+        prog.test_run(opts)
             .map_err(|source| DataplaneError::TestRun {
                 name: program,
                 source,
-            })?;
-        out.truncate(usize::try_from(result.data_size_out).unwrap_or(0));
-        Ok((result.return_value.cast_signed(), out))
+            })
     }
 
     /// Current value of every counter, summed over CPUs.

@@ -42,16 +42,22 @@ struct Quoted8 {
     w3: [u8; 2],
 }
 
+/// The ICMP checksum of `ip` when it is an error that quotes a packet (destination
+/// unreachable, time exceeded, parameter problem); `None` for anything else.
+#[inline(always)]
+fn error_checksum(ctx: &TcContext, ip: &Ipv4) -> Option<[u8; 2]> {
+    let icmp = ptr_at::<Icmpv4Hdr>(ctx, ip.l4).ok()?;
+    // SAFETY: ptr_at checked the whole 8-byte header.
+    let (ty, icmp_csum) = unsafe { ((*icmp).type_, (*icmp).check) };
+    (ty == ICMP_DEST_UNREACH || ty == ICMP_TIME_EXCEEDED || ty == ICMP_PARAMETER_PROBLEM)
+        .then_some(icmp_csum)
+}
+
 /// `Some`: the packet is an ICMP error and this is what became of it; `None`: not an
 /// error (the caller goes on).
 #[inline(always)]
 pub fn translate(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4) -> Option<Outcome> {
-    let icmp = ptr_at::<Icmpv4Hdr>(ctx, ip.l4).ok()?;
-    // SAFETY: ptr_at checked the whole 8-byte header.
-    let (ty, icmp_csum) = unsafe { ((*icmp).type_, (*icmp).check) };
-    if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED && ty != ICMP_PARAMETER_PROBLEM {
-        return None;
-    }
+    let icmp_csum = error_checksum(ctx, ip)?;
     Some(match translate_error(ctx, cfg, ip, icmp_csum) {
         Ok(o) => o,
         Err(r) => (r, PASS),
@@ -64,12 +70,7 @@ pub fn translate(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4) -> Option<Outcome
 /// back, so such an error must go through the host stack like the flow's replies do.
 #[inline(always)]
 pub fn about_kernel_flow(ctx: &TcContext, ip: &Ipv4) -> bool {
-    let Ok(icmp) = ptr_at::<Icmpv4Hdr>(ctx, ip.l4) else {
-        return false;
-    };
-    // SAFETY: ptr_at checked the whole 8-byte header.
-    let ty = unsafe { (*icmp).type_ };
-    if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED && ty != ICMP_PARAMETER_PROBLEM {
+    if error_checksum(ctx, ip).is_none() {
         return false;
     }
     let Ok(q) = quote(ctx, ip) else {
@@ -197,12 +198,7 @@ fn translate_error(
 /// not an error about a translated flow, which the caller routes like any packet.
 #[inline(always)]
 pub fn translate_from_pod(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4) -> Option<Outcome> {
-    let icmp = ptr_at::<Icmpv4Hdr>(ctx, ip.l4).ok()?;
-    // SAFETY: ptr_at checked the whole 8-byte header.
-    let (ty, icmp_csum) = unsafe { ((*icmp).type_, (*icmp).check) };
-    if ty != ICMP_DEST_UNREACH && ty != ICMP_TIME_EXCEEDED && ty != ICMP_PARAMETER_PROBLEM {
-        return None;
-    }
+    let icmp_csum = error_checksum(ctx, ip)?;
     pod_error(ctx, cfg, ip, icmp_csum).ok()
 }
 
