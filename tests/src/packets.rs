@@ -193,6 +193,26 @@ pub fn checksum(data: &[u8]) -> u16 {
     !u16::try_from(sum).expect("folded")
 }
 
+/// An IPv4 packet from `src` to `dst` around `l4`, every checksum filled in.
+pub fn ipv4_between(
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    proto: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    let mut p = ipv4(
+        &Ipv4 {
+            proto,
+            src: src.octets(),
+            dst: dst.octets(),
+            ..Ipv4::default()
+        },
+        l4,
+    );
+    fill_l4_checksum(&mut p);
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,24 +234,4 @@ mod tests {
         assert_eq!(p[0], 0x46);
         assert_eq!(p.len(), 24 + 8);
     }
-}
-
-/// An IPv4 packet from `src` to `dst` around `l4`, every checksum filled in.
-pub fn ipv4_between(
-    src: std::net::Ipv4Addr,
-    dst: std::net::Ipv4Addr,
-    proto: u8,
-    l4: &[u8],
-) -> Vec<u8> {
-    let mut p = ipv4(
-        &Ipv4 {
-            proto,
-            src: src.octets(),
-            dst: dst.octets(),
-            ..Ipv4::default()
-        },
-        l4,
-    );
-    fill_l4_checksum(&mut p);
-    p
 }
