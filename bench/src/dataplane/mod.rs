@@ -8,6 +8,7 @@
 
 mod load;
 mod plot;
+mod stats;
 mod topo;
 
 use std::{
@@ -21,6 +22,7 @@ use std::{
 
 use load::{Metric, Sample};
 use serde_json::{Value, json};
+use stats::median;
 use topo::{Kind, PathKind, Setup};
 use vpc_ebpf_agent::dataplane::AttachMode;
 use vpc_ebpf_common::counters::{direction, reason};
@@ -30,7 +32,8 @@ static STOP: AtomicBool = AtomicBool::new(false);
 
 const USAGE: &str = "usage: vpc-ebpf-bench dataplane [--rounds N] [--secs S] [--json FILE] \
                      [--plot FILE] [--metrics rr,crr,stream] [--paths same-node,pod-internet] \
-                     [--snat-ports MIN-MAX] [--attach tcx|clsact] [--cpu N|any]";
+                     [--snat-ports MIN-MAX] [--attach tcx|clsact] [--cpu N|any] \
+                     [--object FILE]";
 
 struct Options {
     rounds: usize,
@@ -43,6 +46,9 @@ struct Options {
     attach: Option<AttachMode>,
     /// Where the traffic runs: all of it on one CPU (the default, CPU 0), or anywhere.
     cpu: Option<usize>,
+    /// Another build of the programs for (c) than the embedded one, to measure a variant
+    /// against the same floor in one run.
+    object: Option<Vec<u8>>,
 }
 
 fn flag(args: &[String], name: &str) -> Option<String> {
@@ -62,6 +68,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         "--snat-ports",
         "--attach",
         "--cpu",
+        "--object",
     ];
     for (i, a) in args.iter().enumerate() {
         let is_value = i > 0 && known.contains(&args[i - 1].as_str());
@@ -130,8 +137,13 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 ))?,
         ),
     };
+    let object = match flag(args, "--object") {
+        None => None,
+        Some(f) => Some(std::fs::read(&f).map_err(|e| format!("--object {f:?}: {e}"))?),
+    };
     Ok(Options {
         cpu,
+        object,
         rounds: usize::try_from(num("--rounds", 5)?).unwrap_or(5),
         secs: Duration::from_secs(num("--secs", 3)?),
         json: flag(args, "--json").map(PathBuf::from),
@@ -199,16 +211,6 @@ fn clean_stale() {
 }
 
 type Key = (PathKind, Metric, Kind);
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => f64::midpoint(s[n / 2 - 1], s[n / 2]),
-    }
-}
 
 struct Cell {
     values: Vec<f64>,
@@ -393,11 +395,16 @@ fn goals(cells: &BTreeMap<String, Cell>) -> Vec<Goal> {
             met,
             detail: match (a, b, c) {
                 (Some(a), Some(b), Some(c)) => {
-                    let paired = paired_ratio(cells, (PathKind::SameNode, m));
+                    let paired = paired_ratios(cells, (PathKind::SameNode, m));
+                    let interval = stats::ratio_interval(&paired)
+                        .map_or(String::new(), |(g, lo, hi)| {
+                            format!(", geometric mean {g:.3}, 95% CI [{lo:.3}, {hi:.3}]")
+                        });
                     format!(
-                        "c/a = {:.3}, c/b = {:.3}; c/a of each round, median: {paired:.3}",
+                        "c/a = {:.3}, c/b = {:.3}; c/a of each round: median {:.3}{interval}",
                         c / a,
-                        c / b
+                        c / b,
+                        median(&paired),
                     )
                 }
                 _ => "not measured".into(),
@@ -420,23 +427,21 @@ fn goals(cells: &BTreeMap<String, Cell>) -> Vec<Goal> {
     out
 }
 
-/// The median over rounds of (c)/(a) measured in the same round: the three setups of a
-/// round run seconds apart, so drift over the run (which moves all three) cancels out.
-fn paired_ratio(cells: &BTreeMap<String, Cell>, (p, m): (PathKind, Metric)) -> f64 {
+/// (c)/(a) of each round, both measured in that round: the three setups of a round run
+/// seconds apart, so drift over the run (which moves all three) cancels out.
+fn paired_ratios(cells: &BTreeMap<String, Cell>, (p, m): (PathKind, Metric)) -> Vec<f64> {
     let (Some(a), Some(c)) = (
         cells.get(&cell_key((p, m, Kind::Floor))),
         cells.get(&cell_key((p, m, Kind::Ebpf))),
     ) else {
-        return f64::NAN;
+        return Vec::new();
     };
-    let ratios: Vec<f64> = a
-        .values
+    a.values
         .iter()
         .zip(&c.values)
         .filter(|(a, _)| **a > 0.0)
         .map(|(a, c)| c / a)
-        .collect();
-    median(&ratios)
+        .collect()
 }
 
 fn cell_key((p, m, k): Key) -> String {
@@ -682,7 +687,12 @@ pub fn main(args: &[String]) -> i32 {
     let setups = vec![
         topo::floor(),
         topo::vpc_cni(),
-        topo::ebpf(pin_root, opts.attach, opts.snat_ports),
+        topo::ebpf(
+            pin_root,
+            opts.attach,
+            opts.snat_ports,
+            opts.object.as_deref(),
+        ),
     ];
     let seen = match preflight(&setups, &opts.paths) {
         Ok(v) => v,

@@ -496,7 +496,12 @@ fn vpc_cni_iptables(node: &NetNs) {
 
 /// (c): the same layout described to the agent's dataplane library, which attaches the
 /// programs; no neighbour entry, rule or iptables rule is written.
-pub fn ebpf(pin_root: PathBuf, mode: Option<AttachMode>, snat_ports: (u16, u16)) -> Setup {
+pub fn ebpf(
+    pin_root: PathBuf,
+    mode: Option<AttachMode>,
+    snat_ports: (u16, u16),
+    object: Option<&[u8]>,
+) -> Setup {
     let l = layout("c");
     let pod_mac = |ns: &NetNs| parse_mac(&link_mac(ns.name(), "eth0"));
     let (mac_a, mac_b) = (pod_mac(&l.pa), pod_mac(&l.pb));
@@ -507,7 +512,11 @@ pub fn ebpf(pin_root: PathBuf, mode: Option<AttachMode>, snat_ports: (u16, u16))
         nat_max_entries: None,
     };
     let dp = run_in(&node, || {
-        let mut dp = Dataplane::load(&config).expect("loading the eBPF object");
+        let mut dp = match object {
+            Some(o) => Dataplane::load_object(&config, o),
+            None => Dataplane::load(&config),
+        }
+        .expect("loading the eBPF object");
         let eni = ifindex(&node, ENI);
         // Read inside the node namespace, as the agent does at start.
         let snat_skip = Some(vpc_ebpf_agent::datapath::host_ephemeral_ports());
