@@ -33,7 +33,7 @@ static STOP: AtomicBool = AtomicBool::new(false);
 const USAGE: &str = "usage: vpc-ebpf-bench dataplane [--rounds N] [--secs S] [--json FILE] \
                      [--plot FILE] [--metrics rr,crr,stream] [--paths same-node,pod-internet] \
                      [--snat-ports MIN-MAX] [--attach tcx|clsact] [--cpu N|any] \
-                     [--object FILE]";
+                     [--object FILE] [--only a|b|c]";
 
 struct Options {
     rounds: usize,
@@ -49,6 +49,8 @@ struct Options {
     /// Another build of the programs for (c) than the embedded one, to measure a variant
     /// against the same floor in one run.
     object: Option<Vec<u8>>,
+    /// One setup alone, for profiling it (`perf record -C 0` beside the run).
+    only: Option<Kind>,
 }
 
 fn flag(args: &[String], name: &str) -> Option<String> {
@@ -69,6 +71,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         "--attach",
         "--cpu",
         "--object",
+        "--only",
     ];
     for (i, a) in args.iter().enumerate() {
         let is_value = i > 0 && known.contains(&args[i - 1].as_str());
@@ -141,9 +144,19 @@ fn parse(args: &[String]) -> Result<Options, String> {
         None => None,
         Some(f) => Some(std::fs::read(&f).map_err(|e| format!("--object {f:?}: {e}"))?),
     };
+    let only = match flag(args, "--only") {
+        None => None,
+        Some(v) => Some(
+            Kind::ALL
+                .into_iter()
+                .find(|k| k.key() == v)
+                .ok_or(format!("--only wants a, b or c, got {v:?}"))?,
+        ),
+    };
     Ok(Options {
         cpu,
         object,
+        only,
         rounds: usize::try_from(num("--rounds", 5)?).unwrap_or(5),
         secs: Duration::from_secs(num("--secs", 3)?),
         json: flag(args, "--json").map(PathBuf::from),
@@ -605,7 +618,7 @@ fn measure(o: &Options, setups: &[Setup]) -> Measured {
                         return acc;
                     }
                     let kind = Kind::ALL[(i + round + mi) % Kind::ALL.len()];
-                    if std::env::var("VPCE_ONLY").is_ok_and(|v| v != kind.key()) {
+                    if o.only.is_some_and(|k| k != kind) {
                         continue;
                     }
                     let setup = setups.iter().find(|s| s.kind == kind).unwrap();
