@@ -59,6 +59,24 @@ fn flag(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// `--object FILE` and `--only a|b|c`: what (c) runs, and which setups run.
+fn variant(args: &[String]) -> Result<(Option<Vec<u8>>, Option<Kind>), String> {
+    let object = match flag(args, "--object") {
+        None => None,
+        Some(f) => Some(std::fs::read(&f).map_err(|e| format!("--object {f:?}: {e}"))?),
+    };
+    let only = match flag(args, "--only") {
+        None => None,
+        Some(v) => Some(
+            Kind::ALL
+                .into_iter()
+                .find(|k| k.key() == v)
+                .ok_or(format!("--only wants a, b or c, got {v:?}"))?,
+        ),
+    };
+    Ok((object, only))
+}
+
 fn parse(args: &[String]) -> Result<Options, String> {
     let known = [
         "--rounds",
@@ -140,19 +158,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 ))?,
         ),
     };
-    let object = match flag(args, "--object") {
-        None => None,
-        Some(f) => Some(std::fs::read(&f).map_err(|e| format!("--object {f:?}: {e}"))?),
-    };
-    let only = match flag(args, "--only") {
-        None => None,
-        Some(v) => Some(
-            Kind::ALL
-                .into_iter()
-                .find(|k| k.key() == v)
-                .ok_or(format!("--only wants a, b or c, got {v:?}"))?,
-        ),
-    };
+    let (object, only) = variant(args)?;
     Ok(Options {
         cpu,
         object,
