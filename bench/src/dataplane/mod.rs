@@ -48,10 +48,13 @@ struct Options {
     cpu: Option<usize>,
     /// Another build of the programs for (c) than the embedded one, to measure a variant
     /// against the same floor in one run.
-    object: Option<Vec<u8>>,
+    object: Option<Object>,
     /// One setup alone, for profiling it (`perf record -C 0` beside the run).
     only: Option<Kind>,
 }
+
+/// A build of the programs: where it was read from, and its bytes.
+type Object = (String, Vec<u8>);
 
 fn flag(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -60,10 +63,13 @@ fn flag(args: &[String], name: &str) -> Option<String> {
 }
 
 /// `--object FILE` and `--only a|b|c`: what (c) runs, and which setups run.
-fn variant(args: &[String]) -> Result<(Option<Vec<u8>>, Option<Kind>), String> {
+fn variant(args: &[String]) -> Result<(Option<Object>, Option<Kind>), String> {
     let object = match flag(args, "--object") {
         None => None,
-        Some(f) => Some(std::fs::read(&f).map_err(|e| format!("--object {f:?}: {e}"))?),
+        Some(f) => {
+            let bytes = std::fs::read(&f).map_err(|e| format!("--object {f:?}: {e}"))?;
+            Some((f, bytes))
+        }
     };
     let only = match flag(args, "--only") {
         None => None,
@@ -710,7 +716,7 @@ pub fn main(args: &[String]) -> i32 {
             pin_root,
             opts.attach,
             opts.snat_ports,
-            opts.object.as_deref(),
+            opts.object.as_ref().map(|(_, o)| o.as_slice()),
         ),
     ];
     let seen = match preflight(&setups, &opts.paths) {
@@ -751,6 +757,11 @@ pub fn main(args: &[String]) -> i32 {
             "rounds": opts.rounds, "secs_per_measurement": opts.secs.as_secs(),
             "snat_ports": [opts.snat_ports.0, opts.snat_ports.1],
             "traffic_cpu": opts.cpu.map_or(json!("any"), |c| json!(c)),
+            // "source" describes the checkout; with --object, (c) ran another build.
+            "programs_of_c": opts.object.as_ref().map_or(json!("embedded"), |(f, o)| {
+                json!({"object": f, "bytes": o.len()})
+            }),
+            "only": opts.only.map(Kind::key),
             "throughput_tool": "iperf3, one stream, first second omitted",
             "rr_crr_tool": "vpc-ebpf-bench (own client/server, one thread each)",
             "kernel": kernel(), "cpus": std::thread::available_parallelism().map_or(0, usize::from),

@@ -11,8 +11,8 @@ pub fn median(v: &[f64]) -> f64 {
 }
 
 /// The geometric mean of per-round ratios and its 95 % confidence interval, `(mean, low,
-/// high)`. Ratios are averaged as logarithms, so that c/a = 0.9 and a/c = 0.9 weigh the
-/// same, and the interval uses Student's t because a run has few rounds. `None` below two
+/// high)`. Ratios are averaged as logarithms, so that a round at 0.9 and one at 1/0.9
+/// cancel out, and the interval uses Student's t because a run has few rounds. `None` below two
 /// ratios or for a non-positive one.
 pub fn ratio_interval(ratios: &[f64]) -> Option<(f64, f64, f64)> {
     if ratios.len() < 2 || ratios.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
@@ -27,7 +27,8 @@ pub fn ratio_interval(ratios: &[f64]) -> Option<(f64, f64, f64)> {
     Some((mean.exp(), (mean - half).exp(), (mean + half).exp()))
 }
 
-/// Two-sided 95 % quantile of Student's t with `df` degrees of freedom.
+/// Two-sided 95 % quantile of Student's t with `df` degrees of freedom; past the table,
+/// the quantile of the table's next lower entry, so the interval errs wide.
 fn t95(df: usize) -> f64 {
     const TABLE: [f64; 30] = [
         12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
@@ -37,9 +38,10 @@ fn t95(df: usize) -> f64 {
     match df {
         0 => f64::INFINITY,
         1..=30 => TABLE[df - 1],
-        31..=60 => 2.000,
-        61..=120 => 1.980,
-        _ => 1.960,
+        31..=40 => 2.042,
+        41..=60 => 2.021,
+        61..=120 => 2.000,
+        _ => 1.980,
     }
 }
 
@@ -69,6 +71,14 @@ mod tests {
         assert!((m - 1.0).abs() < 1e-12);
         assert!((lo - (-half).exp()).abs() < 1e-9);
         assert!((hi - half.exp()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn t_quantile_falls_with_df_and_errs_wide_past_the_table() {
+        let q: Vec<f64> = (1..200).map(t95).collect();
+        assert!(q.windows(2).all(|w| w[0] >= w[1]));
+        // Student's t, two-sided 95 %: df 35 → 2.030, df 100 → 1.984, df 1000 → 1.962.
+        assert!(t95(35) >= 2.030 && t95(100) >= 1.984 && t95(1000) >= 1.962);
     }
 
     #[test]
