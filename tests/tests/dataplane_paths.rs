@@ -14,7 +14,7 @@ mod dataplane_common;
 
 use std::net::Ipv4Addr;
 
-use dataplane_common::{PinRoot, counter, counter_dir, ifindex, ip};
+use dataplane_common::{PinRoot, counted, counter_dir, ifindex, ip};
 use vpc_ebpf_agent::dataplane::{Dataplane, EndpointSpec, EniSpec, NodeSpec, monotonic_now_ns};
 use vpc_ebpf_common::{
     counters::{direction, reason},
@@ -112,7 +112,8 @@ fn node(ns: &NetNs, pins: &PinRoot) -> Node {
 }
 
 /// Runs `program` on `frame`: the verdict, the frame as left, and the one reason whose
-/// counter on ifindex 1 went up (asserting it was exactly one packet).
+/// counter (on ifindex 1, or for all interfaces for a forwarding verdict) went up
+/// (asserting it was exactly one packet).
 fn run(dp: &mut Dataplane, program: &'static str, frame: &[u8]) -> (i32, Vec<u8>, u16) {
     let before = dp.counters().unwrap();
     let (verdict, out) = dp.test_run_frame(program, frame).expect("test run");
@@ -120,13 +121,13 @@ fn run(dp: &mut Dataplane, program: &'static str, frame: &[u8]) -> (i32, Vec<u8>
     let grew: Vec<u16> = reason::ALL
         .iter()
         .copied()
-        .filter(|r| counter(&after, 1, *r).packets != counter(&before, 1, *r).packets)
+        .filter(|r| counted(&after, 1, *r).packets != counted(&before, 1, *r).packets)
         .collect();
     assert_eq!(grew.len(), 1, "exactly one reason counted, got {grew:?}");
     let r = grew[0];
     assert_eq!(
-        counter(&after, 1, r).packets,
-        counter(&before, 1, r).packets + 1
+        counted(&after, 1, r).packets,
+        counted(&before, 1, r).packets + 1
     );
     (verdict, out, r)
 }

@@ -13,7 +13,7 @@ use std::{mem::size_of, path::Path};
 use aya::maps::{MapInfo, MapType};
 use tracing::warn;
 use vpc_ebpf_common::{
-    counters::{COUNTERS_MAX_ENTRIES, Counter, CounterKey},
+    counters::{COUNTERS_MAX_ENTRIES, Counter, CounterKey, FORWARD_SLOTS},
     maps as names,
     nat::{HOSTPORTS_MAX_ENTRIES, HostPortKey, HostPortTarget, KernelFlow, NatEntry, NatKey},
     node::{
@@ -58,7 +58,7 @@ const fn layout(map_type: MapType, key: u32, value: u32, max: Option<u32>, flags
 /// Every pinned map of the object, as `ebpf/programs/src/{maps,counters}.rs` define them.
 /// A root test loads the object into an empty pin directory and checks this table
 /// against what the kernel created, so the two cannot drift apart unnoticed.
-pub fn expected() -> [(&'static str, Layout); 10] {
+pub fn expected() -> [(&'static str, Layout); 11] {
     let cidrs = layout(
         MapType::LpmTrie,
         size::<Ipv4Prefix>(),
@@ -74,6 +74,16 @@ pub fn expected() -> [(&'static str, Layout); 10] {
                 size::<CounterKey>(),
                 size::<Counter>(),
                 Some(COUNTERS_MAX_ENTRIES),
+                0,
+            ),
+        ),
+        (
+            names::FORWARD_COUNTERS,
+            layout(
+                MapType::PerCpuArray,
+                4,
+                size::<Counter>(),
+                Some(FORWARD_SLOTS),
                 0,
             ),
         ),

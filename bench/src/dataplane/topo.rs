@@ -23,6 +23,7 @@ use vpc_ebpf_agent::dataplane::{
     AttachMode, CounterRow, Dataplane, DataplaneConfig, EndpointSpec, EniSpec, NodeSpec,
     monotonic_now_ns,
 };
+use vpc_ebpf_common::counters::ALL_INTERFACES;
 use vpc_ebpf_tests::netns::{NetNs, run_in};
 
 pub const POD_A: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 5);
@@ -146,7 +147,8 @@ impl Setup {
         self.ebpf.as_ref().map(|e| e.attach_mode)
     }
 
-    /// The programs' per-interface, per-reason counters with interface names, for (c).
+    /// The programs' counters with interface names ("all" for the forwarding verdicts,
+    /// which are not kept per interface), for (c).
     pub fn counters(&self) -> Option<Vec<(String, CounterRow)>> {
         let e = self.ebpf.as_ref()?;
         let node = self.node.as_deref()?;
@@ -155,10 +157,14 @@ impl Setup {
         Some(
             rows.into_iter()
                 .map(|r| {
-                    let name = names
-                        .iter()
-                        .find(|(i, _)| *i == r.key.ifindex)
-                        .map_or_else(|| format!("if{}", r.key.ifindex), |(_, n)| n.clone());
+                    let name = if r.key.ifindex == ALL_INTERFACES {
+                        "all".to_owned()
+                    } else {
+                        names
+                            .iter()
+                            .find(|(i, _)| *i == r.key.ifindex)
+                            .map_or_else(|| format!("if{}", r.key.ifindex), |(_, n)| n.clone())
+                    };
                     (name, r)
                 })
                 .collect(),

@@ -30,6 +30,7 @@ pub mod programs {
 /// Names of the maps in the eBPF object (also their pin file names).
 pub mod maps {
     pub const COUNTERS: &str = "VPC_COUNTERS";
+    pub const FORWARD_COUNTERS: &str = "VPC_FWD_COUNTERS";
     pub const CONFIG: &str = "VPC_CONFIG";
     pub const ENDPOINTS: &str = "VPC_ENDPOINTS";
     pub const ENIS: &str = "VPC_ENIS";

@@ -1,7 +1,14 @@
-//! The per-interface, per-reason counters map and its update path.
+//! The counters maps and their update path (see [`vpc_ebpf_common::counters`]).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, macros::map, maps::PerCpuHashMap, programs::TcContext};
-use vpc_ebpf_common::counters::{COUNTERS_MAX_ENTRIES, Counter, CounterKey};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::map,
+    maps::{PerCpuArray, PerCpuHashMap},
+    programs::TcContext,
+};
+use vpc_ebpf_common::counters::{
+    COUNTERS_MAX_ENTRIES, Counter, CounterKey, FORWARD_SLOTS, forward_slot, reason::is_forward,
+};
 
 use crate::packet;
 
@@ -9,6 +16,10 @@ use crate::packet;
 #[map]
 static VPC_COUNTERS: PerCpuHashMap<CounterKey, Counter> =
     PerCpuHashMap::pinned(COUNTERS_MAX_ENTRIES, 0);
+
+/// The forwarding verdicts, by reason and direction; pinned like the others.
+#[map]
+static VPC_FWD_COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(FORWARD_SLOTS, 0);
 
 /// Classifies the packet and adds it to its counter.
 #[inline(always)]
@@ -18,13 +29,25 @@ pub fn observe(ctx: &TcContext, direction: u8) {
     count(ctx, reason, direction);
 }
 
-/// Adds one packet of `ctx.len()` bytes to (ifindex, reason, direction).
+/// Adds one packet of `ctx.len()` bytes to (reason, direction) for a forwarding verdict,
+/// to (ifindex, reason, direction) for any other.
 #[inline(always)]
 pub fn count(ctx: &TcContext, reason: u16, direction: u8) {
+    let bytes = u64::from(ctx.len());
+    if is_forward(reason) {
+        if let Some(c) = VPC_FWD_COUNTERS.get_ptr_mut(forward_slot(reason, direction)) {
+            // SAFETY: per-CPU value: only this CPU writes this slot, and the program
+            // cannot be preempted by itself on the same CPU.
+            unsafe {
+                (*c).packets += 1;
+                (*c).bytes += bytes;
+            }
+        }
+        return;
+    }
     // SAFETY: the kernel hands every TC program a valid __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let key = CounterKey::new(ifindex, reason, direction);
-    let bytes = u64::from(ctx.len());
     if let Some(c) = VPC_COUNTERS.get_ptr_mut(key) {
         // SAFETY: per-CPU value: only this CPU writes this slot, and the program cannot be
         // preempted by itself on the same CPU.

@@ -5,7 +5,7 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use vpc_ebpf_agent::dataplane::{AttachMode, CounterRow, DataplaneConfig};
-use vpc_ebpf_common::counters::{Counter, CounterKey, direction};
+use vpc_ebpf_common::counters::{ALL_INTERFACES, Counter, CounterKey, direction, reason};
 use vpc_ebpf_tests::require_root;
 
 /// A private pin root per test so parallel tests never share maps or links; removed on
@@ -36,7 +36,14 @@ impl Drop for PinRoot {
     }
 }
 
+/// The ingress counter of a verdict counted per interface (see [`forwarded`] for the
+/// others).
 pub fn counter(rows: &[CounterRow], ifindex: u32, reason: u16) -> Counter {
+    assert!(
+        !reason::is_forward(reason),
+        "{} is not counted per interface: use forwarded()",
+        reason::name(reason)
+    );
     rows.iter()
         .find(|r| r.key == CounterKey::new(ifindex, reason, direction::INGRESS))
         .map(|r| r.value)
@@ -71,6 +78,25 @@ pub fn mac_of(name: &str) -> [u8; 6] {
 
 pub const fn ip(a: u8, b: u8, c: u8, d: u8) -> Ipv4Addr {
     Ipv4Addr::new(a, b, c, d)
+}
+
+/// The counter of a forwarding verdict (ingress), kept for all interfaces together.
+pub fn forwarded(rows: &[CounterRow], reason: u16) -> Counter {
+    assert!(reason::is_forward(reason), "{}", reason::name(reason));
+    rows.iter()
+        .find(|r| r.key == CounterKey::new(ALL_INTERFACES, reason, direction::INGRESS))
+        .map(|r| r.value)
+        .unwrap_or_default()
+}
+
+/// The ingress counter of `reason` wherever it is kept: on `ifindex`, or for all
+/// interfaces when it is a forwarding verdict.
+pub fn counted(rows: &[CounterRow], ifindex: u32, reason: u16) -> Counter {
+    if reason::is_forward(reason) {
+        forwarded(rows, reason)
+    } else {
+        counter(rows, ifindex, reason)
+    }
 }
 
 pub fn counter_dir(rows: &[CounterRow], ifindex: u32, reason: u16, dir: u8) -> Counter {
