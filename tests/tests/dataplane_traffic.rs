@@ -654,7 +654,7 @@ fn hostport_paths(mode: AttachMode) {
     // Pod A (owned by the secondary ENI) publishes TCP 8080 → 8081 and UDP 5353 → 5300.
     dp.set_hostports(ip(10, 0, 1, 5), &[(6, 8080, 8081), (17, 5353, 5300)])
         .unwrap();
-    let (hva, eni0) = lab.node.run(|| (ifindex("hva"), ifindex("eni0")));
+    let hva = lab.node.run(|| ifindex("hva"));
 
     let tcp = tcp_server(lab.pa.name(), &format!("{POD_A}:8081"), 3);
     let udp = udp_server(&lab.pa, &format!("{POD_A}:5300"), 2);
