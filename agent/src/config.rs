@@ -4,6 +4,8 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
+use ipnet::Ipv4Net;
+
 use crate::ipam::pool::{Mode, Targets};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -23,7 +25,7 @@ pub struct Config {
     /// AWS_EC2_METADATA_SERVICE_ENDPOINT, as the AWS SDKs name it.
     pub imds_endpoint: String,
     pub external_snat: bool,
-    pub exclude_snat_cidrs: Vec<ipnet_lite::Cidr>,
+    pub exclude_snat_cidrs: Vec<Ipv4Net>,
     /// VPC_EBPF_SNAT_PORT_RANGE: source ports SNAT may use on the node address; the
     /// node's own ephemeral range (`net.ipv4.ip_local_port_range`) is skipped inside it.
     pub snat_ports: (u16, u16),
@@ -39,7 +41,7 @@ pub struct Config {
     pub pin_root: PathBuf,
     /// VPC_EBPF_SERVICE_CIDRS: ClusterIP ranges handed to the kernel (kube-proxy);
     /// default as EKS picks it from the VPC CIDR.
-    pub service_cidrs: Option<Vec<ipnet_lite::Cidr>>,
+    pub service_cidrs: Option<Vec<Ipv4Net>>,
     /// VPC_EBPF_NAT_MAX_ENTRIES: size of the NAT table; default from memory.
     pub nat_max_entries: Option<u32>,
     pub metrics_addr: SocketAddr,
@@ -56,36 +58,6 @@ pub const MIN_SNAT_PORTS: u32 = 1024;
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration:\n  {}", .0.join("\n  "))]
 pub struct ConfigError(pub Vec<String>);
-
-/// Minimal IPv4 CIDR parsing, enough for the SNAT exclusions.
-pub mod ipnet_lite {
-    use std::{fmt, net::Ipv4Addr, str::FromStr};
-
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub struct Cidr {
-        pub addr: Ipv4Addr,
-        pub len: u8,
-    }
-
-    impl FromStr for Cidr {
-        type Err = ();
-        fn from_str(s: &str) -> Result<Self, ()> {
-            let (a, l) = s.split_once('/').ok_or(())?;
-            let addr: Ipv4Addr = a.parse().map_err(|_| ())?;
-            let len: u8 = l.parse().map_err(|_| ())?;
-            if len > 32 || (len < 32 && u32::from(addr) & (u32::MAX >> len) != 0) {
-                return Err(());
-            }
-            Ok(Self { addr, len })
-        }
-    }
-
-    impl fmt::Display for Cidr {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(f, "{}/{}", self.addr, self.len)
-        }
-    }
-}
 
 struct Reader<'a> {
     get: &'a dyn Fn(&str) -> Option<String>,
@@ -159,13 +131,13 @@ impl Reader<'_> {
         tags
     }
 
-    fn cidrs(&mut self, key: &str) -> Option<Vec<ipnet_lite::Cidr>> {
+    fn cidrs(&mut self, key: &str) -> Option<Vec<Ipv4Net>> {
         let v = self.raw(key)?;
         let mut out = Vec::new();
         for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match part.parse() {
-                Ok(c) => out.push(c),
-                Err(()) => self.problems.push(format!(
+            match part.parse::<Ipv4Net>() {
+                Ok(c) if c.trunc() == c => out.push(c),
+                _ => self.problems.push(format!(
                     "{key}: {part:?} is not an IPv4 CIDR such as 10.10.0.0/16"
                 )),
             }
@@ -190,7 +162,7 @@ impl Reader<'_> {
         })
     }
 
-    fn snat_exclusions(&mut self) -> Vec<ipnet_lite::Cidr> {
+    fn snat_exclusions(&mut self) -> Vec<Ipv4Net> {
         self.cidrs("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS")
             .unwrap_or_default()
     }

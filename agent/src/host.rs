@@ -12,17 +12,21 @@ use rtnetlink::{
         rule::{RuleAction, RuleAttribute, RuleMessage},
     },
 };
+use vpc_ebpf_rpc::types::MacAddr;
+
+const RT_TABLE_MAIN: u8 = 254;
 
 /// Amazon VPC CNI's priority for `from <pod> lookup <eni table>` rules.
 pub const POD_RULE_PRIORITY: u32 = 1536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    #[error("opening a netlink socket: {0}")]
-    Socket(std::io::Error),
-    #[error("netlink {what}: {source}")]
+    #[error("opening a netlink socket")]
+    Socket(#[source] std::io::Error),
+    #[error("netlink {what}")]
     Netlink {
         what: &'static str,
+        #[source]
         source: rtnetlink::Error,
     },
 }
@@ -31,7 +35,8 @@ pub enum HostError {
 pub struct Link {
     pub index: u32,
     pub name: String,
-    pub mac: String,
+    /// `None` for links without an Ethernet address (loopback, tunnels).
+    pub mac: Option<MacAddr>,
 }
 
 /// A `/32` route to a pod through its host veth.
@@ -58,23 +63,16 @@ pub struct Host {
     handle: Handle,
 }
 
-fn mac_string(b: &[u8]) -> String {
-    b.iter()
-        .map(|x| format!("{x:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 fn link(l: &LinkMessage) -> Link {
     let mut out = Link {
         index: l.header.index,
         name: String::new(),
-        mac: String::new(),
+        mac: None,
     };
     for a in &l.attributes {
         match a {
             LinkAttribute::IfName(n) => out.name.clone_from(n),
-            LinkAttribute::Address(m) => out.mac = mac_string(m),
+            LinkAttribute::Address(m) => out.mac = MacAddr::from_slice(m),
             _ => {}
         }
     }
@@ -104,14 +102,13 @@ impl Host {
         Ok(msgs.iter().map(link).collect())
     }
 
-    /// Interfaces by lower-case MAC.
-    pub async fn links_by_mac(&self) -> Result<HashMap<String, Link>, HostError> {
+    /// Interfaces by MAC.
+    pub async fn links_by_mac(&self) -> Result<HashMap<MacAddr, Link>, HostError> {
         Ok(self
             .links()
             .await?
             .into_iter()
-            .filter(|l| !l.mac.is_empty())
-            .map(|l| (l.mac.clone(), l))
+            .filter_map(|l| Some((l.mac?, l)))
             .collect())
     }
 
@@ -240,13 +237,23 @@ impl Host {
         Ok(())
     }
 
-    /// `/32` routes whose interface name starts with `veth_prefix`.
+    /// `/32` routes of the main table whose interface name starts with `veth_prefix`.
     pub async fn pod_routes(&self, veth_prefix: &str) -> Result<Vec<PodRoute>, HostError> {
+        Ok(self
+            .host_routes()
+            .await?
+            .into_iter()
+            .filter(|r| r.ifname.starts_with(veth_prefix))
+            .collect())
+    }
+
+    /// Every `/32` route of the main table with the interface it leaves by: the plugin
+    /// installs one per pod, whatever the veth prefix was when it ran.
+    pub async fn host_routes(&self) -> Result<Vec<PodRoute>, HostError> {
         let names: HashMap<u32, String> = self
             .links()
             .await?
             .into_iter()
-            .filter(|l| l.name.starts_with(veth_prefix))
             .map(|l| (l.index, l.name))
             .collect();
         let routes: Vec<_> = self
@@ -262,7 +269,9 @@ impl Host {
             })?;
         let mut out = Vec::new();
         for r in routes {
-            if r.header.destination_prefix_length != 32 {
+            // The dump holds every table; pod routes are in main (local has the node's
+            // own addresses, the per-ENI tables their gateways).
+            if r.header.destination_prefix_length != 32 || r.header.table != RT_TABLE_MAIN {
                 continue;
             }
             let mut dst = None;

@@ -1,6 +1,6 @@
 //! The agent's two local HTTP endpoints: Prometheus metrics (`/metrics`, default
 //! 127.0.0.1:61678) and read-only introspection JSON (default 127.0.0.1:61679: `/v1/enis`,
-//! `/v1/assignments`, `/v1/config`). Both are GET-only and bound to loopback by default,
+//! `/v1/assignments`, `/v1/endpoints`, `/v1/config`). Both are GET-only and bound to loopback by default,
 //! as aws-node's are.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
@@ -13,15 +13,16 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, warn};
 
 use crate::{
-    ipam::store::AddrState,
-    reconcile::{Node, Settings, refresh_gauges},
-    rpc::{Shared, now_ms},
+    clock::now_ms,
+    ipam::{reconciler::refresh_gauges, store::AddrState},
+    node::{Node, Settings},
+    rpc::Services,
 };
 
 /// What the handlers read.
 #[derive(Clone)]
 pub struct Context {
-    pub shared: Shared,
+    pub services: Services,
     /// The effective configuration, as `/v1/config` shows it.
     pub config: Arc<Value>,
     /// Known once discovery is done.
@@ -46,28 +47,59 @@ fn json_reply(v: &Value) -> Response<Full<Bytes>> {
 }
 
 async fn metrics(ctx: &Context) -> Response<Full<Bytes>> {
-    {
-        let st = ctx.shared.state.lock().await;
-        let node = ctx.node.borrow().clone();
-        if let Some((node, settings)) = node {
-            refresh_gauges(&st, &ctx.shared.metrics, node.limits, &settings);
-        }
+    let s = &ctx.services;
+    let node = ctx.node.borrow().clone();
+    if let Some((node, settings)) = node {
+        s.ipam
+            .read(|store, blocked| {
+                refresh_gauges(store, blocked, &s.metrics, node.limits, &settings);
+            })
+            .await;
     }
-    if let Some(dp) = ctx.shared.datapath() {
-        dp.export_counters(&ctx.shared.metrics);
+    if let Some(dp) = s.dataplane()
+        && let Err(e) = dp.export_counters().await
+    {
+        warn!(error = %vpc_ebpf_rpc::report::Chain(&e), "exporting the dataplane counters failed");
     }
     reply(
         StatusCode::OK,
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ctx.shared.metrics.encode(),
+        s.metrics.encode(),
     )
 }
 
 async fn enis(ctx: &Context) -> Value {
-    let st = ctx.shared.state.lock().await;
     let now = now_ms();
-    let enis: Vec<Value> = st
-        .store
+    let (enis, mode, blocked) = ctx
+        .services
+        .ipam
+        .read(|store, blocked| (eni_rows(store, now), store.mode, blocked))
+        .await;
+    let node = ctx.node.borrow().clone();
+    let (ready, not_ready_reason) = match ctx.services.ipam.readiness() {
+        crate::ipam::Readiness::Ready => (true, String::new()),
+        crate::ipam::Readiness::NotReady(why) => (false, why),
+    };
+    json!({
+        "ready": ready,
+        "not_ready_reason": not_ready_reason,
+        "mode": mode,
+        "growth_blocked": blocked.map(|b| format!("{b:?}")),
+        "instance": node.as_ref().map(|(n, _)| json!({
+            "id": n.instance_id,
+            "type": n.instance_type,
+            "subnet": n.subnet_id,
+            "subnet_cidr": n.subnet_cidr,
+            "vpc_cidrs": n.vpc_cidrs,
+            "max_enis": n.limits.max_enis,
+            "ipv4_per_eni": n.limits.slots_per_eni,
+        })),
+        "enis": enis,
+    })
+}
+
+fn eni_rows(store: &crate::ipam::store::Store, now: u64) -> Vec<Value> {
+    store
         .enis()
         .map(|e| {
             let mut free = 0;
@@ -94,46 +126,38 @@ async fn enis(ctx: &Context) -> Value {
                 "cooling": cooling,
             })
         })
-        .collect();
-    let node = ctx.node.borrow().clone();
-    json!({
-        "ready": st.ready,
-        "not_ready_reason": st.not_ready_reason,
-        "mode": st.store.mode,
-        "growth_blocked": st.blocked.map(|b| format!("{b:?}")),
-        "instance": node.as_ref().map(|(n, _)| json!({
-            "id": n.instance_id,
-            "type": n.instance_type,
-            "subnet": n.subnet_id,
-            "subnet_cidr": n.subnet_cidr,
-            "vpc_cidrs": n.vpc_cidrs,
-            "max_enis": n.limits.max_enis,
-            "ipv4_per_eni": n.limits.slots_per_eni,
-        })),
-        "enis": enis,
-    })
+        .collect()
 }
 
 async fn assignments(ctx: &Context) -> Value {
-    let st = ctx.shared.state.lock().await;
-    let list: Vec<Value> = st
-        .store
-        .assignments()
-        .map(|(k, pod, ip, eni)| {
-            let ep = st.endpoints.get(k);
-            json!({
-                "network": k.network,
-                "container_id": k.container_id,
-                "ifname": k.ifname,
-                "ip": ip,
-                "eni": eni.id,
-                "device_index": eni.device_index,
-                "pod": {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid},
-                "host_veth": ep.map(|e| e.host_ifname.clone()),
-            })
+    let registry = &ctx.services.endpoints;
+    let list: Vec<Value> = ctx
+        .services
+        .ipam
+        .read(|store, _| {
+            store
+                .assignments()
+                .map(|(k, pod, ip, eni)| {
+                    let ep = registry.get(ip).filter(|e| e.key == *k);
+                    json!({
+                        "network": k.network,
+                        "container_id": k.container_id,
+                        "ifname": k.ifname,
+                        "ip": ip,
+                        "eni": eni.id,
+                        "device_index": eni.device_index,
+                        "pod": {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid},
+                        "host_veth": ep.and_then(|e| e.wiring.map(|w| w.host_ifname)),
+                    })
+                })
+                .collect()
         })
-        .collect();
+        .await;
     json!({ "assignments": list })
+}
+
+fn endpoints(ctx: &Context) -> Value {
+    json!({ "endpoints": ctx.services.endpoints.all() })
 }
 
 async fn route(
@@ -153,13 +177,16 @@ async fn route(
         (false, "/v1/enis") => json_reply(&enis(&ctx).await),
         (false, "/v1/assignments") => json_reply(&assignments(&ctx).await),
         (false, "/v1/config") => json_reply(&ctx.config),
+        (false, "/v1/endpoints") => json_reply(&endpoints(&ctx)),
         (_, path) => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
             if metrics_port {
                 format!("{path}: not found; try /metrics\n")
             } else {
-                format!("{path}: not found; try /v1/enis, /v1/assignments or /v1/config\n")
+                format!(
+                    "{path}: not found; try /v1/enis, /v1/assignments, /v1/endpoints or /v1/config\n"
+                )
             },
         ),
     }

@@ -1,15 +1,28 @@
 //! vpc-ebpf node agent as a library: the binary wires these modules together, tests
-//! drive them directly.
+//! drive them directly. One owner for each kind of state:
+//!
+//! | module | owns |
+//! |---|---|
+//! | `config` | the environment, read once (VPC CNI's variable names) |
+//! | `node` | who the node is (IMDS/EC2 identity, cached) and its settings |
+//! | `ipam` | addresses: the store, its checkpoint, the warm pool and its EC2 reconciler |
+//! | `endpoints` | the registry: pod IP → who the pod is and where it sits |
+//! | `dataplane` | the eBPF programs, maps and links, behind one owner task |
+//! | `restart` | rebuilding all of the above after a restart, and the recovery sweep |
+//! | `rpc` | the plugin's gRPC API, a thin adapter over the owners |
+//! | `http`, `metrics` | introspection and Prometheus |
+//! | `aws`, `host`, `persist`, `clock` | thin seams: EC2/IMDS, netlink, crash-safe files, time |
 
 pub mod aws;
-pub mod bootstrap;
+pub mod clock;
 pub mod config;
-pub mod datapath;
 pub mod dataplane;
+pub mod endpoints;
 pub mod host;
 pub mod http;
 pub mod ipam;
 pub mod metrics;
-pub mod pending;
-pub mod reconcile;
+pub mod node;
+pub mod persist;
+pub mod restart;
 pub mod rpc;

@@ -8,9 +8,11 @@
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
+use ipnet::Ipv4Net;
 use serde_json::json;
 use vpc_ebpf_agent::dataplane::{Dataplane, DataplaneConfig, EndpointSpec, EniSpec, NodeSpec};
 use vpc_ebpf_common::programs::{COUNT_INGRESS, FROM_ENI, FROM_POD, TO_POD};
+use vpc_ebpf_rpc::types::MacAddr;
 use vpc_ebpf_tests::{netns::NetNs, packets};
 
 const USAGE: &str = "usage: vpc-ebpf-bench progcost [--runs N] [--object FILE] [--json FILE]";
@@ -21,12 +23,12 @@ const POD_A: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 5);
 const POD_B: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 6);
 const VPC_HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 9);
 const INTERNET: Ipv4Addr = Ipv4Addr::new(8, 8, 8, 8);
-const A_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0xa1];
-const A_HOST_MAC: [u8; 6] = [0x0e, 0, 0, 0, 0, 0xa2];
-const B_MAC: [u8; 6] = [0x0a, 0, 0, 0, 0, 0xb1];
-const B_HOST_MAC: [u8; 6] = [0x0e, 0, 0, 0, 0, 0xb2];
-const ENI_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xe0];
-const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const A_MAC: MacAddr = MacAddr([0x0a, 0, 0, 0, 0, 0xa1]);
+const A_HOST_MAC: MacAddr = MacAddr([0x0e, 0, 0, 0, 0, 0xa2]);
+const B_MAC: MacAddr = MacAddr([0x0a, 0, 0, 0, 0, 0xb1]);
+const B_HOST_MAC: MacAddr = MacAddr([0x0e, 0, 0, 0, 0, 0xb2]);
+const ENI_MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0xe0]);
+const ROUTER_MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x01]);
 const TCP_ACK_PSH: u8 = 0x18;
 
 pub fn main(args: &[String]) -> i32 {
@@ -130,11 +132,11 @@ fn tcp_rr(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
 }
 
 fn from_a(p: &[u8]) -> Vec<u8> {
-    packets::eth_with(A_HOST_MAC, A_MAC, packets::ETH_P_IP, p)
+    packets::eth_with(A_HOST_MAC.octets(), A_MAC.octets(), packets::ETH_P_IP, p)
 }
 
 fn from_vpc(p: &[u8]) -> Vec<u8> {
-    packets::eth_with(ENI_MAC, ROUTER_MAC, packets::ETH_P_IP, p)
+    packets::eth_with(ENI_MAC.octets(), ROUTER_MAC.octets(), packets::ETH_P_IP, p)
 }
 
 fn time(
@@ -199,7 +201,7 @@ fn measure(
     dp.set_node(&NodeSpec {
         node_ip: NODE_IP,
         primary_eni_ifindex: eni0,
-        vpc_cidrs: vec![(Ipv4Addr::new(10, 0, 0, 0), 16)],
+        vpc_cidrs: vec![Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 0, 0), 16)],
         snat_exclusions: vec![],
         passthrough_cidrs: vec![],
         external_snat: false,

@@ -3,7 +3,13 @@
 use std::{path::Path, time::Duration};
 
 use tonic::{Code, Status, transport::Channel};
-use vpc_ebpf_rpc::{client, reason, reason_of, v1, v1::cni_backend_client::CniBackendClient};
+use vpc_ebpf_rpc::{
+    client, reason, reason_of,
+    report::chain,
+    types::{PendingRelease, pending_dir},
+    v1,
+    v1::cni_backend_client::CniBackendClient,
+};
 
 use crate::spec::{CniError, ErrorCode};
 
@@ -23,8 +29,9 @@ pub async fn connect(socket: &Path) -> Result<Client, CniError> {
                 ErrorCode::Agent,
                 "cannot reach the vpc-ebpf agent",
                 format!(
-                    "{e}; is the vpc-ebpf agent (DaemonSet) running on this node? \
-                     `kubectl -n kube-system get pods -l app.kubernetes.io/name=vpc-ebpf -o wide`"
+                    "{}; is the vpc-ebpf agent (DaemonSet) running on this node? \
+                     `kubectl -n kube-system get pods -l app.kubernetes.io/name=vpc-ebpf -o wide`",
+                    chain(&e)
                 ),
             )
         })
@@ -72,40 +79,15 @@ pub fn outcome_unknown(s: &Status) -> bool {
         )
 }
 
-/// Where DELs that could not reach the agent are remembered; the agent releases them when
-/// it starts.
-pub fn pending_dir(socket: &Path) -> std::path::PathBuf {
-    socket
-        .parent()
-        .unwrap_or(Path::new("/run/vpc-ebpf"))
-        .join("pending-release")
-}
-
-/// Records a release for the agent to do later. The file name is the attachment key, so a
-/// repeated DEL writes the same file.
+/// Records a release for the agent to do when it is back (see
+/// [`vpc_ebpf_rpc::types::PendingRelease`]).
 pub fn remember_release(socket: &Path, a: &v1::Attachment) -> std::io::Result<()> {
-    let dir = pending_dir(socket);
-    std::fs::create_dir_all(&dir)?;
-    let name = format!("{}_{}_{}", a.network, a.container_id, a.ifname)
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-._".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect::<String>();
     // The time lets the agent ignore a record older than a later assignment of the
     // same key (a record that raced with a restart must not strip a newer pod).
     let recorded_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let body = serde_json::json!({
-        "network": a.network, "container_id": a.container_id, "ifname": a.ifname,
-        "recorded_ms": recorded_ms,
-    });
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, body.to_string())?;
-    std::fs::rename(tmp, dir.join(format!("{name}.json")))
+    PendingRelease::new(&a.network, &a.container_id, &a.ifname, recorded_ms)
+        .write(&pending_dir(socket))
+        .map(|_| ())
 }

@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, path::Path};
 
 use serde_json::Value;
 use tracing::{info, warn};
-use vpc_ebpf_rpc::v1;
+use vpc_ebpf_rpc::{report::chain, v1};
 
 use crate::{
     agent, names,
@@ -45,7 +45,7 @@ pub fn host_ifname(env: &Env, conf: &NetConf) -> String {
 }
 
 fn netlink_error(what: &str, e: &NetlinkError) -> CniError {
-    CniError::new(ErrorCode::Netlink, what.to_owned(), e.to_string())
+    CniError::new(ErrorCode::Netlink, what.to_owned(), chain(e))
 }
 
 pub async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
@@ -53,7 +53,7 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
         NetlinkError::Netns { .. } => CniError::new(
             ErrorCode::ContainerUnknown,
             "the container's network namespace does not exist",
-            e.to_string(),
+            chain(&e),
         ),
         other => netlink_error("opening netlink sockets", &other),
     })?;
@@ -183,23 +183,23 @@ async fn build_and_report(
             ipv4: ip.to_string(),
             host_ifname: host_ifname.to_owned(),
             host_ifindex: built.host_ifindex,
-            host_mac: built.host_mac.clone(),
-            pod_mac: built.pod_mac.clone(),
+            host_mac: built.host_mac.to_string(),
+            pod_mac: built.pod_mac.to_string(),
         })
         .await
         .map_err(|s| agent::map_status("ADD (endpoint ready)", &s))?
         .into_inner();
     if !ready.arp_answered {
-        netlink::add_gateway_neighbour(sockets, &env.ifname, &built.host_mac_bytes)
+        netlink::add_gateway_neighbour(sockets, &env.ifname, built.host_mac)
             .await
             .map_err(|e| netlink_error("adding the gateway neighbour", &e))?;
     }
     info!(%ip, host_ifname, "pod network ready");
     Ok(AddResult {
         host_ifname: host_ifname.to_owned(),
-        host_mac: built.host_mac,
+        host_mac: built.host_mac.to_string(),
         container_ifname: env.ifname.clone(),
-        container_mac: built.pod_mac,
+        container_mac: built.pod_mac.to_string(),
         sandbox: env.netns.clone(),
         address: ip,
     }
@@ -216,9 +216,13 @@ fn result(
 ) -> Value {
     AddResult {
         host_ifname: host_ifname.to_owned(),
-        host_mac: netlink::link_mac(host).unwrap_or_default(),
+        host_mac: netlink::link_mac(host)
+            .map(|m| m.to_string())
+            .unwrap_or_default(),
         container_ifname: env.ifname.clone(),
-        container_mac: netlink::link_mac(pod).unwrap_or_default(),
+        container_mac: netlink::link_mac(pod)
+            .map(|m| m.to_string())
+            .unwrap_or_default(),
         sandbox: env.netns.clone(),
         address: ip,
     }
@@ -241,7 +245,7 @@ pub async fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
             tokio::spawn(connection);
             match netlink::delete_host_link(&host, &host_ifname).await {
                 Ok(removed) => info!(host_ifname, removed, "host veth"),
-                Err(e) => problems.push(format!("deleting host veth {host_ifname}: {e}")),
+                Err(e) => problems.push(format!("deleting host veth {host_ifname}: {}", chain(&e))),
             }
         }
         Err(e) => problems.push(format!("opening a netlink socket: {e}")),
@@ -257,7 +261,7 @@ pub async fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
             .await
             .map(|r| r.into_inner().released_ipv4)
             .map_err(|s| s.to_string()),
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(e.details),
     };
     match released {
         Ok(ip) => info!(ip, "released"),
@@ -295,34 +299,34 @@ pub async fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     })?;
     let ip =
         AddResult::address_in(prev).ok_or_else(|| fail("prevResult has no IPv4 address".into()))?;
-    let sockets = netlink::open(Path::new(&env.netns)).map_err(|e| fail(e.to_string()))?;
+    let sockets = netlink::open(Path::new(&env.netns)).map_err(|e| fail(chain(&e)))?;
     let pod_link = netlink::link_by_name(&sockets.pod, &env.ifname)
         .await
-        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| fail(chain(&e)))?
         .ok_or_else(|| fail(format!("interface {} is missing in the pod", env.ifname)))?;
     let addrs = netlink::ipv4_addrs(&sockets.pod, pod_link.header.index)
         .await
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| fail(chain(&e)))?;
     if !addrs.contains(&(ip, 32)) {
         return Err(fail(format!("{} has {addrs:?}, not {ip}/32", env.ifname)));
     }
     if !netlink::has_default_via_gateway(&sockets.pod, pod_link.header.index)
         .await
-        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| fail(chain(&e)))?
     {
         return Err(fail("the pod has no default route via 169.254.1.1".into()));
     }
     let host_ifname = host_ifname(env, conf);
     if netlink::link_by_name(&sockets.host, &host_ifname)
         .await
-        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| fail(chain(&e)))?
         .is_none()
     {
         return Err(fail(format!("host veth {host_ifname} is missing")));
     }
     if netlink::host_route_oif(&sockets.host, ip)
         .await
-        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| fail(chain(&e)))?
         .is_none()
     {
         return Err(fail(format!("the host has no route to {ip}/32")));
@@ -331,6 +335,8 @@ pub async fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     let known = agent
         .check_network(v1::CheckNetworkRequest {
             attachment: Some(attachment(env, conf)),
+            ipv4: ip.to_string(),
+            host_ifname: host_ifname.clone(),
         })
         .await
         .map_err(|s| agent::map_status("CHECK", &s))?
@@ -405,11 +411,11 @@ pub async fn gc(conf: &NetConf) -> Result<(), CniError> {
                     && l.starts_with(&conf.veth_prefix)
                     && let Err(e) = netlink::delete_host_link(&host, &l).await
                 {
-                    problems.push(format!("deleting {l}: {e}"));
+                    problems.push(format!("deleting {l}: {}", chain(&e)));
                 }
             }
             Ok(None) => {}
-            Err(e) => problems.push(e.to_string()),
+            Err(e) => problems.push(chain(&e)),
         }
     }
     if problems.is_empty() {

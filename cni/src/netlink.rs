@@ -18,23 +18,25 @@ use rtnetlink::{
     },
 };
 
+use vpc_ebpf_rpc::types::MacAddr;
+
 use crate::spec::result::GATEWAY_IP;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
-    #[error("opening network namespace {path}: {source}")]
+    #[error("opening network namespace {path}")]
     Netns {
         path: String,
         source: std::io::Error,
     },
-    #[error("setns(2) into {path}: {source}")]
+    #[error("setns(2) into {path}")]
     Setns {
         path: String,
         source: std::io::Error,
     },
-    #[error("opening a netlink socket: {0}")]
-    Socket(std::io::Error),
-    #[error("{op}: {source}")]
+    #[error("opening a netlink socket")]
+    Socket(#[source] std::io::Error),
+    #[error("{op}")]
     Op {
         op: String,
         source: rtnetlink::Error,
@@ -101,32 +103,6 @@ fn setns(ns: &File, path: &str) -> Result<(), NetlinkError> {
     Ok(())
 }
 
-/// A random locally administered unicast MAC.
-pub fn random_mac() -> [u8; 6] {
-    let mut b = [0u8; 6];
-    // SAFETY: valid buffer; getrandom(2) fills it.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != 6 {
-        // getrandom cannot fail for 6 bytes once the pool is initialised; fall back to the
-        // clock rather than ever sharing a MAC.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-            .to_le_bytes();
-        b.copy_from_slice(&t[..6]);
-    }
-    b[0] = (b[0] & 0xfe) | 0x02;
-    b
-}
-
-pub fn mac_string(m: &[u8]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, NetlinkError> {
     match h
         .link()
@@ -161,9 +137,9 @@ pub async fn link_name_by_index(h: &Handle, index: u32) -> Result<Option<String>
     }))
 }
 
-pub fn link_mac(l: &LinkMessage) -> Option<String> {
+pub fn link_mac(l: &LinkMessage) -> Option<MacAddr> {
     l.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Address(m) => Some(mac_string(m)),
+        LinkAttribute::Address(m) => MacAddr::from_slice(m),
         _ => None,
     })
 }
@@ -178,23 +154,22 @@ pub struct PodNetwork<'a> {
 
 pub struct Built {
     pub host_ifindex: u32,
-    pub host_mac_bytes: [u8; 6],
-    pub host_mac: String,
-    pub pod_mac: String,
+    pub host_mac: MacAddr,
+    pub pod_mac: MacAddr,
 }
 
 /// The veth pair (host end created directly in the host namespace), the pod's /32 and
 /// routes via 169.254.1.1, and the host's /32 route to the pod.
 pub async fn build(s: &Sockets, p: &PodNetwork<'_>) -> Result<Built, NetlinkError> {
-    let host_mac = random_mac();
-    let pod_mac = random_mac();
+    let host_mac = MacAddr::random();
+    let pod_mac = MacAddr::random();
     let peer = LinkUnspec::new_with_name(p.host_ifname)
-        .address(host_mac.to_vec())
+        .address(host_mac.octets().to_vec())
         .mtu(p.mtu)
         .setns_by_fd(s.host_ns.as_raw_fd())
         .build();
     let veth = LinkVeth::new(p.pod_ifname, p.host_ifname)
-        .address(pod_mac.to_vec())
+        .address(pod_mac.octets().to_vec())
         .mtu(p.mtu)
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .build();
@@ -230,9 +205,8 @@ pub async fn build(s: &Sockets, p: &PodNetwork<'_>) -> Result<Built, NetlinkErro
         .map_err(op(format!("adding the host route to {}", p.ip)))?;
     Ok(Built {
         host_ifindex,
-        host_mac_bytes: host_mac,
-        host_mac: mac_string(&host_mac),
-        pod_mac: mac_string(&pod_mac),
+        host_mac,
+        pod_mac,
     })
 }
 
@@ -295,7 +269,7 @@ async fn configure_pod(s: &Sockets, p: &PodNetwork<'_>) -> Result<(), NetlinkErr
 pub async fn add_gateway_neighbour(
     s: &Sockets,
     pod_ifname: &str,
-    host_mac: &[u8; 6],
+    host_mac: MacAddr,
 ) -> Result<(), NetlinkError> {
     let pod = link_by_name(&s.pod, pod_ifname)
         .await?
@@ -303,7 +277,7 @@ pub async fn add_gateway_neighbour(
     s.pod
         .neighbours()
         .add(pod.header.index, IpAddr::V4(GATEWAY_IP))
-        .link_layer_address(host_mac)
+        .link_layer_address(&host_mac.octets())
         .state(NeighbourState::Permanent)
         .replace()
         .execute()

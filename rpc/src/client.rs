@@ -8,7 +8,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::v1::cni_backend_client::CniBackendClient;
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot reach the vpc-ebpf agent at {path}: {source}")]
+#[error("cannot reach the vpc-ebpf agent at {path}")]
 pub struct ConnectError {
     pub path: PathBuf,
     #[source]

@@ -1,5 +1,5 @@
-//! The plugin/agent gRPC contract (generated from `proto/vpc_ebpf/cni/v1/cni.proto`) and
-//! the unix-socket plumbing both ends share.
+//! The plugin/agent gRPC contract (generated from `proto/vpc_ebpf/cni/v1/cni.proto`), the
+//! values both ends handle (`types`) and the unix-socket plumbing both ends share.
 
 #[allow(clippy::pedantic, missing_docs, reason = "generated code")]
 pub mod v1 {
@@ -27,6 +27,9 @@ pub mod reason {
 pub fn reason_of(status: &tonic::Status) -> Option<&str> {
     status.metadata().get(REASON_KEY)?.to_str().ok()
 }
+
+pub mod report;
+pub mod types;
 
 #[cfg(feature = "client")]
 pub mod client;

@@ -10,7 +10,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 #[derive(Debug, thiserror::Error)]
-#[error("{op} {path}: {source}")]
+#[error("{op} {path}")]
 pub struct BindError {
     pub op: &'static str,
     pub path: PathBuf,

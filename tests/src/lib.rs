@@ -18,6 +18,7 @@ pub fn repo_root() -> std::path::PathBuf {
 }
 pub mod cni;
 pub mod containerd;
+pub mod dataplane;
 pub mod lab;
 pub mod lab_agent;
 pub mod netns;

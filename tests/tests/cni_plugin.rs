@@ -234,9 +234,9 @@ fn every_error_code_with_its_trigger() {
         "pool refilling: try again later: {}",
         second.stdout
     );
-    agent.shared.state.blocking_lock().blocked = Some(vpc_ebpf_agent::rpc::GrowthBlock::Pool(
+    agent.set_blocked(Some(vpc_ebpf_agent::ipam::GrowthBlock::Pool(
         vpc_ebpf_agent::ipam::pool::Blocked::EniLimit,
-    ));
+    )));
     let third = env.call("ADD", "e3", Some(&pod2), "1.0.0").run();
     assert_eq!(
         third.code(),

@@ -174,18 +174,11 @@ impl Node {
             "node routes: {routes}"
         );
         {
-            let st = self.agent.shared.state.blocking_lock();
-            let assigned: Vec<_> = st
-                .store
-                .assignments()
-                .map(|(key, _, ip, _)| {
-                    (
-                        key.network.clone(),
-                        key.container_id.clone(),
-                        key.ifname.clone(),
-                        ip,
-                    )
-                })
+            let assigned: Vec<_> = self
+                .agent
+                .assigned()
+                .into_iter()
+                .map(|(key, ip)| (key.network, key.container_id, key.ifname, ip))
                 .collect();
             // The attachment as libcni names it: the conflist's network, go-cni's
             // "<namespace>-<id>" and its eth0.

@@ -10,16 +10,17 @@
     reason = "(v, out, r) = verdict, frame, reason: read once, compared at once"
 )]
 
-mod dataplane_common;
-
 use std::net::Ipv4Addr;
 
-use dataplane_common::{PinRoot, counted, counter_dir, ifindex, ip};
 use vpc_ebpf_agent::dataplane::{Dataplane, EndpointSpec, EniSpec, NodeSpec, monotonic_now_ns};
 use vpc_ebpf_common::{
     counters::{direction, reason},
     nat::{NatKey, nat_kind, nat_origin},
     programs::{FROM_ENI, FROM_POD, TO_POD},
+};
+use vpc_ebpf_rpc::types::MacAddr;
+use vpc_ebpf_tests::dataplane::{
+    PinRoot, counted, counter_dir, ifindex, ip, net, tcp_port, udp_port,
 };
 use vpc_ebpf_tests::{
     netns::NetNs,
@@ -53,9 +54,9 @@ fn node_spec(eni0: u32) -> NodeSpec {
     NodeSpec {
         node_ip: NODE_IP,
         primary_eni_ifindex: eni0,
-        vpc_cidrs: vec![(ip(10, 0, 0, 0), 16)],
-        snat_exclusions: vec![(ip(100, 64, 0, 0), 10)],
-        passthrough_cidrs: vec![(ip(172, 20, 0, 0), 16)],
+        vpc_cidrs: vec![net("10.0.0.0/16")],
+        snat_exclusions: vec![net("100.64.0.0/10")],
+        passthrough_cidrs: vec![net("172.20.0.0/16")],
         external_snat: false,
         snat_ports: SNAT_PORTS,
         snat_skip: None,
@@ -79,7 +80,7 @@ fn node(ns: &NetNs, pins: &PinRoot) -> Node {
         for (i, (ifx, primary)) in [(eni0, true), (eni1, false)].into_iter().enumerate() {
             dp.upsert_eni(&EniSpec {
                 ifindex: ifx,
-                mac: ENI_MAC,
+                mac: MacAddr(ENI_MAC),
                 primary_ip: ip(10, 0, 0, 10 + u8::try_from(i).unwrap()),
                 gateway: GW,
                 is_primary: primary,
@@ -89,16 +90,16 @@ fn node(ns: &NetNs, pins: &PinRoot) -> Node {
         dp.upsert_endpoint(&EndpointSpec {
             ipv4: POD_A,
             host_ifindex: 1,
-            host_mac: A_HOST_MAC,
-            pod_mac: A_MAC,
+            host_mac: MacAddr(A_HOST_MAC),
+            pod_mac: MacAddr(A_MAC),
             eni_ifindex: eni1,
         })
         .expect("endpoint A");
         dp.upsert_endpoint(&EndpointSpec {
             ipv4: POD_B,
             host_ifindex: b_host,
-            host_mac: B_HOST_MAC,
-            pod_mac: B_MAC,
+            host_mac: MacAddr(B_HOST_MAC),
+            pod_mac: MacAddr(B_MAC),
             eni_ifindex: eni0,
         })
         .expect("endpoint B");
@@ -807,7 +808,7 @@ fn hostport_is_dnated_to_the_pod_and_its_replies_translated_back() {
     let ns = NetNs::new("hostport");
     let mut n = node(&ns, &pins);
     ns.run(|| {
-        n.dp.set_hostports(POD_A, &[(6, 8080, 80), (17, 5353, 53)])
+        n.dp.set_hostports(POD_A, &[tcp_port(8080, 80), udp_port(5353, 53)])
             .unwrap();
         let client = ip(10, 0, 9, 9);
         let syn = from_vpc(&v4(client, NODE_IP, 6, &packets::tcp(40000, 8080, 0x02)));
@@ -832,7 +833,7 @@ fn hostport_is_dnated_to_the_pod_and_its_replies_translated_back() {
         // Unpublished port and other protocol: the kernel's.
         let other = from_vpc(&v4(client, NODE_IP, 6, &packets::tcp(40000, 8081, 0x02)));
         assert_eq!(run(&mut n.dp, FROM_ENI, &other).2, reason::PASS_NOT_FOR_POD);
-        n.dp.set_hostports(POD_A, &[(17, 5353, 53)]).unwrap();
+        n.dp.set_hostports(POD_A, &[udp_port(5353, 53)]).unwrap();
         let syn2 = from_vpc(&v4(client, NODE_IP, 6, &packets::tcp(40001, 8080, 0x02)));
         assert_eq!(
             run(&mut n.dp, FROM_ENI, &syn2).2,
@@ -853,8 +854,8 @@ fn hostport_is_dnated_to_the_pod_and_its_replies_translated_back() {
         let _ = from_b; // B's veth is not lo, so its own path is covered by the traffic test.
 
         assert!(
-            n.dp.set_hostports(POD_A, &[(1, 1, 1)]).is_err(),
-            "ICMP cannot be a hostPort"
+            n.dp.set_hostports(POD_A, &[tcp_port(0, 80)]).is_err(),
+            "port 0 cannot be a hostPort"
         );
         n.dp.remove_endpoint(POD_A).unwrap();
         let dns = from_vpc(&v4(client, NODE_IP, 17, &packets::udp(998, 5353, b"q")));
@@ -993,7 +994,7 @@ fn icmp_errors_a_pod_sends_about_translated_flows_leave_translated() {
     let ns = NetNs::new("podicmp");
     let mut n = node(&ns, &pins);
     ns.run(|| {
-        n.dp.set_hostports(POD_A, &[(17, 5353, 53), (6, 8080, 80)])
+        n.dp.set_hostports(POD_A, &[udp_port(5353, 53), tcp_port(8080, 80)])
             .unwrap();
         let client = ip(10, 0, 9, 9);
         let ext = Ipv4Addr::from(INTERNET);

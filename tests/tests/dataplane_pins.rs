@@ -3,14 +3,13 @@
 //! and says which. The NAT and kernel-flow tables, sized by configuration, keep their
 //! pinned size (their entries are live flows).
 
-mod dataplane_common;
-
 use std::{ffi::CString, os::fd::RawFd, path::Path};
 
 use aya::maps::MapInfo;
-use dataplane_common::{PinRoot, ifindex, ip};
 use vpc_ebpf_agent::dataplane::{Dataplane, EndpointSpec, EniSpec, NodeSpec};
 use vpc_ebpf_common::{PIN_VERSION, maps};
+use vpc_ebpf_rpc::types::MacAddr;
+use vpc_ebpf_tests::dataplane::{PinRoot, ifindex, ip, net, tcp_port};
 use vpc_ebpf_tests::netns::NetNs;
 
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -124,7 +123,7 @@ fn pinned_maps_of_another_layout_are_re_created_not_reused() {
         dp.set_node(&NodeSpec {
             node_ip: ip(10, 0, 0, 10),
             primary_eni_ifindex: eni0,
-            vpc_cidrs: vec![(ip(10, 0, 0, 0), 16)],
+            vpc_cidrs: vec![net("10.0.0.0/16")],
             snat_exclusions: vec![],
             passthrough_cidrs: vec![],
             external_snat: false,
@@ -134,7 +133,7 @@ fn pinned_maps_of_another_layout_are_re_created_not_reused() {
         .unwrap();
         dp.upsert_eni(&EniSpec {
             ifindex: eni0,
-            mac: [2, 0, 0, 0, 0, 1],
+            mac: MacAddr([2, 0, 0, 0, 0, 1]),
             primary_ip: ip(10, 0, 0, 10),
             gateway: ip(10, 0, 0, 1),
             is_primary: true,
@@ -143,12 +142,12 @@ fn pinned_maps_of_another_layout_are_re_created_not_reused() {
         let ep = EndpointSpec {
             ipv4: ip(10, 0, 1, 5),
             host_ifindex: ifindex("hv0"),
-            host_mac: [2, 0, 0, 0, 0, 2],
-            pod_mac: [2, 0, 0, 0, 0, 3],
+            host_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            pod_mac: MacAddr([2, 0, 0, 0, 0, 3]),
             eni_ifindex: eni0,
         };
         dp.upsert_endpoint(&ep).unwrap();
-        dp.set_hostports(ep.ipv4, &[(6, 8080, 80)]).unwrap();
+        dp.set_hostports(ep.ipv4, &[tcp_port(8080, 80)]).unwrap();
         assert_eq!(dp.endpoints().unwrap(), vec![ep]);
         assert!(dp.endpoint_attached(ep.ipv4));
         drop(dp);

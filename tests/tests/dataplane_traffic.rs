@@ -6,18 +6,16 @@
 //! The pods have no static neighbour entry: their gateway's ARP is answered by the
 //! program.
 
-mod dataplane_common;
-
 use std::{net::UdpSocket, time::Duration};
 
-use dataplane_common::{
-    Exchange, PinRoot, counter, counter_dir, forwarded, ifindex, ip, mac_of, tcp_exchange,
-    tcp_server,
-};
 use vpc_ebpf_agent::dataplane::{AttachMode, Dataplane, EndpointSpec, EniSpec, NodeSpec};
 use vpc_ebpf_common::{
     counters::{direction, reason},
     nat::NatKey,
+};
+use vpc_ebpf_tests::dataplane::{
+    Exchange, PinRoot, counter, counter_dir, forwarded, ifindex, ip, mac_of, net, tcp_exchange,
+    tcp_port, tcp_server, udp_port,
 };
 use vpc_ebpf_tests::netns::NetNs;
 
@@ -122,10 +120,10 @@ fn describe(lab: &Lab, pins: &PinRoot, mode: AttachMode) -> Dataplane {
         dp.set_node(&NodeSpec {
             node_ip: ip(10, 0, 0, 10),
             primary_eni_ifindex: eni0,
-            vpc_cidrs: vec![(ip(10, 0, 0, 0), 16)],
+            vpc_cidrs: vec![net("10.0.0.0/16")],
             snat_exclusions: vec![],
             // The Service CIDR: kube-proxy's, in the host stack.
-            passthrough_cidrs: vec![(ip(10, 100, 0, 0), 16)],
+            passthrough_cidrs: vec![net("10.100.0.0/16")],
             external_snat: false,
             snat_ports: (61000, 62999),
             snat_skip: None,
@@ -214,8 +212,7 @@ fn pod_paths(mode: AttachMode) {
     assert!(ping(&lab.pa, POD_B), "pod A → pod B");
     assert!(ping(&lab.pb, POD_A), "pod B → pod A");
     let neigh = lab.pa.exec(&["ip", "neigh", "show", "169.254.1.1"]);
-    let hva_mac = lab.node.run(|| mac_of("hva"));
-    let hva_mac = hva_mac.map(|b| format!("{b:02x}")).join(":");
+    let hva_mac = lab.node.run(|| mac_of("hva")).to_string();
     assert!(
         neigh.contains(&hva_mac),
         "gateway resolved to the host veth: {neigh}"
@@ -395,9 +392,9 @@ fn describe_node2(n2: &Node2, pins: &PinRoot, mode: AttachMode) -> Dataplane {
         dp.set_node(&NodeSpec {
             node_ip: ip(10, 0, 32, 20),
             primary_eni_ifindex: eni0,
-            vpc_cidrs: vec![(ip(10, 0, 0, 0), 16)],
+            vpc_cidrs: vec![net("10.0.0.0/16")],
             snat_exclusions: vec![],
-            passthrough_cidrs: vec![(ip(10, 100, 0, 0), 16)],
+            passthrough_cidrs: vec![net("10.100.0.0/16")],
             external_snat: false,
             snat_ports: (61000, 62999),
             snat_skip: None,
@@ -652,8 +649,11 @@ fn hostport_paths(mode: AttachMode) {
     let lab = lab(&tag);
     let mut dp = describe(&lab, &pins, mode);
     // Pod A (owned by the secondary ENI) publishes TCP 8080 → 8081 and UDP 5353 → 5300.
-    dp.set_hostports(ip(10, 0, 1, 5), &[(6, 8080, 8081), (17, 5353, 5300)])
-        .unwrap();
+    dp.set_hostports(
+        ip(10, 0, 1, 5),
+        &[tcp_port(8080, 8081), udp_port(5353, 5300)],
+    )
+    .unwrap();
     let hva = lab.node.run(|| ifindex("hva"));
 
     let tcp = tcp_server(lab.pa.name(), &format!("{POD_A}:8081"), 3);

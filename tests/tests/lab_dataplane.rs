@@ -206,7 +206,7 @@ fn every_packet_path() {
     );
     let log = a1.log_text();
     assert!(
-        log.contains("endpoints_kept=10"),
+        log.contains("node_known=true") && log.contains("programmed=10"),
         "the restarted agent did not adopt the 10 pods:\n{log}"
     );
     drop(a2);

@@ -50,6 +50,11 @@ pub fn all(extra: &[String]) -> anyhow::Result<()> {
         .env("PYTHONPATH", root.join("xtask/lab"))
         .current_dir(&root))?;
 
+    // The root tests run the agent and plugin binaries as a node would; nothing else
+    // builds them.
+    run(Command::new(cargo())
+        .args(["build", "-p", "vpc-ebpf-agent", "-p", "vpc-ebpf-cni"])
+        .current_dir(&root))?;
     // nextest runs each test in its own process, so a crashing root test cannot take the
     // others down, and prints the usual closing summary line.
     let mut tests = Command::new(cargo());

@@ -17,9 +17,10 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImdsError {
-    #[error("IMDS {what}: {source}")]
+    #[error("IMDS {what}")]
     Http {
         what: String,
+        #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error(
@@ -30,9 +31,10 @@ pub enum ImdsError {
     Status { what: String, status: StatusCode },
     #[error("IMDS {path} is missing")]
     Missing { path: String },
-    #[error("IMDS {what}: cannot build the request: {source}")]
+    #[error("IMDS {what}: cannot build the request")]
     Request {
         what: String,
+        #[source]
         source: hyper::http::Error,
     },
     #[error("IMDS {path}: cannot parse {value:?}")]

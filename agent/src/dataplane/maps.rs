@@ -12,6 +12,9 @@ use vpc_ebpf_common::{
     node::{Endpoint, Eni, NodeConfig},
 };
 
+use ipnet::Ipv4Net;
+use vpc_ebpf_rpc::types::HostPort;
+
 use super::{DataplaneError, spec::be};
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
@@ -32,18 +35,10 @@ pub fn set_config(ebpf: &mut Ebpf, cfg: &NodeConfig) -> Result<(), DataplaneErro
 pub fn sync_cidrs(
     ebpf: &mut Ebpf,
     name: &'static str,
-    cidrs: &[(Ipv4Addr, u8)],
+    cidrs: &[Ipv4Net],
 ) -> Result<(), DataplaneError> {
-    let mut want = HashSet::new();
-    for &(addr, len) in cidrs {
-        if len > 32 {
-            return Err(DataplaneError::InvalidSpec(format!(
-                "{addr}/{len} in {name}: prefix length over 32"
-            )));
-        }
-        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-        want.insert((u32::from(len), be(Ipv4Addr::from(u32::from(addr) & mask))));
-    }
+    let want_of = |c: &Ipv4Net| (u32::from(c.prefix_len()), be(c.network()));
+    let mut want: HashSet<(u32, u32)> = cidrs.iter().map(want_of).collect();
     let mut m: LpmTrie<_, u32, u32> =
         LpmTrie::try_from(data(ebpf, name)?).map_err(map_err(name))?;
     let have: Vec<Key<u32>> = m.keys().collect::<Result<_, _>>().map_err(map_err(name))?;
@@ -101,12 +96,11 @@ pub fn remove_eni(ebpf: &mut Ebpf, ifindex: u32) -> Result<(), DataplaneError> {
     absent_is_none(m.remove(&ifindex), maps::ENIS).map(|_| ())
 }
 
-/// Makes the hostports of `pod` exactly `ports` ((proto, host port, container port)),
-/// leaving other pods' ports alone.
+/// Makes the hostports of `pod` exactly `ports`, leaving other pods' ports alone.
 pub fn sync_hostports(
     ebpf: &mut Ebpf,
     pod: Ipv4Addr,
-    ports: &[(u8, u16, u16)],
+    ports: &[HostPort],
 ) -> Result<(), DataplaneError> {
     let mut m = hash_map!(ebpf, maps::HOSTPORTS, HostPortKey, HostPortTarget)?;
     let pod = be(pod);
@@ -121,21 +115,37 @@ pub fn sync_hostports(
         .map_err(map_err(maps::HOSTPORTS))?;
     let want: Vec<HostPortKey> = ports
         .iter()
-        .map(|&(proto, host, _)| HostPortKey::new(proto, host))
+        .map(|p| HostPortKey::new(p.protocol.ip_proto(), p.host_port))
         .collect();
     for k in mine.iter().filter(|k| !want.contains(k)) {
         absent_is_none(m.remove(k), maps::HOSTPORTS)?;
     }
-    for &(proto, host, container) in ports {
+    for p in ports {
         let target = HostPortTarget {
             pod_ip: pod,
-            container_port: container,
+            container_port: p.container_port,
             pad: 0,
         };
-        m.insert(HostPortKey::new(proto, host), target, 0)
-            .map_err(map_err(maps::HOSTPORTS))?;
+        m.insert(
+            HostPortKey::new(p.protocol.ip_proto(), p.host_port),
+            target,
+            0,
+        )
+        .map_err(map_err(maps::HOSTPORTS))?;
     }
     Ok(())
+}
+
+/// Every hostPort of every pod: ((protocol, host port), (pod, container port)).
+pub fn hostports(ebpf: &Ebpf) -> Result<Vec<(HostPortKey, HostPortTarget)>, DataplaneError> {
+    let map = ebpf
+        .map(maps::HOSTPORTS)
+        .ok_or(DataplaneError::MissingMap(maps::HOSTPORTS))?;
+    let m: HashMap<_, HostPortKey, HostPortTarget> =
+        HashMap::try_from(map).map_err(map_err(maps::HOSTPORTS))?;
+    m.iter()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(maps::HOSTPORTS))
 }
 
 fn absent_is_none<T>(

@@ -16,10 +16,11 @@ mod counters;
 mod error;
 mod layout;
 mod maps;
+pub mod owner;
 mod spec;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -36,12 +37,14 @@ pub use conntrack::{GcTimeouts, entries_for_memory, monotonic_now_ns};
 pub use counters::CounterRow;
 pub use error::DataplaneError;
 pub use spec::{EndpointSpec, EniSpec, NodeSpec};
+pub mod settings;
 use tracing::{debug, info, warn};
 use vpc_ebpf_common::{
     PIN_VERSION, maps as map_names,
     nat::{KernelFlow, NatEntry, NatKey, SnatPorts},
     programs,
 };
+use vpc_ebpf_rpc::types::{HostPort, MacAddr, Protocol};
 
 /// Every program in the object, loaded at start.
 const PROGRAMS: [&str; 5] = [
@@ -313,11 +316,66 @@ impl Dataplane {
             .map(|(ipv4, e)| EndpointSpec {
                 ipv4,
                 host_ifindex: e.host_ifindex,
-                host_mac: e.host_mac,
-                pod_mac: e.pod_mac,
+                host_mac: MacAddr(e.host_mac),
+                pod_mac: MacAddr(e.pod_mac),
                 eni_ifindex: e.eni_ifindex,
             })
             .collect())
+    }
+
+    /// The hostPorts the (pinned) map holds, by pod.
+    pub fn hostports(&self) -> Result<BTreeMap<Ipv4Addr, Vec<HostPort>>, DataplaneError> {
+        let mut out: BTreeMap<Ipv4Addr, Vec<HostPort>> = BTreeMap::new();
+        for (k, t) in maps::hostports(&self.ebpf)? {
+            let protocol = match k.proto {
+                6 => Protocol::Tcp,
+                17 => Protocol::Udp,
+                _ => continue,
+            };
+            out.entry(spec::from_be(t.pod_ip))
+                .or_default()
+                .push(HostPort {
+                    protocol,
+                    host_port: k.port,
+                    container_port: t.container_port,
+                    host_ip: None,
+                });
+        }
+        for ports in out.values_mut() {
+            ports.sort();
+        }
+        Ok(out)
+    }
+
+    /// Removes the pin directories of other layout versions under the pin root (and the
+    /// links pinned there, which detaches their programs). Call once every endpoint and
+    /// ENI is attached under this version. Returns what was removed.
+    pub fn remove_other_versions(&self) -> Result<Vec<PathBuf>, DataplaneError> {
+        let Some(root) = self.pin_dir.parent() else {
+            return Ok(Vec::new());
+        };
+        let entries = std::fs::read_dir(root).map_err(|source| DataplaneError::PinDir {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let versioned = name.len() > 1
+                && name.starts_with('v')
+                && name[1..].bytes().all(|b| b.is_ascii_digit());
+            if !versioned || path == self.pin_dir || !path.is_dir() {
+                continue;
+            }
+            std::fs::remove_dir_all(&path).map_err(|source| DataplaneError::PinDir {
+                path: path.clone(),
+                source,
+            })?;
+            removed.push(path);
+        }
+        Ok(removed)
     }
 
     /// Whether the pod's map entry exists and this process's pod programs run on both
@@ -333,22 +391,22 @@ impl Dataplane {
         })
     }
 
-    /// Makes the pod's hostPorts exactly `maps` ((IPPROTO_TCP or IPPROTO_UDP, host
-    /// port, container port)). An empty slice removes them.
+    /// Makes the pod's hostPorts exactly `ports`; an empty slice removes them. Every
+    /// node address is published: a `host_ip` is not told apart yet.
     pub fn set_hostports(
         &mut self,
         ipv4: Ipv4Addr,
-        maps: &[(u8, u16, u16)],
+        ports: &[HostPort],
     ) -> Result<(), DataplaneError> {
-        if let Some(bad) = maps
+        if let Some(bad) = ports
             .iter()
-            .find(|(p, h, c)| (*p != 6 && *p != 17) || *h == 0 || *c == 0)
+            .find(|p| p.host_port == 0 || p.container_port == 0)
         {
             return Err(DataplaneError::InvalidSpec(format!(
-                "hostPort {bad:?} of {ipv4}: protocol must be 6 (TCP) or 17 (UDP), ports non-zero"
+                "hostPort {bad:?} of {ipv4}: ports must be non-zero"
             )));
         }
-        maps::sync_hostports(&mut self.ebpf, ipv4, maps)
+        maps::sync_hostports(&mut self.ebpf, ipv4, ports)
     }
 
     /// Removes translated flows idle past [`GcTimeouts::default`] at `now_ns`

@@ -2,7 +2,9 @@
 
 use std::net::Ipv4Addr;
 
+use ipnet::Ipv4Net;
 use vpc_ebpf_common::node::{Endpoint, Eni, NodeConfig, config_flags, eni_flags};
+use vpc_ebpf_rpc::types::MacAddr;
 
 /// A pod on this node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -11,9 +13,9 @@ pub struct EndpointSpec {
     /// ifindex of the host side of the pod's veth (in the agent's network namespace).
     pub host_ifindex: u32,
     /// MAC of the host side of the veth: what the pod's gateway ARP resolves to.
-    pub host_mac: [u8; 6],
+    pub host_mac: MacAddr,
     /// MAC of the pod's `eth0`.
-    pub pod_mac: [u8; 6],
+    pub pod_mac: MacAddr,
     /// ifindex of the ENI that owns `ipv4`.
     pub eni_ifindex: u32,
 }
@@ -22,7 +24,7 @@ pub struct EndpointSpec {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EniSpec {
     pub ifindex: u32,
-    pub mac: [u8; 6],
+    pub mac: MacAddr,
     pub primary_ip: Ipv4Addr,
     /// The subnet's gateway (its first host address): next hop of all traffic leaving.
     pub gateway: Ipv4Addr,
@@ -36,12 +38,12 @@ pub struct NodeSpec {
     pub node_ip: Ipv4Addr,
     pub primary_eni_ifindex: u32,
     /// The VPC's CIDR blocks (primary and secondary): reached without SNAT.
-    pub vpc_cidrs: Vec<(Ipv4Addr, u8)>,
+    pub vpc_cidrs: Vec<Ipv4Net>,
     /// `AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS`.
-    pub snat_exclusions: Vec<(Ipv4Addr, u8)>,
+    pub snat_exclusions: Vec<Ipv4Net>,
     /// Destinations handed to the kernel untouched: the Service CIDR (kube-proxy DNATs
     /// ClusterIPs in the host stack) and anything else the host must see.
-    pub passthrough_cidrs: Vec<(Ipv4Addr, u8)>,
+    pub passthrough_cidrs: Vec<Ipv4Net>,
     /// `AWS_VPC_K8S_CNI_EXTERNALSNAT`: no SNAT at all.
     pub external_snat: bool,
     /// Inclusive SNAT source-port range.
@@ -68,8 +70,8 @@ impl EndpointSpec {
             eni_ifindex: self.eni_ifindex,
             policy_id: 0,
             flags: 0,
-            pod_mac: self.pod_mac,
-            host_mac: self.host_mac,
+            pod_mac: self.pod_mac.octets(),
+            host_mac: self.host_mac.octets(),
         }
     }
 }
@@ -84,7 +86,7 @@ impl EniSpec {
             } else {
                 0
             },
-            mac: self.mac,
+            mac: self.mac.octets(),
             pad: [0; 2],
         }
     }

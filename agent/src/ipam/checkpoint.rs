@@ -1,16 +1,13 @@
-//! Crash-safe persistence of the datastore: every change is written to a temporary file in
-//! the same directory, fsynced, renamed over the checkpoint and the directory fsynced, so
-//! after a crash at any instant the file holds either the old or the new state, whole.
+//! The IPAM datastore on disk: written through [`crate::persist`] (temporary file, fsync,
+//! rename) after every change and before the change is answered, so after a crash at any
+//! instant the file holds either the old or the new state, whole.
 
-use std::{
-    fs::{self, File},
-    io::Write as _,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::store::Store;
+use crate::persist::{self, PersistError};
 
 /// Bumped when the file's layout changes incompatibly.
 pub const FORMAT_VERSION: u32 = 1;
@@ -18,23 +15,21 @@ pub const DEFAULT_PATH: &str = "/var/run/vpc-ebpf/ipam.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("checkpoint")]
+    Io(#[from] PersistError),
     #[error(
-        "checkpoint {path} is unreadable ({source}); move it aside to start from EC2 and the \
-         host's veths alone"
+        "checkpoint {path} is unreadable; move it aside to start from EC2 and the host's \
+         veths alone"
     )]
     Corrupt {
         path: PathBuf,
+        #[source]
         source: serde_json::Error,
     },
-    #[error("encoding the checkpoint for {path}: {source}")]
+    #[error("encoding the checkpoint for {path}")]
     Encode {
         path: PathBuf,
+        #[source]
         source: serde_json::Error,
     },
     #[error(
@@ -62,14 +57,7 @@ struct OnDiskRef<'a> {
     store: &'a Store,
 }
 
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError {
-    let path = path.to_path_buf();
-    move |source| CheckpointError::Io { op, path, source }
-}
-
 pub fn save(path: &Path, store: &Store) -> Result<(), CheckpointError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io("creating", dir))?;
     let data = serde_json::to_vec(&OnDiskRef {
         version: FORMAT_VERSION,
         store,
@@ -78,50 +66,34 @@ pub fn save(path: &Path, store: &Store) -> Result<(), CheckpointError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map_or("checkpoint".into(), |n| n.to_string_lossy())
-    ));
-    let mut f = File::create(&tmp).map_err(io("creating", &tmp))?;
-    f.write_all(&data).map_err(io("writing", &tmp))?;
-    f.sync_all().map_err(io("fsync of", &tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io("renaming over", path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync of", dir))
+    Ok(persist::write_atomic(path, &data)?)
 }
 
 /// The saved store, or `None` when there is no checkpoint yet.
 pub fn load(path: &Path) -> Result<Option<Store>, CheckpointError> {
-    let data = match fs::read(path) {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io("reading", path)(e)),
+    let Some(data) = persist::read(path)? else {
+        return Ok(None);
     };
-    let v: VersionOnly =
-        serde_json::from_slice(&data).map_err(|source| CheckpointError::Corrupt {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let corrupt = |source| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        source,
+    };
+    let v: VersionOnly = serde_json::from_slice(&data).map_err(corrupt)?;
     if v.version != FORMAT_VERSION {
         return Err(CheckpointError::Version {
             path: path.to_path_buf(),
             found: v.version,
         });
     }
-    let mut disk: OnDisk =
-        serde_json::from_slice(&data).map_err(|source| CheckpointError::Corrupt {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let mut disk: OnDisk = serde_json::from_slice(&data).map_err(corrupt)?;
     disk.store.reindex();
     Ok(Some(disk.store))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
     use crate::ipam::{
         pool::Mode,
@@ -139,7 +111,7 @@ mod tests {
         s.upsert_eni(
             "eni-0",
             0,
-            "02:00:00:00:00:01",
+            vpc_ebpf_rpc::types::MacAddr([2, 0, 0, 0, 0, 1]),
             "10.0.0.10".parse().unwrap(),
         );
         s.add_ips("eni-0", &["10.0.0.20".parse().unwrap()]).unwrap();
@@ -163,20 +135,6 @@ mod tests {
     }
 
     #[test]
-    fn a_crash_before_the_rename_leaves_the_previous_state() {
-        let dir = tmpdir("crash");
-        let path = dir.join("ipam.json");
-        save(&path, &sample()).unwrap();
-        // What a crash mid-write leaves behind: a torn temporary file.
-        fs::write(dir.join(".ipam.json.tmp"), b"{\"version\":1,\"sto").unwrap();
-        assert_eq!(load(&path).unwrap().unwrap(), sample());
-        // And the next save replaces it.
-        save(&path, &Store::new(Mode::Prefix, 1)).unwrap();
-        assert_eq!(load(&path).unwrap().unwrap().mode, Mode::Prefix);
-        fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
     fn corrupt_or_foreign_checkpoints_are_refused_with_what_to_do() {
         let dir = tmpdir("bad");
         fs::create_dir_all(&dir).unwrap();
@@ -185,6 +143,10 @@ mod tests {
         let e = load(&path).unwrap_err();
         assert!(matches!(e, CheckpointError::Corrupt { .. }));
         assert!(e.to_string().contains("move it aside"));
+        assert!(
+            !e.to_string().contains("key must be a string"),
+            "the cause is not repeated in the message: {e}"
+        );
         fs::write(&path, br#"{"version":99,"store":{}}"#).unwrap();
         assert!(matches!(
             load(&path).unwrap_err(),

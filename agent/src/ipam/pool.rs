@@ -48,7 +48,7 @@ impl Default for Targets {
 }
 
 /// From DescribeInstanceTypes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct InstanceLimits {
     pub max_enis: u32,
     pub slots_per_eni: u32,

@@ -9,8 +9,12 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use vpc_ebpf_rpc::types::MacAddr;
 
-use super::pool::{EniUsage, Mode, PREFIX_SIZE};
+use super::{
+    EniRef,
+    pool::{EniUsage, Mode, PREFIX_SIZE},
+};
 
 /// What identifies an attachment, as the CNI spec keys it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -47,7 +51,7 @@ pub enum AddrState {
 pub struct Eni {
     pub id: String,
     pub device_index: u32,
-    pub mac: String,
+    pub mac: MacAddr,
     pub primary_ip: Ipv4Addr,
     /// Base addresses of delegated /28 prefixes.
     pub prefixes: Vec<Ipv4Addr>,
@@ -62,6 +66,13 @@ impl Eni {
 
     fn prefix_addrs(base: Ipv4Addr) -> impl Iterator<Item = Ipv4Addr> + Clone {
         (0..PREFIX_SIZE).map(move |i| Ipv4Addr::from(u32::from(base) + i))
+    }
+
+    pub fn reference(&self) -> EniRef {
+        EniRef {
+            id: self.id.clone(),
+            device_index: self.device_index,
+        }
     }
 }
 
@@ -136,17 +147,17 @@ impl Store {
             .map(|e| e.id.as_str())
     }
 
-    pub fn upsert_eni(&mut self, id: &str, device_index: u32, mac: &str, primary_ip: Ipv4Addr) {
+    pub fn upsert_eni(&mut self, id: &str, device_index: u32, mac: MacAddr, primary_ip: Ipv4Addr) {
         let e = self.enis.entry(id.to_owned()).or_insert_with(|| Eni {
             id: id.to_owned(),
             device_index,
-            mac: mac.to_owned(),
+            mac,
             primary_ip,
             prefixes: Vec::new(),
             addrs: BTreeMap::new(),
         });
         e.device_index = device_index;
-        mac.clone_into(&mut e.mac);
+        e.mac = mac;
     }
 
     /// Adds secondary addresses to an ENI; ones it already has are left as they are.
@@ -454,6 +465,37 @@ impl Store {
         self.by_key.get(key).copied()
     }
 
+    /// The ENI that holds `ip` (as a pod address).
+    pub fn eni_of(&self, ip: Ipv4Addr) -> Option<&Eni> {
+        self.enis.values().find(|e| e.addrs.contains_key(&ip))
+    }
+
+    /// Who holds `ip`, if it is assigned.
+    pub fn holder(&self, ip: Ipv4Addr) -> Option<(&AttachmentKey, &PodMeta, u64)> {
+        match self.eni_of(ip)?.addrs.get(&ip)? {
+            AddrState::Assigned { key, pod, since_ms } => Some((key, pod, *since_ms)),
+            _ => None,
+        }
+    }
+
+    /// Moves the assignment of `ip` from `from` to `to` (an address held under a
+    /// placeholder key, taken over by the attachment the runtime knows). False when `ip`
+    /// is not held by `from` or `to` already holds another address.
+    pub fn rekey(&mut self, ip: Ipv4Addr, from: &AttachmentKey, to: &AttachmentKey) -> bool {
+        if self.by_key.get(from) != Some(&ip) || self.by_key.contains_key(to) {
+            return false;
+        }
+        let Some(e) = self.enis.values_mut().find(|e| e.addrs.contains_key(&ip)) else {
+            return false;
+        };
+        if let Some(AddrState::Assigned { key, .. }) = e.addrs.get_mut(&ip) {
+            key.clone_from(to);
+        }
+        self.by_key.remove(from);
+        self.by_key.insert(to.clone(), ip);
+        true
+    }
+
     pub fn assignments(&self) -> impl Iterator<Item = (&AttachmentKey, &PodMeta, Ipv4Addr, &Eni)> {
         self.enis.values().flat_map(|e| {
             e.addrs.iter().filter_map(move |(ip, s)| match s {
@@ -553,9 +595,13 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn mac(n: u8) -> MacAddr {
+        MacAddr([2, 0, 0, 0, 0, n])
+    }
+
     fn store() -> Store {
         let mut s = Store::new(Mode::SecondaryIp, 30_000);
-        s.upsert_eni("eni-0", 0, "02:00:00:00:00:01", ip("10.0.0.10"));
+        s.upsert_eni("eni-0", 0, mac(1), ip("10.0.0.10"));
         s.add_ips("eni-0", &[ip("10.0.0.20"), ip("10.0.0.21")])
             .unwrap();
         s
@@ -600,7 +646,7 @@ mod tests {
     #[test]
     fn an_address_is_never_held_twice() {
         let mut s = store();
-        s.upsert_eni("eni-1", 1, "02:00:00:00:00:02", ip("10.0.0.30"));
+        s.upsert_eni("eni-1", 1, mac(2), ip("10.0.0.30"));
         assert!(matches!(
             s.add_ips("eni-1", &[ip("10.0.0.20")]),
             Err(StoreError::Duplicate { .. })
@@ -649,7 +695,7 @@ mod tests {
     #[test]
     fn prefix_mode_fills_used_prefixes_first_and_releases_whole_ones() {
         let mut s = Store::new(Mode::Prefix, 30_000);
-        s.upsert_eni("eni-0", 0, "m", ip("10.0.0.10"));
+        s.upsert_eni("eni-0", 0, mac(1), ip("10.0.0.10"));
         assert_eq!(
             s.add_prefix("eni-0", ip("10.0.1.17")),
             Err(StoreError::Unaligned(ip("10.0.1.17")))
@@ -675,6 +721,27 @@ mod tests {
             vec![("eni-0".into(), ip("10.0.1.32"))]
         );
         assert!(s.remove_prefix("eni-0", Eni::prefix_of(first), 0).is_err());
+    }
+
+    #[test]
+    fn rekey_moves_an_assignment_to_the_runtimes_key() {
+        let mut s = store();
+        let a = s
+            .assign(&key("placeholder"), &PodMeta::default(), 0)
+            .unwrap();
+        s.assign(&key("other"), &PodMeta::default(), 0).unwrap();
+        assert!(!s.rekey(a.ip, &key("nobody"), &key("c1")));
+        assert!(
+            !s.rekey(a.ip, &key("placeholder"), &key("other")),
+            "other has one"
+        );
+        assert!(s.rekey(a.ip, &key("placeholder"), &key("c1")));
+        assert_eq!(s.lookup(&key("c1")), Some(a.ip));
+        assert_eq!(s.lookup(&key("placeholder")), None);
+        assert_eq!(s.holder(a.ip).map(|(k, ..)| k.clone()), Some(key("c1")));
+        let mut back: Store = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        back.reindex();
+        assert_eq!(back.lookup(&key("c1")), Some(a.ip));
     }
 
     #[test]

@@ -19,18 +19,20 @@ use std::{
     time::Duration,
 };
 
+use ipnet::Ipv4Net;
 use vpc_ebpf_agent::dataplane::{
     AttachMode, CounterRow, Dataplane, DataplaneConfig, EndpointSpec, EniSpec, NodeSpec,
     monotonic_now_ns,
 };
 use vpc_ebpf_common::counters::ALL_INTERFACES;
+use vpc_ebpf_rpc::types::MacAddr;
 use vpc_ebpf_tests::netns::{NetNs, run_in};
 
 pub const POD_A: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 5);
 pub const POD_B: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 6);
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 const SUBNET_GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-const VPC_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 0, 0, 0), 16);
+const VPC_CIDR: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 0, 0), 16);
 pub const INTERNET: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 const HOST_VETH_A: &str = "eni5f0d3a9c21e";
 const HOST_VETH_B: &str = "eni8b7e41c6d0f";
@@ -331,7 +333,7 @@ fn finish(kind: Kind, l: Layout, ebpf: Option<EbpfState>) -> Setup {
 pub fn vpc_cni() -> Setup {
     let l = layout("b");
     for (pod, host, addr) in [(&l.pa, HOST_VETH_A, POD_A), (&l.pb, HOST_VETH_B, POD_B)] {
-        let mac = link_mac(l.node.name(), host);
+        let mac = link_mac(l.node.name(), host).to_string();
         pod.ip(&[
             "neigh",
             "add",
@@ -352,7 +354,7 @@ pub fn vpc_cni() -> Setup {
             "from",
             &a,
             "to",
-            &format!("{}/{}", VPC_CIDR.0, VPC_CIDR.1),
+            &VPC_CIDR.to_string(),
             "lookup",
             ENI_TABLE,
             "prio",
@@ -399,7 +401,7 @@ pub fn vpc_cni() -> Setup {
 /// VPC CNI's SNAT for destinations outside the VPC and its connmark rules for traffic
 /// arriving on the primary ENI (NodePort support).
 fn vpc_cni_iptables(node: &NetNs) {
-    let vpc = format!("{}/{}", VPC_CIDR.0, VPC_CIDR.1);
+    let vpc = VPC_CIDR.to_string();
     let node_ip = NODE_IP.to_string();
     let rules: [&[&str]; 6] = [
         &["-t", "nat", "-N", "AWS-SNAT-CHAIN-0"],
@@ -509,7 +511,7 @@ pub fn ebpf(
     object: Option<&[u8]>,
 ) -> Setup {
     let l = layout("c");
-    let pod_mac = |ns: &NetNs| parse_mac(&link_mac(ns.name(), "eth0"));
+    let pod_mac = |ns: &NetNs| link_mac(ns.name(), "eth0");
     let (mac_a, mac_b) = (pod_mac(&l.pa), pod_mac(&l.pb));
     let node = l.node.name().to_owned();
     let config = DataplaneConfig {
@@ -525,7 +527,7 @@ pub fn ebpf(
         .expect("loading the eBPF object");
         let eni = ifindex(&node, ENI);
         // Read inside the node namespace, as the agent does at start.
-        let snat_skip = Some(vpc_ebpf_agent::datapath::host_ephemeral_ports());
+        let snat_skip = Some(vpc_ebpf_agent::dataplane::settings::host_ephemeral_ports());
         dp.set_node(&NodeSpec {
             node_ip: NODE_IP,
             primary_eni_ifindex: eni,
@@ -539,7 +541,7 @@ pub fn ebpf(
         .expect("set_node");
         dp.upsert_eni(&EniSpec {
             ifindex: eni,
-            mac: parse_mac(&link_mac(&node, ENI)),
+            mac: link_mac(&node, ENI),
             primary_ip: NODE_IP,
             gateway: SUBNET_GW,
             is_primary: true,
@@ -549,7 +551,7 @@ pub fn ebpf(
             dp.upsert_endpoint(&EndpointSpec {
                 ipv4: addr,
                 host_ifindex: ifindex(&node, host),
-                host_mac: parse_mac(&link_mac(&node, host)),
+                host_mac: link_mac(&node, host),
                 pod_mac,
                 eni_ifindex: eni,
             })
@@ -593,21 +595,13 @@ fn ip_out(args: &[&str]) -> String {
 }
 
 /// The MAC of `iface` in namespace `ns`, as `ip` prints it.
-pub fn link_mac(ns: &str, iface: &str) -> String {
+pub fn link_mac(ns: &str, iface: &str) -> MacAddr {
     let out = ip_out(&["-n", ns, "-o", "link", "show", "dev", iface]);
     out.split_whitespace()
         .skip_while(|w| *w != "link/ether")
         .nth(1)
+        .and_then(|m| m.parse().ok())
         .unwrap_or_else(|| panic!("no MAC for {iface} in {ns}: {out}"))
-        .to_owned()
-}
-
-fn parse_mac(s: &str) -> [u8; 6] {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).expect("hex MAC"))
-        .collect();
-    v.try_into().expect("6-byte MAC")
 }
 
 fn ifindex(ns: &str, iface: &str) -> u32 {

@@ -1,18 +1,12 @@
 //! The CNI backend over a real unix socket: assignment, idempotency, checkpoint before
-//! reply, specific status codes with reasons, GC, socket hygiene.
+//! reply, specific status codes with reasons, GC, readiness, socket hygiene.
 
-use std::{os::unix::fs::PermissionsExt as _, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::Ipv4Addr, os::unix::fs::PermissionsExt as _, path::PathBuf, time::Duration};
 
 use tonic::Code;
-use vpc_ebpf_agent::{
-    ipam::{
-        checkpoint,
-        pool::{Blocked, Mode},
-        store::{AttachmentKey, Store},
-    },
-    rpc::{Backend, GrowthBlock, Shared, State},
-};
+use vpc_ebpf_agent::ipam::{GrowthBlock, checkpoint, pool::Blocked, store::AttachmentKey};
 use vpc_ebpf_rpc::{client, reason, reason_of, server, v1};
+use vpc_ebpf_tests::agent::TestAgent;
 
 fn dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vpc-ebpf-rpc-{tag}-{}", std::process::id()));
@@ -41,52 +35,29 @@ fn add(c: &str) -> v1::AddNetworkRequest {
     }
 }
 
-async fn start(tag: &str) -> (Shared, PathBuf, PathBuf) {
-    let d = dir(tag);
-    let mut store = Store::new(Mode::SecondaryIp, 30_000);
-    store.upsert_eni(
-        "eni-0",
-        0,
-        "02:00:00:00:00:01",
-        "10.0.0.10".parse().unwrap(),
+#[test]
+fn assigns_persists_releases_and_explains_exhaustion() {
+    let d = dir("main");
+    let agent = TestAgent::start_with(
+        &d,
+        &[Ipv4Addr::new(10, 0, 0, 20), Ipv4Addr::new(10, 0, 0, 21)],
     );
-    store
-        .add_ips(
-            "eni-0",
-            &["10.0.0.20".parse().unwrap(), "10.0.0.21".parse().unwrap()],
-        )
-        .unwrap();
-    let shared = Shared::new(
-        State::new(store, d.join("ipam.json")),
-        Arc::new(vpc_ebpf_agent::metrics::Metrics::new()),
-    );
-    let sock = d.join("agent.sock");
-    let incoming = server::bind(&sock).await.unwrap();
-    let svc = v1::cni_backend_server::CniBackendServer::new(Backend {
-        shared: shared.clone(),
-    });
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(incoming),
-    );
-    (shared, sock, d)
-}
-
-#[tokio::test]
-async fn assigns_persists_releases_and_explains_exhaustion() {
-    let (shared, sock, d) = start("main").await;
+    let sock = agent.socket.clone();
     assert_eq!(
         std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let mut c = client::connect(&sock, Duration::from_secs(6))
-        .await
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut c = rt
+        .block_on(client::connect(&sock, Duration::from_secs(6)))
         .unwrap();
 
-    let a = c.add_network(add("c1")).await.unwrap().into_inner();
+    let a = rt.block_on(c.add_network(add("c1"))).unwrap().into_inner();
     assert!(!a.existing);
-    let again = c.add_network(add("c1")).await.unwrap().into_inner();
+    let again = rt.block_on(c.add_network(add("c1"))).unwrap().into_inner();
     assert_eq!(
         (again.ipv4.as_str(), again.existing),
         (a.ipv4.as_str(), true)
@@ -100,29 +71,35 @@ async fn assigns_persists_releases_and_explains_exhaustion() {
     };
     assert_eq!(saved.lookup(&k1).unwrap().to_string(), a.ipv4);
 
-    c.add_network(add("c2")).await.unwrap();
+    rt.block_on(c.add_network(add("c2"))).unwrap();
     // Pool empty while refilling: the ADD waits for the refill instead of failing.
-    let refill = shared.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut st = refill.state.lock().await;
-        st.store
-            .add_ips("eni-0", &["10.0.0.22".parse().unwrap()])
-            .unwrap();
-        drop(st);
-        refill.pool_grown.notify_waiters();
+    let refill = std::thread::spawn({
+        let (services, handle) = (agent.services.clone(), agent.runtime());
+        move || {
+            std::thread::sleep(Duration::from_millis(300));
+            handle
+                .block_on(
+                    services
+                        .ipam
+                        .update(|s| s.add_ips("eni-0", &["10.0.0.22".parse().unwrap()])),
+                )
+                .unwrap()
+                .unwrap();
+            services.ipam.pool_grown().notify_waiters();
+        }
     });
     let waited = std::time::Instant::now();
-    let r = c.add_network(add("c2b")).await.unwrap().into_inner();
+    let r = rt.block_on(c.add_network(add("c2b"))).unwrap().into_inner();
+    refill.join().unwrap();
     assert_eq!(r.ipv4, "10.0.0.22");
     assert!(waited.elapsed() >= Duration::from_millis(250));
     // No refill comes: after REFILL_WAIT the answer is "try again later", with why.
-    let err = c.add_network(add("c3")).await.unwrap_err();
+    let err = rt.block_on(c.add_network(add("c3"))).unwrap_err();
     assert!(waited.elapsed() >= vpc_ebpf_agent::rpc::REFILL_WAIT);
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert_eq!(reason_of(&err), Some(reason::POOL_REFILLING));
-    shared.state.lock().await.blocked = Some(GrowthBlock::Pool(Blocked::EniLimit));
-    let err = c.add_network(add("c3")).await.unwrap_err();
+    agent.set_blocked(Some(GrowthBlock::Pool(Blocked::EniLimit)));
+    let err = rt.block_on(c.add_network(add("c3"))).unwrap_err();
     assert_eq!(reason_of(&err), Some(reason::ENI_LIMIT));
     assert!(err.message().contains("ENI"), "{}", err.message());
 
@@ -130,23 +107,25 @@ async fn assigns_persists_releases_and_explains_exhaustion() {
         attachment: Some(att("c1")),
         pod: None,
     };
-    let r = c.del_network(del.clone()).await.unwrap().into_inner();
+    let r = rt
+        .block_on(c.del_network(del.clone()))
+        .unwrap()
+        .into_inner();
     assert_eq!(r.released_ipv4, a.ipv4);
-    let r = c.del_network(del).await.unwrap().into_inner();
+    let r = rt.block_on(c.del_network(del)).unwrap().into_inner();
     assert_eq!(r.released_ipv4, "", "DEL is idempotent");
     // The released address cools down: still no address for a new pod.
     assert_eq!(
-        c.add_network(add("c4")).await.unwrap_err().code(),
+        rt.block_on(c.add_network(add("c4"))).unwrap_err().code(),
         Code::ResourceExhausted
     );
 
     // GC keeps what the runtime still has and releases the rest.
-    let gc = c
-        .garbage_collect(v1::GarbageCollectRequest {
+    let gc = rt
+        .block_on(c.garbage_collect(v1::GarbageCollectRequest {
             network: "aws-cni".into(),
             keep: vec![],
-        })
-        .await
+        }))
         .unwrap()
         .into_inner();
     let mut gone: Vec<&str> = gc
@@ -156,18 +135,53 @@ async fn assigns_persists_releases_and_explains_exhaustion() {
         .collect();
     gone.sort_unstable();
     assert_eq!(gone, ["c2", "c2b"]);
+    // The server stops gracefully only once its connections are closed.
+    drop(c);
+    drop(agent);
+    std::fs::remove_dir_all(d).unwrap();
+}
 
-    shared.state.lock().await.ready = false;
-    let err = c.add_network(add("c5")).await.unwrap_err();
+#[test]
+fn nothing_is_served_before_the_state_is_the_nodes() {
+    let d = dir("notready");
+    let agent = TestAgent::start(&d, 2);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut c = rt
+        .block_on(client::connect(&agent.socket, Duration::from_secs(6)))
+        .unwrap();
+    rt.block_on(c.add_network(add("c2"))).unwrap();
+    // Not ready (restoring): neither ADD nor DEL is served from a state that is not the
+    // node's; both say UNAVAILABLE, which the plugin turns into "try again" (ADD) or a
+    // recorded release (DEL).
+    agent.services.ipam.set_not_ready("restoring");
+    let started = std::time::Instant::now();
+    let err = rt.block_on(c.add_network(add("c5"))).unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
-    let st = c.status(v1::StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(reason_of(&err), Some(reason::NOT_READY));
+    assert!(started.elapsed() >= vpc_ebpf_agent::rpc::READY_WAIT);
+    let err = rt
+        .block_on(c.del_network(v1::DelNetworkRequest {
+            attachment: Some(att("c2")),
+            pod: None,
+        }))
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    let st = rt
+        .block_on(c.status(v1::StatusRequest {}))
+        .unwrap()
+        .into_inner();
     assert!(!st.ready && st.detail.contains("not ready"));
 
-    let bad = c
-        .add_network(v1::AddNetworkRequest::default())
-        .await
+    let bad = rt
+        .block_on(c.add_network(v1::AddNetworkRequest::default()))
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
+    // The server stops gracefully only once its connections are closed.
+    drop(c);
+    drop(agent);
     std::fs::remove_dir_all(d).unwrap();
 }
 

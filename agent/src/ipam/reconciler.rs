@@ -1,5 +1,6 @@
 //! The reconciler: keeps the node's pool at the warm targets by executing the planner's
-//! steps against EC2, one call at a time, checkpointing every change.
+//! steps against EC2, one call at a time, through [`Ipam`] (so every change is
+//! checkpointed), and refreshes the store from EC2 when EC2 and the store disagree.
 //!
 //! Ordering is chosen so that a crash at any point loses nothing:
 //! - growth: EC2 first, then the store. A crash in between leaves addresses in EC2 that
@@ -22,37 +23,24 @@ use std::{
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+use vpc_ebpf_rpc::report::Chain;
+
+use super::{
+    GrowthBlock, Ipam,
+    ec2_merge::{self, MergeReport},
+    pool::{self, InstanceLimits, Mode, Step},
+    store::Store,
+};
 use crate::{
     aws::ec2::{
-        Ec2, Ec2Error, EniInfo, ErrorKind, NewEni, TAG_CLUSTER_NAME, TAG_CREATED_AT,
-        TAG_INSTANCE_ID, TAG_MANAGED_BY, format_time, parse_time,
+        Ec2, Ec2Error, ErrorKind, NewEni, TAG_CLUSTER_NAME, TAG_CREATED_AT, TAG_INSTANCE_ID,
+        TAG_MANAGED_BY, format_time, parse_time,
     },
-    ipam::{
-        pool::{self, InstanceLimits, Mode, Step, Targets},
-        sync::{self, EniView, SyncReport},
-    },
+    clock::now_ms,
+    host::Host,
     metrics::{Metrics, ReasonLabels},
-    rpc::{GrowthBlock, Shared, State, now_ms, persist},
+    node::{Node, Settings},
 };
-
-/// ENIs tagged with this (as in Amazon VPC CNI) are left alone.
-pub const TAG_NO_MANAGE: &str = "node.k8s.amazonaws.com/no_manage";
-
-/// What the node is, from IMDS and EC2 at start.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Node {
-    pub instance_id: String,
-    pub instance_type: String,
-    pub region: String,
-    pub subnet_id: String,
-    pub subnet_cidr: String,
-    pub vpc_cidrs: Vec<String>,
-    pub security_groups: Vec<String>,
-    pub primary_eni: String,
-    pub primary_ip: Ipv4Addr,
-    pub primary_mac: String,
-    pub limits: InstanceLimits,
-}
 
 /// Exponential backoff with full jitter: each wait is uniform in [0, min(cap, base·2^n)],
 /// so many nodes throttled together do not retry in lockstep.
@@ -93,63 +81,6 @@ impl Backoff {
     }
 }
 
-/// Settings of the reconciler that come from the configuration.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    pub mode: Mode,
-    pub targets: Targets,
-    pub cluster_name: Option<String>,
-    pub additional_tags: BTreeMap<String, String>,
-    pub leaked_eni_cleanup: bool,
-    /// Detached ENIs of ours younger than this are left alone (they may be mid-attach).
-    pub leaked_eni_age: Duration,
-    /// How long growth pauses after InsufficientFreeAddressesInSubnet.
-    pub subnet_full_pause: Duration,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            mode: Mode::SecondaryIp,
-            targets: Targets::default(),
-            cluster_name: None,
-            additional_tags: BTreeMap::new(),
-            leaked_eni_cleanup: true,
-            leaked_eni_age: Duration::from_mins(5),
-            subnet_full_pause: Duration::from_mins(1),
-        }
-    }
-}
-
-/// Converts EC2's view of attached ENIs for the datastore, leaving out ENIs we must not
-/// manage; returns those too, so their device indexes are never reused.
-pub fn views(enis: &[EniInfo], instance_id: &str) -> (Vec<EniView>, BTreeSet<u32>) {
-    let mut managed = Vec::new();
-    let mut unmanaged = BTreeSet::new();
-    for e in enis {
-        let Some(att) = e
-            .attachment
-            .as_ref()
-            .filter(|a| a.instance_id == instance_id)
-        else {
-            continue;
-        };
-        if e.tags.get(TAG_NO_MANAGE).is_some_and(|v| v == "true") {
-            unmanaged.insert(att.device_index);
-            continue;
-        }
-        managed.push(EniView {
-            id: e.id.clone(),
-            device_index: att.device_index,
-            mac: e.mac.clone(),
-            primary_ip: e.primary_ip,
-            secondary_ips: e.secondary_ips.clone(),
-            prefixes: e.prefixes.clone(),
-        });
-    }
-    (managed, unmanaged)
-}
-
 /// The lowest device index not used by any ENI.
 pub fn lowest_free_index(used: impl IntoIterator<Item = u32>) -> u32 {
     let used: BTreeSet<u32> = used.into_iter().collect();
@@ -165,7 +96,7 @@ enum Outcome {
 
 pub struct Reconciler {
     ec2: Ec2,
-    shared: Shared,
+    ipam: Arc<Ipam>,
     node: Node,
     settings: Settings,
     metrics: Arc<Metrics>,
@@ -176,10 +107,11 @@ pub struct Reconciler {
     subnet_full: bool,
     unmanaged_indexes: BTreeSet<u32>,
     next_leak_check: Instant,
-    resync_needed: bool,
+    /// EC2 and the store may disagree: read EC2 again before the next step.
+    refresh_needed: bool,
     /// When set, a new ENI enters the pool only once its interface is in the kernel, so
     /// no pod gets an address the node cannot route yet.
-    host: Option<crate::host::Host>,
+    host: Option<Host>,
 }
 
 const IDLE_TICK: Duration = Duration::from_secs(1);
@@ -188,7 +120,7 @@ const LEAK_CHECK_EVERY: Duration = Duration::from_mins(1);
 impl Reconciler {
     pub fn new(
         ec2: Ec2,
-        shared: Shared,
+        ipam: Arc<Ipam>,
         node: Node,
         settings: Settings,
         unmanaged_indexes: BTreeSet<u32>,
@@ -196,7 +128,7 @@ impl Reconciler {
     ) -> Self {
         Self {
             ec2,
-            shared,
+            ipam,
             node,
             settings,
             metrics,
@@ -205,19 +137,27 @@ impl Reconciler {
             subnet_full: false,
             unmanaged_indexes,
             next_leak_check: Instant::now(),
-            resync_needed: false,
+            refresh_needed: false,
             host: None,
         }
     }
 
     #[must_use]
-    pub fn with_host(mut self, host: crate::host::Host) -> Self {
+    pub fn with_host(mut self, host: Host) -> Self {
         self.host = Some(host);
         self
     }
 
+    /// Reads EC2 before the first step (the store came from a checkpoint EC2 may have
+    /// moved on from).
+    #[must_use]
+    pub fn refresh_first(mut self) -> Self {
+        self.refresh_needed = true;
+        self
+    }
+
     /// Waits (up to 15 s) for an interface with `mac` to show up in the kernel.
-    async fn wait_for_interface(&self, mac: &str) -> bool {
+    async fn wait_for_interface(&self, mac: vpc_ebpf_rpc::types::MacAddr) -> bool {
         let Some(host) = &self.host else {
             return true;
         };
@@ -226,7 +166,7 @@ impl Reconciler {
             if host
                 .links_by_mac()
                 .await
-                .is_ok_and(|l| l.contains_key(&mac.to_ascii_lowercase()))
+                .is_ok_and(|l| l.contains_key(&mac))
             {
                 return true;
             }
@@ -261,10 +201,10 @@ impl Reconciler {
             if wait.is_zero() {
                 continue;
             }
-            let changed = self.shared.pool_changed.clone();
+            let ipam = self.ipam.clone();
             tokio::select! {
                 _ = stop.changed() => return,
-                () = changed.notified(), if wake_on_change => {}
+                () = ipam.pool_changed().notified(), if wake_on_change => {}
                 () = tokio::time::sleep(wait) => {}
             }
         }
@@ -293,18 +233,18 @@ impl Reconciler {
             }
             ErrorKind::Limit | ErrorKind::NotFound => {
                 // Our picture of the instance is wrong: look again before the next step.
-                warn!(error = %e, "EC2 disagrees with the datastore; resyncing");
-                self.resync_needed = true;
+                warn!(error = %Chain(e), "EC2 disagrees with the datastore; reading EC2 again");
+                self.refresh_needed = true;
                 self.backoff.next_wait()
             }
             ErrorKind::Throttled | ErrorKind::Transient => {
                 let d = self.backoff.next_wait();
-                warn!(error = %e, retry_in = ?d, attempt = self.backoff.attempts(), "EC2 call failed; backing off");
+                warn!(error = %Chain(e), retry_in = ?d, attempt = self.backoff.attempts(), "EC2 call failed; backing off");
                 d
             }
             ErrorKind::Refused => {
                 let d = self.backoff.next_wait().max(Duration::from_secs(5));
-                error!(error = %e, retry_in = ?d, "EC2 refused the call; check the node role's permissions");
+                error!(error = %Chain(e), retry_in = ?d, "EC2 refused the call; check the node role's permissions");
                 d
             }
         }
@@ -316,35 +256,46 @@ impl Reconciler {
 
     async fn pass(&mut self) -> Result<Outcome, Ec2Error> {
         self.metrics.reconciles.inc();
-        if self.resync_needed {
-            self.resync().await?;
-            self.resync_needed = false;
+        if self.refresh_needed {
+            self.refresh_from_ec2().await?;
+            self.refresh_needed = false;
         }
         if self.settings.leaked_eni_cleanup && Instant::now() >= self.next_leak_check {
             self.next_leak_check = Instant::now() + LEAK_CHECK_EVERY;
             if let Err(e) = self.cleanup_leaked().await {
-                warn!(error = %e, "leaked-ENI cleanup failed; trying again later");
+                warn!(error = %Chain(&e), "leaked-ENI cleanup failed; trying again later");
             }
         }
         let paused = self.growth_paused();
-        let plan = {
-            let mut st = self.shared.state.lock().await;
-            let usage = st.store.usage(now_ms());
-            let plan = pool::plan(
-                self.settings.mode,
-                &self.settings.targets,
-                self.node.limits,
-                &usage,
-            );
-            st.blocked =
-                if (paused || self.subnet_full) && (plan.shortfall > 0 || !plan.grow.is_empty()) {
-                    Some(GrowthBlock::SubnetExhausted)
-                } else {
-                    plan.blocked.map(GrowthBlock::Pool)
-                };
-            refresh_gauges(&st, &self.metrics, self.node.limits, &self.settings);
-            plan
-        };
+        let plan = self
+            .ipam
+            .read(|store, _| {
+                pool::plan(
+                    self.settings.mode,
+                    &self.settings.targets,
+                    self.node.limits,
+                    &store.usage(now_ms()),
+                )
+            })
+            .await;
+        let blocked =
+            if (paused || self.subnet_full) && (plan.shortfall > 0 || !plan.grow.is_empty()) {
+                Some(GrowthBlock::SubnetExhausted)
+            } else {
+                plan.blocked.map(GrowthBlock::Pool)
+            };
+        self.ipam.set_blocked(blocked).await;
+        self.ipam
+            .read(|store, blocked| {
+                refresh_gauges(
+                    store,
+                    blocked,
+                    &self.metrics,
+                    self.node.limits,
+                    &self.settings,
+                );
+            })
+            .await;
         if !paused && let Some(step) = plan.grow.first().copied() {
             self.grow(step).await?;
             self.subnet_full = false;
@@ -371,15 +322,16 @@ impl Reconciler {
                 device_index,
                 units,
             } => {
-                let eni = {
-                    let st = self.shared.state.lock().await;
-                    st.store
-                        .enis()
-                        .find(|e| e.device_index == device_index)
-                        .map(|e| e.id.clone())
-                };
+                let eni = self
+                    .ipam
+                    .read(|s, _| {
+                        s.enis()
+                            .find(|e| e.device_index == device_index)
+                            .map(|e| e.id.clone())
+                    })
+                    .await;
                 let Some(eni) = eni else {
-                    self.resync_needed = true;
+                    self.refresh_needed = true;
                     return Ok(());
                 };
                 let got = self.ec2.assign(&eni, units, self.prefixes()).await?;
@@ -392,19 +344,29 @@ impl Reconciler {
     }
 
     async fn store_addrs(&self, eni: &str, addrs: &[Ipv4Addr]) {
-        let mut st = self.shared.state.lock().await;
-        let r = if self.prefixes() {
-            addrs.iter().try_for_each(|b| st.store.add_prefix(eni, *b))
-        } else {
-            st.store.add_ips(eni, addrs)
-        };
-        if let Err(e) = r {
-            // EC2 handed out something the store cannot take: the next sync sorts it out.
-            warn!(%eni, error = %e, "could not record what EC2 assigned");
+        let prefixes = self.prefixes();
+        let r = self
+            .ipam
+            .update(|s| {
+                if prefixes {
+                    addrs.iter().try_for_each(|b| s.add_prefix(eni, *b))
+                } else {
+                    s.add_ips(eni, addrs)
+                }
+            })
+            .await;
+        match r {
+            Ok(Ok(())) => {}
+            // EC2 handed out something the store cannot take: the next refresh sorts it.
+            Ok(Err(e)) => warn!(%eni, error = %Chain(&e), "could not record what EC2 assigned"),
+            Err(e) => self.checkpoint_failed(&e),
         }
-        save(&st, &self.metrics);
-        drop(st);
-        self.shared.pool_grown.notify_waiters();
+        self.ipam.pool_grown().notify_waiters();
+    }
+
+    fn checkpoint_failed(&self, e: &super::checkpoint::CheckpointError) {
+        warn!(error = %Chain(e), "checkpoint failed; the next refresh from EC2 recovers the change");
+        self.metrics.ipam_error("checkpoint");
     }
 
     fn tags(&self) -> BTreeMap<String, String> {
@@ -419,15 +381,11 @@ impl Reconciler {
     }
 
     async fn attach_new_eni(&mut self, units: u32) -> Result<(), Ec2Error> {
-        let device_index = {
-            let st = self.shared.state.lock().await;
-            lowest_free_index(
-                st.store
-                    .enis()
-                    .map(|e| e.device_index)
-                    .chain(self.unmanaged_indexes.iter().copied()),
-            )
-        };
+        let unmanaged = self.unmanaged_indexes.clone();
+        let device_index = self
+            .ipam
+            .read(|s, _| lowest_free_index(s.enis().map(|e| e.device_index).chain(unmanaged)))
+            .await;
         let spec = NewEni {
             subnet_id: self.node.subnet_id.clone(),
             security_groups: self.node.security_groups.clone(),
@@ -445,62 +403,82 @@ impl Reconciler {
             // Attached or not, we do not know: a detached ENI is deleted now, anything
             // else by leaked-ENI cleanup once it shows up detached.
             if let Err(del) = self.ec2.delete_eni(&eni.id).await {
-                warn!(eni = %eni.id, error = %del, "could not delete an ENI whose attach failed; leaked-ENI cleanup will");
+                warn!(eni = %eni.id, error = %Chain(&del), "could not delete an ENI whose attach failed; leaked-ENI cleanup will");
             }
             return Err(e);
         }
         let t0 = Instant::now();
-        if self.wait_for_interface(&eni.mac).await {
+        let Ok(mac) = eni.mac.parse() else {
+            return Err(Ec2Error::Malformed {
+                op: "CreateNetworkInterface",
+                what: format!("a MAC address (got {:?})", eni.mac),
+            });
+        };
+        if self.wait_for_interface(mac).await {
             info!(eni = %eni.id, device_index, units, mac = %eni.mac, appeared_after = ?t0.elapsed(), "attached a new ENI");
         } else {
             warn!(eni = %eni.id, mac = %eni.mac, "attached, but no interface with its MAC appeared in 15 s; using it anyway");
         }
-        let mut st = self.shared.state.lock().await;
-        st.store
-            .upsert_eni(&eni.id, device_index, &eni.mac, eni.primary_ip);
-        let r = if self.prefixes() {
-            eni.prefixes
-                .iter()
-                .try_for_each(|b| st.store.add_prefix(&eni.id, *b))
-        } else {
-            st.store.add_ips(&eni.id, &eni.secondary_ips)
-        };
-        if let Err(e) = r {
-            warn!(eni = %eni.id, error = %e, "could not record the new ENI's addresses");
+        let prefixes = self.prefixes();
+        let r = self
+            .ipam
+            .update(|s| {
+                s.upsert_eni(&eni.id, device_index, mac, eni.primary_ip);
+                if prefixes {
+                    eni.prefixes
+                        .iter()
+                        .try_for_each(|b| s.add_prefix(&eni.id, *b))
+                } else {
+                    s.add_ips(&eni.id, &eni.secondary_ips)
+                }
+            })
+            .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(eni = %eni.id, error = %Chain(&e), "could not record the new ENI's addresses");
+            }
+            Err(e) => self.checkpoint_failed(&e),
         }
-        save(&st, &self.metrics);
-        drop(st);
-        self.shared.pool_grown.notify_waiters();
+        self.ipam.pool_grown().notify_waiters();
         Ok(())
     }
 
     /// Gives back free units from the highest ENI down. Returns whether anything went.
     async fn release_units(&mut self, n: u32) -> Result<bool, Ec2Error> {
         let prefixes = self.prefixes();
-        let mut by_eni: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
-        {
-            let mut st = self.shared.state.lock().await;
-            let now = now_ms();
-            let candidates = if prefixes {
-                st.store.releasable_prefixes(n, now)
-            } else {
-                st.store.releasable_ips(n, now)
-            };
-            for (eni, a) in candidates {
-                let r = if prefixes {
-                    st.store.remove_prefix(&eni, a, now)
+        let now = now_ms();
+        let taken = self
+            .ipam
+            .update(|s| {
+                let mut by_eni: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+                let candidates = if prefixes {
+                    s.releasable_prefixes(n, now)
                 } else {
-                    st.store.remove_ip(&eni, a, now)
+                    s.releasable_ips(n, now)
                 };
-                if r.is_ok() {
-                    by_eni.entry(eni).or_default().push(a);
+                for (eni, a) in candidates {
+                    let r = if prefixes {
+                        s.remove_prefix(&eni, a, now)
+                    } else {
+                        s.remove_ip(&eni, a, now)
+                    };
+                    if r.is_ok() {
+                        by_eni.entry(eni).or_default().push(a);
+                    }
                 }
-            }
-            if by_eni.is_empty() {
+                by_eni
+            })
+            .await;
+        // Nothing leaves EC2 that the store still shows.
+        let by_eni = match taken {
+            Ok(b) if !b.is_empty() => b,
+            Ok(_) => return Ok(false),
+            Err(e) => {
+                self.checkpoint_failed(&e);
                 return Ok(false);
             }
-            save(&st, &self.metrics);
-        }
+        };
         for (eni, addrs) in by_eni {
             match self.ec2.unassign(&eni, &addrs, prefixes).await {
                 Ok(()) => info!(%eni, count = addrs.len(), prefixes, "released from the pool"),
@@ -518,21 +496,25 @@ impl Reconciler {
     }
 
     async fn release_eni(&mut self, device_index: u32) -> Result<bool, Ec2Error> {
-        let eni = {
-            let mut st = self.shared.state.lock().await;
-            let Some(id) = st
-                .store
-                .enis()
-                .find(|e| e.device_index == device_index)
-                .map(|e| e.id.clone())
-            else {
-                return Ok(false);
-            };
-            if id == self.node.primary_eni || st.store.remove_eni(&id, now_ms()).is_err() {
+        let primary = self.node.primary_eni.clone();
+        let now = now_ms();
+        let taken = self
+            .ipam
+            .update(|s| {
+                let id = s
+                    .enis()
+                    .find(|e| e.device_index == device_index)
+                    .map(|e| e.id.clone())?;
+                (id != primary && s.remove_eni(&id, now).is_ok()).then_some(id)
+            })
+            .await;
+        let eni = match taken {
+            Ok(Some(id)) => id,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                self.checkpoint_failed(&e);
                 return Ok(false);
             }
-            save(&st, &self.metrics);
-            id
         };
         let attachment = match self.ec2.eni(&eni).await? {
             Some(info) => info.attachment.map(|a| a.id),
@@ -543,7 +525,7 @@ impl Reconciler {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => {
-                    self.resync_needed = true;
+                    self.refresh_needed = true;
                     return Err(e);
                 }
             }
@@ -562,7 +544,7 @@ impl Reconciler {
             Ok(()) => info!(%eni, device_index, "detached and deleted a surplus ENI"),
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => {
-                warn!(%eni, error = %e, "could not delete a detached ENI; leaked-ENI cleanup will");
+                warn!(%eni, error = %Chain(&e), "could not delete a detached ENI; leaked-ENI cleanup will");
             }
         }
         Ok(true)
@@ -586,28 +568,94 @@ impl Reconciler {
                     self.metrics.leaked_enis_deleted.inc();
                     info!(eni = %e.id, ?age, "deleted a leaked ENI");
                 }
-                Err(err) => warn!(eni = %e.id, error = %err, "could not delete a leaked ENI"),
+                Err(err) => {
+                    warn!(eni = %e.id, error = %Chain(&err), "could not delete a leaked ENI");
+                }
             }
         }
         Ok(())
     }
 
-    /// Re-reads the instance's ENIs from EC2 into the store.
-    async fn resync(&mut self) -> Result<SyncReport, Ec2Error> {
+    /// Reads the instance's ENIs from EC2 again and merges them into the store.
+    async fn refresh_from_ec2(&mut self) -> Result<MergeReport, Ec2Error> {
         let enis = self.ec2.attached_enis(&self.node.instance_id).await?;
-        let (views, unmanaged) = views(&enis, &self.node.instance_id);
+        let (views, unmanaged) = ec2_merge::views(&enis, &self.node.instance_id);
         self.unmanaged_indexes = unmanaged;
-        let mut st = self.shared.state.lock().await;
-        let report = sync::merge(&mut st.store, &views);
-        log_report(&report);
-        if report.changed() {
-            save(&st, &self.metrics);
+        let report = self.ipam.update(|s| ec2_merge::merge(s, &views)).await;
+        match report {
+            Ok(report) => {
+                log_report(&report);
+                Ok(report)
+            }
+            Err(e) => {
+                self.checkpoint_failed(&e);
+                self.refresh_needed = true;
+                Ok(MergeReport::default())
+            }
         }
-        Ok(report)
     }
 }
 
-pub fn log_report(r: &SyncReport) {
+/// The EC2 side of the agent, run in the background once the agent serves: discovery
+/// when the node came from its cache (EC2 may be down at start: pods are served from the
+/// restored state meanwhile), then the reconciler. `on_node` hears of a node identity
+/// that differs from the one the agent started with.
+pub async fn run_with_discovery(
+    config: crate::config::Config,
+    ipam: Arc<Ipam>,
+    metrics: Arc<Metrics>,
+    mut node: Node,
+    discovered: Option<crate::node::Discovered>,
+    on_node: Box<dyn Fn(Node) + Send + Sync>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let discovered = if let Some(d) = discovered {
+        d
+    } else {
+        let report = |why: String| debug!(%why, "EC2 discovery in the background");
+        let d = tokio::select! {
+            _ = stop.changed() => return,
+            d = crate::node::discover_with_retry(&config, &metrics, report) => d,
+        };
+        match d {
+            Ok(d) => d,
+            Err(e) => {
+                error!(error = %Chain(&e), "discovery failed for good; the pool will not grow or shrink until the agent restarts");
+                return;
+            }
+        }
+    };
+    if discovered.node.instance_id != node.instance_id {
+        error!(cached = %node.instance_id, actual = %discovered.node.instance_id, "the cached node identity is another instance's; using the actual one");
+    }
+    if discovered.node != node {
+        node = discovered.node.clone();
+        on_node(node.clone());
+    }
+    let (_, unmanaged) = ec2_merge::views(&discovered.enis, &node.instance_id);
+    let host = match Host::open() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            warn!(error = %Chain(&e), "no netlink: new ENIs enter the pool without waiting for their interface");
+            None
+        }
+    };
+    let mut r = Reconciler::new(
+        discovered.ec2,
+        ipam,
+        node,
+        crate::node::Settings::from_config(&config),
+        unmanaged,
+        metrics,
+    )
+    .refresh_first();
+    if let Some(h) = host {
+        r = r.with_host(h);
+    }
+    r.run(stop).await;
+}
+
+pub fn log_report(r: &MergeReport) {
     if !r.changed() {
         return;
     }
@@ -623,16 +671,16 @@ pub fn log_report(r: &SyncReport) {
     }
 }
 
-fn save(st: &State, metrics: &Metrics) {
-    if persist(st).is_err() {
-        metrics.ipam_error("checkpoint");
-    }
-}
-
 /// Sets the pool gauges from the datastore.
-pub fn refresh_gauges(st: &State, m: &Metrics, limits: InstanceLimits, s: &Settings) {
-    let usage = st.store.usage(now_ms());
-    let t = pool::totals(st.store.mode, &usage);
+pub fn refresh_gauges(
+    store: &Store,
+    blocked: Option<GrowthBlock>,
+    m: &Metrics,
+    limits: InstanceLimits,
+    s: &Settings,
+) {
+    let usage = store.usage(now_ms());
+    let t = pool::totals(store.mode, &usage);
     let g = |v: u32| i64::from(v);
     m.assigned_ips.set(g(t.assigned));
     m.total_ips.set(g(t.total));
@@ -653,15 +701,15 @@ pub fn refresh_gauges(st: &State, m: &Metrics, limits: InstanceLimits, s: &Setti
     for (reason, on) in [
         (
             "eni_limit",
-            st.blocked == Some(GrowthBlock::Pool(pool::Blocked::EniLimit)),
+            blocked == Some(GrowthBlock::Pool(pool::Blocked::EniLimit)),
         ),
         (
             "max_pods",
-            st.blocked == Some(GrowthBlock::Pool(pool::Blocked::MaxPods)),
+            blocked == Some(GrowthBlock::Pool(pool::Blocked::MaxPods)),
         ),
         (
             "subnet_exhausted",
-            st.blocked == Some(GrowthBlock::SubnetExhausted),
+            blocked == Some(GrowthBlock::SubnetExhausted),
         ),
     ] {
         m.growth_blocked
@@ -675,7 +723,6 @@ pub fn refresh_gauges(st: &State, m: &Metrics, limits: InstanceLimits, s: &Setti
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aws::ec2::EniAttachment;
 
     #[test]
     fn backoff_grows_to_the_cap_and_jitters_below_it() {
@@ -707,50 +754,5 @@ mod tests {
         assert_eq!(lowest_free_index([0, 2, 3]), 1);
         assert_eq!(lowest_free_index([]), 0);
         assert_eq!(lowest_free_index([0, 1, 2]), 3);
-    }
-
-    fn eni(id: &str, dev: u32, instance: &str, tags: &[(&str, &str)]) -> EniInfo {
-        EniInfo {
-            id: id.into(),
-            mac: "02:00:00:00:00:01".into(),
-            subnet_id: "subnet-1".into(),
-            primary_ip: "10.0.0.10".parse().unwrap(),
-            secondary_ips: vec![],
-            prefixes: vec![],
-            attachment: Some(EniAttachment {
-                id: format!("att-{id}"),
-                instance_id: instance.into(),
-                device_index: dev,
-                status: "attached".into(),
-            }),
-            tags: tags
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            security_groups: vec![],
-            status: "in-use".into(),
-        }
-    }
-
-    #[test]
-    fn no_manage_enis_are_left_out_but_keep_their_index() {
-        let (v, unmanaged) = views(
-            &[
-                eni("eni-0", 0, "i-1", &[]),
-                eni("eni-efa", 1, "i-1", &[(TAG_NO_MANAGE, "true")]),
-                eni("eni-2", 2, "i-1", &[]),
-                eni("eni-other", 0, "i-2", &[]),
-            ],
-            "i-1",
-        );
-        assert_eq!(
-            v.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
-            ["eni-0", "eni-2"]
-        );
-        assert_eq!(unmanaged, BTreeSet::from([1]));
-        assert_eq!(
-            lowest_free_index(v.iter().map(|e| e.device_index).chain(unmanaged)),
-            3
-        );
     }
 }

@@ -1,5 +1,5 @@
-//! Reconciling the datastore with what EC2 says the instance holds. Pure: the caller
-//! fetches EC2's view; this decides what the store keeps.
+//! Merging EC2's view of the instance into the datastore. Pure: the caller fetches EC2's
+//! view; this decides what the store keeps.
 //!
 //! EC2 is the truth for which ENIs, addresses and prefixes exist; the store (restored
 //! from the checkpoint) is the truth for who holds which address. So addresses EC2 has
@@ -7,6 +7,11 @@
 //! and an assignment survives exactly when its address still exists in EC2.
 
 use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use tracing::warn;
+use vpc_ebpf_rpc::types::MacAddr;
+
+use crate::aws::ec2::EniInfo;
 
 use super::{
     pool::Mode,
@@ -18,14 +23,14 @@ use super::{
 pub struct EniView {
     pub id: String,
     pub device_index: u32,
-    pub mac: String,
+    pub mac: MacAddr,
     pub primary_ip: Ipv4Addr,
     pub secondary_ips: Vec<Ipv4Addr>,
     pub prefixes: Vec<Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SyncReport {
+pub struct MergeReport {
     pub enis_added: Vec<String>,
     pub enis_removed: Vec<String>,
     pub addrs_added: u32,
@@ -34,7 +39,7 @@ pub struct SyncReport {
     pub lost: Vec<(AttachmentKey, Ipv4Addr)>,
 }
 
-impl SyncReport {
+impl MergeReport {
     pub fn changed(&self) -> bool {
         !(self.enis_added.is_empty()
             && self.enis_removed.is_empty()
@@ -44,8 +49,45 @@ impl SyncReport {
     }
 }
 
-pub fn merge(store: &mut Store, ec2: &[EniView]) -> SyncReport {
-    let mut r = SyncReport::default();
+/// ENIs tagged with this (as in Amazon VPC CNI) are left alone.
+pub const TAG_NO_MANAGE: &str = "node.k8s.amazonaws.com/no_manage";
+
+/// Converts EC2's view of the instance's attached ENIs for the datastore, leaving out ENIs
+/// we must not manage; returns those too, so their device indexes are never reused.
+pub fn views(enis: &[EniInfo], instance_id: &str) -> (Vec<EniView>, BTreeSet<u32>) {
+    let mut managed = Vec::new();
+    let mut unmanaged = BTreeSet::new();
+    for e in enis {
+        let Some(att) = e
+            .attachment
+            .as_ref()
+            .filter(|a| a.instance_id == instance_id)
+        else {
+            continue;
+        };
+        if e.tags.get(TAG_NO_MANAGE).is_some_and(|v| v == "true") {
+            unmanaged.insert(att.device_index);
+            continue;
+        }
+        let Ok(mac) = e.mac.parse() else {
+            warn!(eni = %e.id, mac = %e.mac, "EC2 gave an ENI a MAC that does not parse; left out");
+            unmanaged.insert(att.device_index);
+            continue;
+        };
+        managed.push(EniView {
+            id: e.id.clone(),
+            device_index: att.device_index,
+            mac,
+            primary_ip: e.primary_ip,
+            secondary_ips: e.secondary_ips.clone(),
+            prefixes: e.prefixes.clone(),
+        });
+    }
+    (managed, unmanaged)
+}
+
+pub fn merge(store: &mut Store, ec2: &[EniView]) -> MergeReport {
+    let mut r = MergeReport::default();
     let known: BTreeSet<String> = store.enis().map(|e| e.id.clone()).collect();
     let seen: BTreeSet<&str> = ec2.iter().map(|e| e.id.as_str()).collect();
     for id in known.iter().filter(|id| !seen.contains(id.as_str())) {
@@ -56,13 +98,13 @@ pub fn merge(store: &mut Store, ec2: &[EniView]) -> SyncReport {
         if !known.contains(&v.id) {
             r.enis_added.push(v.id.clone());
         }
-        store.upsert_eni(&v.id, v.device_index, &v.mac, v.primary_ip);
+        store.upsert_eni(&v.id, v.device_index, v.mac, v.primary_ip);
         merge_eni(store, v, &mut r);
     }
     r
 }
 
-fn merge_eni(store: &mut Store, v: &EniView, r: &mut SyncReport) {
+fn merge_eni(store: &mut Store, v: &EniView, r: &mut MergeReport) {
     let Some(have) = store.eni(&v.id).cloned() else {
         return;
     };
@@ -117,8 +159,10 @@ fn merge_eni(store: &mut Store, v: &EniView, r: &mut SyncReport) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
-    use crate::ipam::store::PodMeta;
+    use crate::{aws::ec2::EniAttachment, ipam::store::PodMeta};
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
@@ -136,7 +180,7 @@ mod tests {
         EniView {
             id: id.into(),
             device_index: dev,
-            mac: format!("02:00:00:00:00:0{dev}"),
+            mac: MacAddr([2, 0, 0, 0, 0, u8::try_from(dev).unwrap()]),
             primary_ip: ip(primary),
             secondary_ips: ips.iter().map(|s| ip(s)).collect(),
             prefixes: prefixes.iter().map(|s| ip(s)).collect(),
@@ -232,5 +276,51 @@ mod tests {
         assert_eq!(r.addrs_removed, 16);
         assert!(r.lost.is_empty());
         assert_eq!(s.lookup(&key("p1")), Some(a.ip));
+    }
+    fn eni(id: &str, dev: u32, instance: &str, tags: &[(&str, &str)]) -> EniInfo {
+        EniInfo {
+            id: id.into(),
+            mac: "02:00:00:00:00:01".into(),
+            subnet_id: "subnet-1".into(),
+            primary_ip: "10.0.0.10".parse().unwrap(),
+            secondary_ips: vec![],
+            prefixes: vec![],
+            attachment: Some(EniAttachment {
+                id: format!("att-{id}"),
+                instance_id: instance.into(),
+                device_index: dev,
+                status: "attached".into(),
+            }),
+            tags: tags
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            security_groups: vec![],
+            status: "in-use".into(),
+        }
+    }
+
+    #[test]
+    fn no_manage_enis_are_left_out_but_keep_their_index() {
+        let (v, unmanaged) = views(
+            &[
+                eni("eni-0", 0, "i-1", &[]),
+                eni("eni-efa", 1, "i-1", &[(TAG_NO_MANAGE, "true")]),
+                eni("eni-2", 2, "i-1", &[]),
+                eni("eni-other", 0, "i-2", &[]),
+            ],
+            "i-1",
+        );
+        assert_eq!(
+            v.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["eni-0", "eni-2"]
+        );
+        assert_eq!(unmanaged, BTreeSet::from([1]));
+        assert_eq!(
+            crate::ipam::reconciler::lowest_free_index(
+                v.iter().map(|e| e.device_index).chain(unmanaged)
+            ),
+            3
+        );
     }
 }

@@ -1,12 +1,12 @@
-//! Shared by the dataplane test files: private pin roots and a small node model.
-
-#![allow(dead_code, reason = "each test file uses a different part")]
+//! Shared by the dataplane test files: private pin roots, counters, a TCP exchange.
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use vpc_ebpf_agent::dataplane::{AttachMode, CounterRow, DataplaneConfig};
 use vpc_ebpf_common::counters::{ALL_INTERFACES, Counter, CounterKey, direction, reason};
-use vpc_ebpf_tests::require_root;
+use vpc_ebpf_rpc::types::{HostPort, MacAddr, Protocol};
+
+use crate::require_root;
 
 /// A private pin root per test so parallel tests never share maps or links; removed on
 /// drop, even when the test fails.
@@ -60,8 +60,8 @@ pub fn ifindex(name: &str) -> u32 {
 
 /// The MAC of `name` in the calling thread's namespace (sysfs shows the mounter's
 /// namespace, so ask netlink through `ip`, which inherits the thread's).
-pub fn mac_of(name: &str) -> [u8; 6] {
-    let out = vpc_ebpf_tests::netns::run(
+pub fn mac_of(name: &str) -> MacAddr {
+    let out = crate::netns::run(
         std::process::Command::new("ip").args(["-o", "link", "show", "dev", name]),
     );
     let mac = out
@@ -69,15 +69,34 @@ pub fn mac_of(name: &str) -> [u8; 6] {
         .skip_while(|w| *w != "link/ether")
         .nth(1)
         .unwrap_or_else(|| panic!("no MAC in {out}"));
-    let v: Vec<u8> = mac
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).unwrap())
-        .collect();
-    v.try_into().unwrap()
+    mac.parse().unwrap()
 }
 
 pub const fn ip(a: u8, b: u8, c: u8, d: u8) -> Ipv4Addr {
     Ipv4Addr::new(a, b, c, d)
+}
+
+/// `10.0.0.0/16` and the like.
+pub fn net(s: &str) -> ipnet::Ipv4Net {
+    s.parse().unwrap()
+}
+
+/// A TCP hostPort on every node address.
+pub const fn tcp_port(host: u16, container: u16) -> HostPort {
+    HostPort {
+        protocol: Protocol::Tcp,
+        host_port: host,
+        container_port: container,
+        host_ip: None,
+    }
+}
+
+/// A UDP hostPort on every node address.
+pub const fn udp_port(host: u16, container: u16) -> HostPort {
+    HostPort {
+        protocol: Protocol::Udp,
+        ..tcp_port(host, container)
+    }
 }
 
 /// The counter of a forwarding verdict (ingress), kept for all interfaces together.
@@ -114,7 +133,7 @@ pub fn tcp_server(ns: &str, addr: &str, n: usize) -> std::thread::JoinHandle<Vec
     let (tx, rx) = std::sync::mpsc::channel();
     let (ns, addr) = (ns.to_owned(), addr.to_owned());
     let h = std::thread::spawn(move || {
-        vpc_ebpf_tests::netns::run_in(&ns, || {
+        crate::netns::run_in(&ns, || {
             let l = std::net::TcpListener::bind(&addr).expect("bind the server");
             l.set_nonblocking(true).unwrap();
             tx.send(()).unwrap();
