@@ -230,3 +230,22 @@ pub fn tcp_exchange(
         peer: stream.peer_addr()?,
     })
 }
+
+/// One test per attach mode, same topology: `attach_modes!(name, body)` makes the cases
+/// `name::tcx` and `name::clsact`, each calling `body(mode)`.
+#[macro_export]
+macro_rules! attach_modes {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[test]
+            fn tcx() {
+                super::$body(vpc_ebpf_agent::dataplane::AttachMode::Tcx);
+            }
+
+            #[test]
+            fn clsact() {
+                super::$body(vpc_ebpf_agent::dataplane::AttachMode::Clsact);
+            }
+        }
+    };
+}

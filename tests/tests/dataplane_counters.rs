@@ -120,15 +120,7 @@ fn nix_ifindex(name: &str) -> u32 {
     idx
 }
 
-#[test]
-fn counts_real_traffic_with_tcx() {
-    counts_real_traffic(AttachMode::Tcx);
-}
-
-#[test]
-fn counts_real_traffic_with_clsact() {
-    counts_real_traffic(AttachMode::Clsact);
-}
+vpc_ebpf_tests::attach_modes!(counts_real_traffic_in_both_modes, counts_real_traffic);
 
 #[test]
 fn detach_and_drop_remove_the_programs() {

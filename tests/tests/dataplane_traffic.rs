@@ -301,15 +301,7 @@ fn pod_paths(mode: AttachMode) {
     });
 }
 
-#[test]
-fn pods_talk_through_the_programs_with_tcx() {
-    pod_paths(AttachMode::Tcx);
-}
-
-#[test]
-fn pods_talk_through_the_programs_with_clsact() {
-    pod_paths(AttachMode::Clsact);
-}
+vpc_ebpf_tests::attach_modes!(pods_talk_through_the_programs, pod_paths);
 
 const POD_C: &str = "10.0.33.7";
 const NODE2_IP: &str = "10.0.32.20";
@@ -592,15 +584,10 @@ fn be(a: &str) -> u32 {
     u32::from_ne_bytes(a.parse::<std::net::Ipv4Addr>().unwrap().octets())
 }
 
-#[test]
-fn kube_proxy_flows_go_back_through_the_host_stack_with_tcx() {
-    kube_proxy_paths(AttachMode::Tcx);
-}
-
-#[test]
-fn kube_proxy_flows_go_back_through_the_host_stack_with_clsact() {
-    kube_proxy_paths(AttachMode::Clsact);
-}
+vpc_ebpf_tests::attach_modes!(
+    kube_proxy_flows_go_back_through_the_host_stack,
+    kube_proxy_paths
+);
 
 /// A UDP server in `ns` answering each of `n` datagrams with the address it came from.
 fn udp_server(ns: &NetNs, addr: &str, n: usize) -> std::thread::JoinHandle<Vec<String>> {
@@ -695,12 +682,7 @@ fn hostport_paths(mode: AttachMode) {
     assert!(refused.is_err(), "{refused:?}");
 }
 
-#[test]
-fn hostports_reach_the_pod_and_answer_from_the_node_address_with_tcx() {
-    hostport_paths(AttachMode::Tcx);
-}
-
-#[test]
-fn hostports_reach_the_pod_and_answer_from_the_node_address_with_clsact() {
-    hostport_paths(AttachMode::Clsact);
-}
+vpc_ebpf_tests::attach_modes!(
+    hostports_reach_the_pod_and_answer_from_the_node_address,
+    hostport_paths
+);

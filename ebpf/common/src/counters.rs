@@ -83,7 +83,17 @@ pub mod direction {
 /// Reason codes. `PASS_*`: handed to the kernel unchanged; `DROP_*`: dropped; `FWD_*`:
 /// forwarded by the program itself (redirected, possibly rewritten). Codes are stable (they
 /// are stored in pinned maps and exported as metric labels); never renumber.
+///
+/// Ranges: 1-29 hand-overs and drops, 30-63 forwarding verdicts (they index the per-CPU
+/// array, so they stay below 64) and further hand-overs, [`POLICY_FIRST`]..=[`POLICY_LAST`]
+/// reserved for NetworkPolicy's verdicts (drops, counted per interface so a denial names
+/// its pod).
 pub mod reason {
+    /// First code of the range reserved for NetworkPolicy.
+    pub const POLICY_FIRST: u16 = 64;
+    /// Last code of the range reserved for NetworkPolicy.
+    pub const POLICY_LAST: u16 = 95;
+
     macro_rules! reasons {
         ($($(#[$doc:meta])* $name:ident = $code:literal, $label:literal;)*) => {
             $($(#[$doc])* pub const $name: u16 = $code;)*
@@ -212,6 +222,18 @@ mod tests {
         }
     }
 
+    /// The policy range stays free for the NetworkPolicy verdicts.
+    #[test]
+    fn the_policy_range_is_reserved() {
+        for r in reason::ALL.iter().copied() {
+            assert!(
+                !(reason::POLICY_FIRST..=reason::POLICY_LAST).contains(&r),
+                "{} = {r} is in the range reserved for policy",
+                reason::name(r)
+            );
+        }
+    }
+
     /// A forwarding reason added outside the range `is_forward` checks would be counted
     /// per interface, and one past 63 would share an array slot.
     #[test]
@@ -223,6 +245,9 @@ mod tests {
                 "{}",
                 reason::name(r)
             );
+            if !reason::is_forward(r) {
+                continue;
+            }
             assert!(r < 64, "{} = {r} does not fit the array", reason::name(r));
             for d in [super::direction::INGRESS, super::direction::EGRESS] {
                 let slot = super::forward_slot(r, d);

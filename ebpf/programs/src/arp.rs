@@ -5,10 +5,10 @@ use aya_ebpf::programs::TcContext;
 use vpc_ebpf_common::{counters::reason, node::POD_GATEWAY};
 
 use crate::{
-    from_pod::{DROP, Outcome, PASS},
     maps::VPC_ENDPOINTS,
     packet::{IP_OFF, ptr_at},
     rewrite,
+    verdict::{DROP, Outcome, PASS},
 };
 
 /// An Ethernet/IPv4 ARP packet (RFC 826), byte arrays only so it has no alignment.

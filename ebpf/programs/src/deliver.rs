@@ -3,16 +3,17 @@
 use aya_ebpf::programs::TcContext;
 use vpc_ebpf_common::{
     counters::reason,
-    nat::{HostPortKey, NatEntry, nat_kind, nat_origin},
+    nat::{HostPortKey, HostPortTarget, NatEntry, SnatPorts, nat_kind, nat_origin},
     node::{Endpoint, NodeConfig},
 };
 
 use crate::{
-    from_pod::{DROP, Outcome, PASS},
+    action::Action,
     maps::{VPC_ENDPOINTS, VPC_ENIS, VPC_HOSTPORTS},
     nat,
     packet::{IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ports},
     rewrite,
+    verdict::{DROP, Outcome, PASS, drop, pass},
 };
 
 /// Into the pod's namespace, as if its gateway had routed it there.
@@ -94,10 +95,10 @@ pub fn translated(
     }
 }
 
-/// A new flow to node-address:hostPort, if the port is published: DNAT to its pod.
-/// `None`: no hostPort there.
+/// A new flow to node-address:hostPort, if the port is published. `None`: no hostPort
+/// there.
 #[inline(always)]
-pub fn hostport(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, p: &Ports) -> Option<Outcome> {
+pub fn hostport(ip: &Ipv4, p: &Ports) -> Option<Action> {
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
         return None;
     }
@@ -105,14 +106,50 @@ pub fn hostport(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, p: &Ports) -> Opti
     let t = unsafe { VPC_HOSTPORTS.get(HostPortKey::new(ip.proto, p.dst)) }.copied()?;
     // SAFETY: as above.
     if unsafe { VPC_ENDPOINTS.get(t.pod_ip) }.is_none() {
-        return Some((reason::PASS_NAT_STALE, PASS));
+        return Some(Action::Done(pass(reason::PASS_NAT_STALE)));
     }
     if ip.ttl <= 1 {
-        return Some((reason::PASS_TTL_EXPIRED, PASS));
+        return Some(Action::Done(pass(reason::PASS_TTL_EXPIRED)));
     }
+    Some(Action::NewHostPort(t, *p))
+}
+
+/// DNAT of a new hostPort flow to its pod.
+#[inline(always)]
+pub fn new_hostport(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    ip: &Ipv4,
+    p: &Ports,
+    t: &HostPortTarget,
+) -> Outcome {
     let key = nat::key(ip, p);
     let Ok(e) = nat::hostport_new(&key, t.pod_ip, t.container_port) else {
-        return Some((reason::DROP_REWRITE_FAILED, DROP));
+        return drop(reason::DROP_REWRITE_FAILED);
     };
-    Some(translated(ctx, cfg, ip, p, &e))
+    translated(ctx, cfg, ip, p, &e)
+}
+
+/// A new flow to outside the VPC: allocate a port on the node address and translate.
+#[inline(always)]
+pub fn new_snat(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, p: &Ports) -> Outcome {
+    if ip.ttl <= 1 {
+        return pass(reason::PASS_TTL_EXPIRED);
+    }
+    // Checked before allocating so that a missing ENI does not leak a port per packet.
+    // SAFETY: read-only access to a map value.
+    if unsafe { VPC_ENIS.get(cfg.primary_eni_ifindex) }.is_none() {
+        return drop(reason::DROP_NO_ENI);
+    }
+    let key = nat::key(ip, p);
+    let ports = SnatPorts::new(
+        cfg.snat_port_min,
+        cfg.snat_port_max,
+        cfg.snat_skip_min,
+        cfg.snat_skip_max,
+    );
+    let Some(e) = nat::snat_new(&key, p, cfg.node_ip, &ports) else {
+        return drop(reason::DROP_NO_SNAT_PORT);
+    };
+    translated(ctx, cfg, ip, p, &e)
 }

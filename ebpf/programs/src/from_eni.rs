@@ -1,69 +1,103 @@
-//! TC ingress of an ENI: what the VPC sends to the node.
+//! TC ingress of an ENI: what the VPC sends to the node. Decide (reverse NAT, hostPort
+//! DNAT, delivery to a local pod), the receiving pod's ingress policy, act.
 
 use aya_ebpf::programs::TcContext;
 use network_types::eth::EthHdr;
 use vpc_ebpf_common::{
     counters::reason,
     nat::{NatKey, nat_kind},
+    node::{Endpoint, NodeConfig},
 };
 
 use crate::{
+    action::{self, Action},
     deliver,
-    from_pod::{Outcome, PASS, config},
+    from_pod::config,
     kflow,
     maps::VPC_ENDPOINTS,
     nat,
-    packet::{self, ETH_P_IP, IPPROTO_ICMP, ptr_at},
+    packet::{self, ETH_P_IP, IPPROTO_ICMP, Ipv4, ptr_at},
+    policy,
+    verdict::{Outcome, drop, pass},
 };
 
 #[inline(always)]
 pub fn handle(ctx: &TcContext) -> Outcome {
     packet::pull_headers(ctx);
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return (reason::PASS_TRUNCATED_ETH, PASS);
+        return pass(reason::PASS_TRUNCATED_ETH);
     };
     // SAFETY: ptr_at checked the whole header.
     let ether_type = u16::from_be(unsafe { (*eth).ether_type });
     if ether_type != ETH_P_IP {
-        return (packet::classify(ctx), PASS);
+        return pass(packet::classify(ctx));
     }
     let ip = match packet::ipv4(ctx) {
         Ok(ip) => ip,
-        Err(r) => return (r, PASS),
+        Err(r) => return pass(r),
     };
     let Some(cfg) = config() else {
-        return (reason::PASS_NOT_CONFIGURED, PASS);
+        return pass(reason::PASS_NOT_CONFIGURED);
     };
-    let ports = match packet::ports(ctx, &ip) {
+    let action = decide(ctx, cfg, &ip);
+    // Only a new flow is judged: the receiver is looked up for it alone, so established
+    // flows pay nothing for the policy point.
+    if action.starts_flow()
+        && let Some(to) = receiver(&action)
+        && let Some(r) = policy::ingress(&ip, to, &action)
+    {
+        return drop(r);
+    }
+    action::act(ctx, cfg, &ip, action)
+}
+
+/// The local pod a decided packet is delivered to, if any.
+#[inline(always)]
+fn receiver(action: &Action) -> Option<&Endpoint> {
+    match action {
+        Action::ToPod(pod) => Some(pod),
+        // SAFETY: read-only access to a map value.
+        Action::NewHostPort(t, _) => unsafe { VPC_ENDPOINTS.get(t.pod_ip) },
+        Action::Established(e, _) if e.kind == nat_kind::REWRITE_DST => {
+            // SAFETY: as above.
+            unsafe { VPC_ENDPOINTS.get(e.addr) }
+        }
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn decide(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4) -> Action {
+    let ports = match packet::ports(ctx, ip) {
         Ok(p) => p,
-        Err(r) => return (r, PASS),
+        Err(r) => return Action::Done(pass(r)),
     };
     if let Some(p) = ports
         && !ip.fragment
     {
         // Replies to SNATed flows and further packets of hostPort flows.
-        let key = nat::key(&ip, &p);
+        let key = nat::key(ip, &p);
         if let Some(e) = nat::lookup(&key, &p)
             && e.kind == nat_kind::REWRITE_DST
         {
             if nat::peer_intact(&key, &e) {
-                return deliver::translated(ctx, &cfg, &ip, &p, &e);
+                return Action::Established(e, p);
             }
             nat::forget(&key);
         }
         if ip.dst == cfg.node_ip
-            && let Some(o) = deliver::hostport(ctx, &cfg, &ip, &p)
+            && let Some(a) = deliver::hostport(ip, &p)
         {
-            return o;
+            return a;
         }
     }
     if ip.proto == IPPROTO_ICMP
         && ports.is_none()
         && !ip.fragment
         && ip.dst == cfg.node_ip
-        && let Some(o) = crate::icmp_error::translate(ctx, &cfg, &ip)
+        && let Some(o) = crate::icmp_error::translate(ctx, cfg, ip)
     {
-        return o;
+        return Action::Done(o);
     }
     // SAFETY: read-only copy of a map value.
     if let Some(pod) = unsafe { VPC_ENDPOINTS.get(ip.dst) }.copied() {
@@ -73,16 +107,16 @@ pub fn handle(ctx: &TcContext) -> Outcome {
             && !ip.fragment
             && kflow::touch(&NatKey::pod_port(ip.dst, p.dst, ip.proto), &p)
         {
-            return (reason::PASS_KERNEL_FLOW, PASS);
+            return Action::Done(pass(reason::PASS_KERNEL_FLOW));
         }
         if ip.proto == IPPROTO_ICMP
             && ports.is_none()
             && !ip.fragment
-            && crate::icmp_error::about_kernel_flow(ctx, &ip)
+            && crate::icmp_error::about_kernel_flow(ctx, ip)
         {
-            return (reason::PASS_KERNEL_FLOW, PASS);
+            return Action::Done(pass(reason::PASS_KERNEL_FLOW));
         }
-        return deliver::to_pod(ctx, &ip, &pod, reason::FWD_LOCAL_POD);
+        return Action::ToPod(pod);
     }
-    (reason::PASS_NOT_FOR_POD, PASS)
+    Action::Done(pass(reason::PASS_NOT_FOR_POD))
 }

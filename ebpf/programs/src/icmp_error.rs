@@ -20,10 +20,10 @@ use vpc_ebpf_common::{
 
 use crate::{
     deliver,
-    from_pod::{DROP, Outcome, PASS},
     maps::{VPC_ENDPOINTS, VPC_ENIS, VPC_KFLOWS, VPC_NAT},
     packet::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, ptr_at},
     rewrite,
+    verdict::{DROP, Outcome, PASS},
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;

@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod action;
 mod arp;
 mod counters;
 mod deliver;
@@ -16,8 +17,10 @@ mod kflow;
 mod maps;
 mod nat;
 mod packet;
+mod policy;
 mod rewrite;
 mod to_pod;
+mod verdict;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use vpc_ebpf_common::counters::direction;
