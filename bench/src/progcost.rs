@@ -70,7 +70,7 @@ pub fn main(args: &[String]) -> i32 {
     let pin_root = PathBuf::from(format!("/sys/fs/bpf/vpc-ebpf-bench-{}", std::process::id()));
     let rows = ns.run(|| measure(&pin_root, object.as_deref(), runs));
     let _ = std::fs::remove_dir_all(&pin_root);
-    let rows = match rows {
+    let (rows, load_times) = match rows {
         Ok(r) => r,
         Err(e) => {
             eprintln!("progcost: {e}");
@@ -86,14 +86,21 @@ pub fn main(args: &[String]) -> i32 {
             r.program, r.path, r.verdict, r.median, r.p90, r.mean
         );
     }
+    println!("\n| program | bpf_prog_load (verifier) ms |\n|---|---|");
+    for (name, took) in &load_times {
+        println!("| {name} | {:.1} |", took.as_secs_f64() * 1e3);
+    }
     if let Some(path) = json_out {
-        let v: Vec<_> = rows
+        let mut v: Vec<_> = rows
             .iter()
             .map(|r| {
                 json!({"program": r.program, "path": r.path, "verdict": r.verdict,
                        "median_ns": r.median, "p90_ns": r.p90, "mean_ns": r.mean, "runs": runs})
             })
             .collect();
+        v.extend(load_times.iter().map(|(name, took)| {
+            json!({"program": name, "path": "load", "load_ms": took.as_secs_f64() * 1e3})
+        }));
         if let Err(e) = std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap_or_default()) {
             eprintln!("writing {}: {e}", path.display());
             return 1;
@@ -185,7 +192,7 @@ fn measure(
     pin_root: &std::path::Path,
     object: Option<&[u8]>,
     runs: u32,
-) -> Result<Vec<Row>, String> {
+) -> Result<(Vec<Row>, Vec<(&'static str, std::time::Duration)>), String> {
     let (eni0, eni1, b_host) = (ifindex("eni0")?, ifindex("eni1")?, ifindex("hvb")?);
     let config = DataplaneConfig {
         pin_root: pin_root.to_owned(),
@@ -286,5 +293,5 @@ fn measure(
         let (verdict, ns) = time(&mut dp, program, &frame, runs)?;
         rows.push(summarize(program, path, verdict, ns));
     }
-    Ok(rows)
+    Ok((rows, dp.load_times().to_vec()))
 }

@@ -100,6 +100,15 @@ impl LabAgent {
         }
     }
 
+    /// The agent's bpffs pin root (each lab node has its own).
+    pub fn pin_root(&self) -> PathBuf {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "VPC_EBPF_PIN_ROOT")
+            .map(|(_, v)| PathBuf::from(v))
+            .expect("VPC_EBPF_PIN_ROOT is always set")
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.join("agent.sock")
     }

@@ -21,6 +21,7 @@ pub mod containerd;
 pub mod dataplane;
 pub mod lab;
 pub mod lab_agent;
+pub mod lab_pods;
 pub mod netns;
 pub mod packets;
 pub mod raw;

@@ -5,73 +5,11 @@
 use std::{process::Command, time::Duration};
 
 use vpc_ebpf_tests::{
-    cni::{Call, conf},
     lab::Lab,
     lab_agent::LabAgent,
-    netns::{NetNs, run},
+    lab_pods::{add_pods, ping, sh},
+    netns::run,
 };
-
-struct Pod {
-    ns: NetNs,
-    ip: String,
-    /// The ADD's CNI call and result, for CHECK.
-    call: Call,
-    result: serde_json::Value,
-}
-
-fn sh(ns: &str, argv: &[&str]) -> (bool, String) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(argv)
-        .output()
-        .expect("ip netns exec");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
-fn ping(from: &str, to: &str) -> bool {
-    sh(from, &["ping", "-c", "2", "-i", "0.2", "-W", "2", to]).0
-}
-
-fn add_pods(agent: &LabAgent, dir: &std::path::Path, tag: &str, n: usize) -> Vec<Pod> {
-    (0..n)
-        .map(|i| {
-            let ns = NetNs::new(&format!("{tag}{i}"));
-            let call = Call {
-                node_ns: agent.node_ns.clone(),
-                command: "ADD".into(),
-                container_id: format!("{tag}-{i}"),
-                netns: format!("/run/netns/{}", ns.name()),
-                ifname: "eth0".into(),
-                args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={tag}-{i}"),
-                conf: conf("1.0.0", &agent.socket(), &dir.join("plugin.log")),
-            };
-            let out = call.run();
-            assert!(
-                out.ok,
-                "ADD {tag}-{i}: {}\n{}",
-                out.stdout,
-                agent.log_text()
-            );
-            let ip = out.json()["ips"][0]["address"]
-                .as_str()
-                .unwrap()
-                .split('/')
-                .next()
-                .unwrap()
-                .to_owned();
-            let result = out.json();
-            Pod {
-                ns,
-                ip,
-                call,
-                result,
-            }
-        })
-        .collect()
-}
 
 fn forward_packets(node_ns: &str) -> u64 {
     let (_, out) = sh(node_ns, &["iptables", "-L", "FORWARD", "-v", "-n", "-x"]);

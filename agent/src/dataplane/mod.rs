@@ -156,6 +156,7 @@ pub struct Dataplane {
     attached: HashMap<(String, Hook), (&'static str, SchedClassifierLinkId)>,
     links: attach::Attachments,
     replaced: Vec<&'static str>,
+    load_times: Vec<(&'static str, std::time::Duration)>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -198,10 +199,14 @@ impl Dataplane {
                 pin_dir: pin_dir.clone(),
                 source: Box::new(source),
             })?;
+        let mut load_times = Vec::with_capacity(PROGRAMS.len());
         for name in PROGRAMS {
+            let t0 = std::time::Instant::now();
             classifier(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DataplaneError::ProgramLoad { name, source })?;
+            load_times.push((name, t0.elapsed()));
+            debug!(program = name, took = ?t0.elapsed(), "program loaded (verified)");
         }
         let mode = config.attach_mode.unwrap_or_else(AttachMode::detect);
         let links = attach::Attachments::restore(&mut ebpf, mode, &pin_dir, &PINNED_PROGRAMS)?;
@@ -213,6 +218,7 @@ impl Dataplane {
             attached: HashMap::new(),
             links,
             replaced,
+            load_times,
         })
     }
 
@@ -442,6 +448,11 @@ impl Dataplane {
     /// earlier run programmed: re-upsert every pod from the agent's own records.
     pub fn replaced_maps(&self) -> &[&'static str] {
         &self.replaced
+    }
+
+    /// How long each program took to load (`bpf_prog_load`, the verifier's time mostly).
+    pub fn load_times(&self) -> &[(&'static str, std::time::Duration)] {
+        &self.load_times
     }
 
     pub fn pin_dir(&self) -> &Path {
