@@ -109,6 +109,9 @@ pub fn main(args: &[String]) -> i32 {
     0
 }
 
+/// Each program's `bpf_prog_load` time.
+type LoadTimes = Vec<(&'static str, std::time::Duration)>;
+
 struct Row {
     program: &'static str,
     path: &'static str,
@@ -192,7 +195,7 @@ fn measure(
     pin_root: &std::path::Path,
     object: Option<&[u8]>,
     runs: u32,
-) -> Result<(Vec<Row>, Vec<(&'static str, std::time::Duration)>), String> {
+) -> Result<(Vec<Row>, LoadTimes), String> {
     let (eni0, eni1, b_host) = (ifindex("eni0")?, ifindex("eni1")?, ifindex("hvb")?);
     let config = DataplaneConfig {
         pin_root: pin_root.to_owned(),
