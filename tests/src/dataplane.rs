@@ -76,6 +76,21 @@ pub const fn ip(a: u8, b: u8, c: u8, d: u8) -> Ipv4Addr {
     Ipv4Addr::new(a, b, c, d)
 }
 
+/// The pod addresses in the endpoints map pinned under `pin_root`: what the kernel
+/// forwards to, read without loading anything.
+pub fn pinned_endpoints(pin_root: &std::path::Path) -> std::collections::BTreeSet<Ipv4Addr> {
+    let path = pin_root
+        .join(vpc_ebpf_common::PIN_VERSION)
+        .join(vpc_ebpf_common::maps::ENDPOINTS);
+    let data = aya::maps::MapData::from_pin(&path)
+        .unwrap_or_else(|e| panic!("opening the pinned map {}: {e}", path.display()));
+    let map: aya::maps::HashMap<_, u32, vpc_ebpf_common::node::Endpoint> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).unwrap();
+    map.keys()
+        .map(|k| Ipv4Addr::from(k.unwrap().to_ne_bytes()))
+        .collect()
+}
+
 /// `10.0.0.0/16` and the like.
 pub fn net(s: &str) -> ipnet::Ipv4Net {
     s.parse().unwrap()

@@ -249,16 +249,95 @@ fn check_agreement(n: &Node, present: &BTreeMap<usize, String>, round: usize) {
         .collect();
     let want_routed: BTreeSet<String> = want.values().cloned().collect();
     assert_eq!(routed, want_routed, "round {round}: kernel routes disagree");
+    // The endpoint registry and the dataplane's (pinned) endpoints map hold exactly the
+    // present pods.
+    let registry: BTreeSet<String> = n.agent.introspect("/v1/endpoints").unwrap()["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["ip"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        registry, want_routed,
+        "round {round}: the endpoint registry disagrees"
+    );
+    let pinned: BTreeSet<String> = vpc_ebpf_tests::dataplane::pinned_endpoints(&n.agent.pin_root())
+        .into_iter()
+        .map(|ip| ip.to_string())
+        .collect();
+    assert_eq!(
+        pinned, want_routed,
+        "round {round}: the pinned endpoints map disagrees"
+    );
 }
 
-/// kill -9 of the agent in the middle of 50 concurrent ADD/DELs, then a restart, 20
-/// times: every pod that got an address keeps it, no address is held twice, and EC2, the
-/// checkpoint, the kernel and the agent agree; no ENI leaks.
+/// The plugin calls for `ops`: ADD of an absent pod, DEL of a present one.
+fn calls(
+    n: &Node,
+    pods: &[NetNs],
+    present: &BTreeMap<usize, String>,
+    ops: &[usize],
+) -> Vec<(usize, bool, Call)> {
+    ops.iter()
+        .map(|&i| {
+            let add = !present.contains_key(&i);
+            let call = n.call(
+                if add { "ADD" } else { "DEL" },
+                &format!("k9-pod{i}"),
+                Some(&pods[i]),
+            );
+            (i, add, call)
+        })
+        .collect()
+}
+
+/// Runs `calls` at once; while they run, `during` (a kill, a restart) happens. Returns
+/// (pod, was ADD, address the ADD got).
+fn storm(
+    calls: Vec<(usize, bool, Call)>,
+    during: impl FnOnce(),
+) -> Vec<(usize, bool, Option<String>)> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = calls
+            .into_iter()
+            .map(|(i, add, call)| {
+                s.spawn(move || {
+                    let out = call.run();
+                    let ip = (add && out.ok).then(|| {
+                        out.json()["ips"][0]["address"]
+                            .as_str()
+                            .unwrap()
+                            .split('/')
+                            .next()
+                            .unwrap()
+                            .to_owned()
+                    });
+                    if !add {
+                        assert!(
+                            out.ok,
+                            "DEL must succeed even with the agent killed or starting: {}",
+                            out.stdout
+                        );
+                    }
+                    (i, add, ip)
+                })
+            })
+            .collect();
+        during();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// kill -9 of the agent in the middle of up to 50 concurrent ADD/DELs, then a restart
+/// with more ADD/DELs landing while it starts, 100 times: every pod that got an address
+/// keeps it, every DEL is honoured (served, or recorded by the plugin and applied), no
+/// address is held twice, and EC2, the checkpoint, the kernel's routes, the endpoint
+/// registry and the pinned endpoints map all agree; no ENI leaks.
 #[test]
 #[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 fn kill9_storms_lose_nothing() {
     const PODS: usize = 24;
-    const ROUNDS: usize = 20;
+    const ROUNDS: usize = 100;
     let lab = Lab::up("k9", 1);
     let mut n = node(
         &lab,
@@ -281,52 +360,13 @@ fn kill9_storms_lose_nothing() {
         rng ^= rng << 17;
         rng
     };
+    let pending = vpc_ebpf_rpc::types::pending_dir(&n.agent.socket());
     let mut ready_times = Vec::new();
-    let (mut adds_ok, mut adds_failed, mut dels) = (0, 0, 0);
-    for round in 0..ROUNDS {
-        // 50 operations over random pods: ADD the absent, DEL the present.
-        let ops: Vec<usize> = (0..50)
-            .map(|_| usize::try_from(next() % PODS as u64).unwrap())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let kill_after = Duration::from_millis(150 + next() % 450);
-        let results: Vec<(usize, bool, Option<String>)> = std::thread::scope(|s| {
-            let handles: Vec<_> = ops
-                .iter()
-                .map(|&i| {
-                    let add = !present.contains_key(&i);
-                    let call = n.call(
-                        if add { "ADD" } else { "DEL" },
-                        &format!("k9-pod{i}"),
-                        Some(&pods[i]),
-                    );
-                    s.spawn(move || {
-                        let out = call.run();
-                        let ip = (add && out.ok).then(|| {
-                            out.json()["ips"][0]["address"]
-                                .as_str()
-                                .unwrap()
-                                .split('/')
-                                .next()
-                                .unwrap()
-                                .to_owned()
-                        });
-                        if !add {
-                            assert!(
-                                out.ok,
-                                "DEL must succeed even with the agent killed: {}",
-                                out.stdout
-                            );
-                        }
-                        (i, add, ip)
-                    })
-                })
-                .collect();
-            std::thread::sleep(kill_after);
-            n.agent.kill9();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+    let (mut adds_ok, mut adds_failed, mut dels, mut dels_at_start) = (0, 0, 0, 0);
+    let mut apply = |present: &mut BTreeMap<usize, String>,
+                     results: Vec<(usize, bool, Option<String>)>|
+     -> usize {
+        let mut d = 0;
         for (i, add, ip) in results {
             match (add, ip) {
                 (true, Some(ip)) => {
@@ -335,19 +375,46 @@ fn kill9_storms_lose_nothing() {
                 }
                 (true, None) => adds_failed += 1,
                 (false, _) => {
-                    dels += 1;
+                    d += 1;
                     present.remove(&i);
                 }
             }
         }
-        n.agent.restart();
+        d
+    };
+    let mut pick = |k: u64| -> Vec<usize> {
+        (0..k)
+            .map(|_| usize::try_from(next() % PODS as u64).unwrap())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    };
+    for round in 0..ROUNDS {
+        // Up to 50 operations over random pods: ADD the absent, DEL the present; the
+        // agent is killed while they run.
+        let ops = pick(50);
+        let kill_after = Duration::from_millis(150 + (u64::try_from(round).unwrap() * 37) % 450);
+        let results = storm(calls(&n, &pods, &present, &ops), || {
+            std::thread::sleep(kill_after);
+            n.agent.kill9();
+        });
+        dels += apply(&mut present, results);
+        // The restart, with at least 8 more operations landing while it starts.
+        let ops = pick(12);
+        let results = storm(calls(&n, &pods, &present, &ops), || n.agent.restart());
+        let d = apply(&mut present, results);
+        dels += d;
+        dels_at_start += d;
         ready_times.push(n.agent.wait_ready(Duration::from_secs(30)));
-
+        // Releases the plugin recorded are applied by the agent's recovery sweep.
+        n.wait_for("recorded releases applied", Duration::from_secs(10), || {
+            std::fs::read_dir(&pending).map_or(true, |d| d.count() == 0)
+        });
         check_agreement(&n, &present, round);
     }
     ready_times.sort();
     eprintln!(
-        "k9: {ROUNDS} rounds: {adds_ok} ADDs ok, {adds_failed} ADDs refused while the agent was down, {dels} DELs; restart to ready median {:?}, max {:?}",
+        "k9: {ROUNDS} rounds: {adds_ok} ADDs ok, {adds_failed} ADDs refused while the agent was down or starting, {dels} DELs ({dels_at_start} while it started); restart to ready median {:?}, max {:?}",
         ready_times[ready_times.len() / 2],
         ready_times[ready_times.len() - 1]
     );
