@@ -133,8 +133,14 @@ pub async fn restore_local(config: &Config, host: &Host) -> Local {
             warn!(error = %Chain(&e), "listing pod routes failed; nothing recovered from them");
             Vec::new()
         });
-    let recovered = claim_routed(&mut store, &routes, now);
-    endpoints.retain(|e| store.holder(e.ip).is_some_and(|(k, ..)| *k == e.key));
+    let recovered = claim_routed(&mut store, &routes, &endpoints, now);
+    // An endpoint whose address is another attachment's, or whose pod is gone, is stale.
+    // One the store does not know at all (a lost checkpoint, EC2 not merged yet) stays
+    // while its pod's route does: the sweep claims its address once the store has it.
+    endpoints.retain(|e| match store.holder(e.ip) {
+        Some((k, ..)) => *k == e.key,
+        None => routes.iter().any(|r| r.ip == e.ip),
+    });
     match checkpoint::save(&config.checkpoint, &store) {
         // Only now are the recorded releases safe to forget.
         Ok(()) => pending.remove(),
@@ -240,8 +246,15 @@ pub fn apply_taken(
 
 /// Every pod route to an address the store does not show as assigned is a pod we lost
 /// track of (a checkpoint lost or older than the pod): hold its address so nobody else
-/// gets it. Returns the routes claimed.
-pub fn claim_routed(store: &mut Store, routes: &[PodRoute], now_ms: u64) -> Vec<PodRoute> {
+/// gets it — under its attachment when the registry still knows the pod on that veth, so
+/// the runtime's CHECK and DEL find it; else under a placeholder until the runtime's CHECK
+/// names it. Returns the routes claimed.
+pub fn claim_routed(
+    store: &mut Store,
+    routes: &[PodRoute],
+    known: &[Endpoint],
+    now_ms: u64,
+) -> Vec<PodRoute> {
     let assigned: BTreeSet<Ipv4Addr> = store.assignments().map(|(_, _, ip, _)| ip).collect();
     let mut out = Vec::new();
     for r in routes.iter().filter(|r| !assigned.contains(&r.ip)) {
@@ -249,8 +262,27 @@ pub fn claim_routed(store: &mut Store, routes: &[PodRoute], now_ms: u64) -> Vec<
         if store.eni_of(r.ip).is_none() {
             continue;
         }
-        let key = recovered_key(&r.ifname);
-        match store.claim(r.ip, &key, &PodMeta::default(), now_ms) {
+        let wired = known.iter().find(|e| {
+            e.ip == r.ip
+                && e.wiring
+                    .as_ref()
+                    .is_some_and(|w| w.host_ifindex == r.ifindex)
+                && store.lookup(&e.key).is_none()
+        });
+        let (key, pod) = wired.map_or_else(
+            || (recovered_key(&r.ifname), PodMeta::default()),
+            |e| {
+                (
+                    e.key.clone(),
+                    PodMeta {
+                        namespace: e.pod.namespace.clone(),
+                        name: e.pod.name.clone(),
+                        uid: e.pod.uid.clone(),
+                    },
+                )
+            },
+        );
+        match store.claim(r.ip, &key, &pod, now_ms) {
             Ok(()) => {
                 warn!(ip = %r.ip, veth = %r.ifname, "holding an address a pod on this host uses that the checkpoint did not know");
                 out.push(r.clone());
@@ -291,8 +323,12 @@ pub struct Adoption {
     /// Endpoints to program (from the registry, or rebuilt from the pins), in address
     /// order: the registry becomes exactly these.
     pub endpoints: Vec<Endpoint>,
-    /// Pinned entries of pods that are gone.
+    /// Pinned entries of pods that are gone (no route to them through their veth).
     pub remove: Vec<Ipv4Addr>,
+    /// Pods whose veth exists but that the store does not hold (a lost checkpoint, or EC2
+    /// not merged yet): their entries stay as they are (registry and pins) until the sweep
+    /// claims their addresses.
+    pub kept_unknown: Vec<Endpoint>,
     /// Assignments whose pod's veth exists but whose MACs nobody knows any more (pins and
     /// registry both lost): the runtime's next ADD or CHECK of the pod repairs them.
     pub unknown: Vec<Ipv4Addr>,
@@ -359,12 +395,25 @@ pub fn plan_adoption<S: std::hash::BuildHasher>(
             out.unknown.push(ip);
         }
     }
+    let assigned: BTreeSet<Ipv4Addr> = store.assignments().map(|(_, _, ip, _)| ip).collect();
+    out.kept_unknown = registry
+        .iter()
+        .filter(|e| !assigned.contains(&e.ip))
+        .filter(|e| {
+            e.wiring
+                .as_ref()
+                .is_some_and(|w| alive(e.ip, w.host_ifindex))
+        })
+        .cloned()
+        .collect();
     let kept: BTreeSet<Ipv4Addr> = out.endpoints.iter().map(|e| e.ip).collect();
     out.remove = pinned
         .endpoints
         .iter()
+        .filter(|e| !kept.contains(&e.ipv4))
+        // A pod the store does not know but whose veth still routes to it keeps its entry.
+        .filter(|e| assigned.contains(&e.ipv4) || !alive(e.ipv4, e.host_ifindex))
         .map(|e| e.ipv4)
-        .filter(|ip| !kept.contains(ip))
         .collect();
     out
 }
@@ -529,7 +578,18 @@ pub async fn adopt_dataplane(
     for ip in &plan.unknown {
         warn!(%ip, "a pod's veth exists but neither the registry nor the pins know its MACs; its next CHECK or ADD repairs it");
     }
-    let keep: HashSet<Ipv4Addr> = plan.endpoints.iter().map(|e| e.ip).collect();
+    let keep: HashSet<Ipv4Addr> = plan
+        .endpoints
+        .iter()
+        .chain(&plan.kept_unknown)
+        .map(|e| e.ip)
+        .collect();
+    if !plan.kept_unknown.is_empty() {
+        warn!(
+            pods = plan.kept_unknown.len(),
+            "pods on this node whose addresses the store does not hold yet keep their dataplane entries until their addresses are claimed"
+        );
+    }
     if let Err(e) = registry.retain(|e| keep.contains(&e.ip)) {
         warn!(error = %Chain(&e), "saving the endpoint registry failed");
     }
@@ -538,9 +598,10 @@ pub async fn adopt_dataplane(
             warn!(error = %Chain(&err), "saving the endpoint registry failed");
         }
     }
-    let live: HashSet<Ipv4Addr> = ipam
+    let mut live: HashSet<Ipv4Addr> = ipam
         .read(|s, _| s.assignments().map(|(_, _, ip, _)| ip).collect())
         .await;
+    live.extend(keep);
     match dp.sweep_rules(live).await {
         Ok(0) => {}
         Ok(n) => info!(
@@ -578,6 +639,7 @@ pub async fn sweep(
     veth_prefix: &str,
 ) -> Swept {
     let now = now_ms();
+    let known = registry.all();
     let routes = match host.host_routes().await {
         Ok(r) => Some(r),
         Err(e) => {
@@ -602,18 +664,19 @@ pub async fn sweep(
                     .filter(|r| r.ifname.starts_with(veth_prefix))
                     .cloned()
                     .collect();
-                claimed = claim_routed(s, &ours, now).len();
+                claimed = claim_routed(s, &ours, &known, now).len();
             }
             (applied, released, claimed)
         })
         .await;
-    let (applied, released, claimed) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            warn!(error = %Chain(&e), "checkpoint after the sweep failed; trying again later");
-            return Swept::default();
-        }
-    };
+    let (applied, released, claimed): (Applied, Vec<(AttachmentKey, Ipv4Addr)>, usize) =
+        match result {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %Chain(&e), "checkpoint after the sweep failed; trying again later");
+                return Swept::default();
+            }
+        };
     applied.remove();
     for (key, ip) in &released {
         if let Err(e) = registry.remove(*ip, key) {
@@ -769,7 +832,7 @@ mod tests {
             route("10.0.0.99", 9, "eniccc"),
             route("10.0.0.10", 10, "eniddd"),
         ];
-        let rec = claim_routed(&mut s, &routes, 0);
+        let rec = claim_routed(&mut s, &routes, &[], 0);
         assert_eq!(rec, vec![route("10.0.0.21", 8, "enibbb")]);
         assert_eq!(s.lookup(&recovered_key("enibbb")), Some(ip("10.0.0.21")));
         assert!(stale_assignments(&s, &routes, 10).is_empty());
@@ -781,6 +844,17 @@ mod tests {
             stale_assignments(&s, &[], STALE_GRACE_MS + 1),
             vec![known.clone(), recovered_key("enibbb")]
         );
+    }
+
+    #[test]
+    fn a_routed_address_is_claimed_under_the_attachment_the_registry_knows() {
+        let mut s = store();
+        let e = wired("10.0.0.22", "c9", 9);
+        let routes = [route("10.0.0.22", 9, "eni9"), route("10.0.0.23", 5, "eni5")];
+        let claimed = claim_routed(&mut s, &routes, std::slice::from_ref(&e), 0);
+        assert_eq!(claimed.len(), 2);
+        assert_eq!(s.lookup(&key("c9")), Some(ip("10.0.0.22")));
+        assert_eq!(s.lookup(&recovered_key("eni5")), Some(ip("10.0.0.23")));
     }
 
     #[test]
@@ -862,6 +936,19 @@ mod tests {
         );
         assert_eq!(plan.remove, vec![ip("10.0.0.99")]);
         assert_eq!(plan.unknown, vec![c]);
+        assert!(plan.kept_unknown.is_empty());
+
+        // The checkpoint lost: the store holds nothing yet. Pods whose veth still routes
+        // to them keep their entries (registry and pins); only the gone one goes.
+        let empty = Store::new(Mode::SecondaryIp, 1_000);
+        let plan = plan_adoption(&empty, &registry[..1], &pinned, &routes, &links);
+        assert!(plan.endpoints.is_empty());
+        assert_eq!(plan.kept_unknown, registry[..1].to_vec());
+        assert_eq!(
+            plan.remove,
+            vec![ip("10.0.0.99")],
+            "b's pinned entry is kept"
+        );
         // The same endpoint whose veth is gone is not programmed.
         let plan = plan_adoption(&s, &registry, &pinned, &routes[1..], &links);
         assert!(plan.endpoints.iter().all(|e| e.ip != a));

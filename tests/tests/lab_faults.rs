@@ -94,6 +94,58 @@ fn ec2_down_at_start_is_waited_out() {
     eprintln!("fd: first ADD after recovery needed {retries} retries");
 }
 
+/// A restart while EC2 is unreachable: the agent serves ADDs at once from the free
+/// addresses its checkpoint holds (it knows the node from its cache), and catches up with
+/// EC2 once it is back.
+#[test]
+fn a_restart_while_ec2_is_down_serves_from_the_checkpoint() {
+    let lab = Lab::up("fr", 1);
+    let mut n = Node::start(
+        &lab,
+        "fr",
+        &[("WARM_IP_TARGET", "3"), ("MINIMUM_IP_TARGET", "4")],
+    );
+    n.agent.wait_ready(Duration::from_secs(30));
+    // The pool fills up before EC2 goes away.
+    let t0 = Instant::now();
+    while n.metric_line("vpc_ebpf_total_ip_addresses ").unwrap_or(0.0) < 4.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the pool did not fill"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    n.agent.kill9();
+    fault(&lab, "*", "InternalError", 100_000);
+    n.agent.restart();
+    let took = n.agent.wait_ready(Duration::from_secs(10));
+    eprintln!("fr: ready {took:?} after a restart with EC2 down");
+    let pods: Vec<NetNs> = (0..3).map(|i| NetNs::new(&format!("fr{i}"))).collect();
+    for (i, pod) in pods.iter().enumerate() {
+        let out = n.cni("ADD", &format!("fr-{i}"), Some(pod));
+        assert!(
+            out.ok,
+            "ADD {i} with EC2 down: {}\n{}",
+            out.stdout,
+            n.agent.log_text()
+        );
+    }
+    let status = n.cni("STATUS", "", None);
+    assert!(status.ok, "STATUS with EC2 down: {}", status.stdout);
+    lab.vpclab(&["clear-faults"]);
+    // Back: the reconciler refills the pool to its targets.
+    let t0 = Instant::now();
+    while n.metric_line("vpc_ebpf_total_ip_addresses ").unwrap_or(0.0) < 6.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the pool did not grow after EC2 came back:\n{}",
+            n.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(n.agent.alive());
+}
+
 #[test]
 fn throttling_storms_back_off_and_recover() {
     let lab = Lab::up("ft", 1);

@@ -445,9 +445,38 @@ impl Reconciler {
     }
 
     /// Gives back free units from the highest ENI down. Returns whether anything went.
+    /// Addresses a pod on this node routes to. The store may not show them assigned (a
+    /// lost checkpoint, before the recovery sweep holds them): they must never go back to
+    /// EC2.
+    async fn routed(&self) -> BTreeSet<Ipv4Addr> {
+        let Some(host) = &self.host else {
+            return BTreeSet::new();
+        };
+        match host.host_routes().await {
+            Ok(r) => r.into_iter().map(|r| r.ip).collect(),
+            Err(e) => {
+                warn!(error = %Chain(&e), "listing routes failed; releasing nothing this time");
+                // Unknown: claim everything is in use, so nothing is released.
+                BTreeSet::from([Ipv4Addr::UNSPECIFIED])
+            }
+        }
+    }
+
     async fn release_units(&mut self, n: u32) -> Result<bool, Ec2Error> {
         let prefixes = self.prefixes();
         let now = now_ms();
+        let routed = self.routed().await;
+        if routed.contains(&Ipv4Addr::UNSPECIFIED) {
+            return Ok(false);
+        }
+        let in_use = |base: Ipv4Addr| {
+            if prefixes {
+                (0..pool::PREFIX_SIZE)
+                    .any(|i| routed.contains(&Ipv4Addr::from(u32::from(base) + i)))
+            } else {
+                routed.contains(&base)
+            }
+        };
         let taken = self
             .ipam
             .update(|s| {
@@ -457,7 +486,7 @@ impl Reconciler {
                 } else {
                     s.releasable_ips(n, now)
                 };
-                for (eni, a) in candidates {
+                for (eni, a) in candidates.into_iter().filter(|(_, a)| !in_use(*a)) {
                     let r = if prefixes {
                         s.remove_prefix(&eni, a, now)
                     } else {
@@ -498,13 +527,17 @@ impl Reconciler {
     async fn release_eni(&mut self, device_index: u32) -> Result<bool, Ec2Error> {
         let primary = self.node.primary_eni.clone();
         let now = now_ms();
+        let routed = self.routed().await;
         let taken = self
             .ipam
             .update(|s| {
-                let id = s
-                    .enis()
-                    .find(|e| e.device_index == device_index)
-                    .map(|e| e.id.clone())?;
+                let e = s.enis().find(|e| e.device_index == device_index)?;
+                let id = e.id.clone();
+                if e.addrs.keys().any(|a| routed.contains(a))
+                    || routed.contains(&Ipv4Addr::UNSPECIFIED)
+                {
+                    return None;
+                }
                 (id != primary && s.remove_eni(&id, now).is_ok()).then_some(id)
             })
             .await;
