@@ -9,6 +9,10 @@ use ipnet::Ipv4Net;
 use crate::ipam::pool::{Mode, Targets};
 
 #[derive(Clone, Debug, PartialEq)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "one field per variable, as the environment has them"
+)]
 pub struct Config {
     pub mode: Mode,
     pub targets: Targets,
@@ -47,7 +51,23 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     pub introspection_addr: SocketAddr,
     pub log_level: String,
+    /// MY_NODE_NAME: the node's name in Kubernetes (from `spec.nodeName`).
+    pub node_name: Option<String>,
+    /// ANNOTATE_POD_IP: write each pod's address to its `vpc.amazonaws.com/pod-ips`
+    /// annotation, as aws-node does.
+    pub annotate_pod_ip: bool,
+    /// VPC_EBPF_CNI_CONF_DIR: where the agent writes the CNI network config once it is
+    /// ready (the host's /etc/cni/net.d, as mounted in the agent's container), so the
+    /// kubelet reports the node's network ready only when pods can be served. Unset: the
+    /// agent writes none.
+    pub cni_conf_dir: Option<PathBuf>,
+    /// POD_MTU: the MTU of the pods' interfaces, as aws-node names it (default: the ENI
+    /// MTU).
+    pub pod_mtu: u32,
 }
+
+/// VPC_EBPF_AGENT_SOCKET's default.
+pub const DEFAULT_SOCKET: &str = "/run/vpc-ebpf/agent.sock";
 
 /// VPC_EBPF_SNAT_PORT_RANGE's default: every unprivileged port, as iptables' SNAT
 /// `--random-fully` in VPC CNI uses; the node's ephemeral range is skipped at run time.
@@ -225,6 +245,13 @@ impl Config {
             r.problems
                 .push(format!("AWS_VPC_ENI_MTU={mtu}: between 576 and 9001"));
         }
+        let pod_mtu = r.count("POD_MTU");
+        if let Some(m) = pod_mtu
+            && !(576..=9001).contains(&m)
+        {
+            r.problems.push(format!("POD_MTU={m}: between 576 and 9001"));
+        }
+        let pod_mtu = pod_mtu.unwrap_or(mtu);
         let log_level = r
             .raw("AWS_VPC_K8S_CNI_LOGLEVEL")
             .unwrap_or_else(|| "INFO".into())
@@ -262,7 +289,7 @@ impl Config {
             ec2_endpoint: r.raw("AWS_EC2_ENDPOINT"),
             agent_socket: r
                 .raw("VPC_EBPF_AGENT_SOCKET")
-                .unwrap_or_else(|| "/run/vpc-ebpf/agent.sock".into())
+                .unwrap_or_else(|| DEFAULT_SOCKET.into())
                 .into(),
             checkpoint: r
                 .raw("VPC_EBPF_CHECKPOINT")
@@ -284,6 +311,10 @@ impl Config {
                 SocketAddr::from(([127, 0, 0, 1], 61679)),
             ),
             log_level,
+            node_name: r.raw(crate::k8s::NODE_NAME_VAR),
+            annotate_pod_ip: r.flag("ANNOTATE_POD_IP", false),
+            cni_conf_dir: r.raw("VPC_EBPF_CNI_CONF_DIR").map(PathBuf::from),
+            pod_mtu,
         };
         if r.problems.is_empty() {
             Ok(config)
@@ -328,6 +359,10 @@ impl Config {
             "METRICS_BIND_ADDRESS": self.metrics_addr.to_string(),
             "INTROSPECTION_BIND_ADDRESS": self.introspection_addr.to_string(),
             "AWS_VPC_K8S_CNI_LOGLEVEL": self.log_level,
+            "MY_NODE_NAME": self.node_name,
+            "ANNOTATE_POD_IP": self.annotate_pod_ip,
+            "VPC_EBPF_CNI_CONF_DIR": self.cni_conf_dir,
+            "POD_MTU": self.pod_mtu,
         })
     }
 }

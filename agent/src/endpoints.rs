@@ -267,6 +267,38 @@ impl Registry {
         Ok(dropped)
     }
 
+    /// What the API server says of a pod (labels, named ports) for its endpoints on this
+    /// node; in memory, as the watcher fills it again after a restart.
+    pub fn set_pod_info(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        named_ports: &[NamedPort],
+    ) {
+        let mut map = self.write();
+        for e in map
+            .values_mut()
+            .filter(|e| e.pod.namespace == namespace && e.pod.name == name)
+        {
+            labels.clone_into(&mut e.labels);
+            named_ports.clone_into(&mut e.named_ports);
+        }
+    }
+
+    /// [`Self::set_pod_info`] for the endpoint of `ip`.
+    pub fn set_pod_info_of(
+        &self,
+        ip: Ipv4Addr,
+        labels: &BTreeMap<String, String>,
+        named_ports: &[NamedPort],
+    ) {
+        if let Some(e) = self.write().get_mut(&ip) {
+            labels.clone_into(&mut e.labels);
+            named_ports.clone_into(&mut e.named_ports);
+        }
+    }
+
     /// Saves what is there now (after a restart reconciled it).
     pub fn flush(&self) -> Result<(), RegistryError> {
         let map = self.read();

@@ -14,20 +14,37 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use vpc_ebpf_agent::{
+    cni_config,
     config::Config,
     dataplane::{owner, settings},
     endpoints::{self, Registry},
     host::Host,
-    http,
+    http, install,
     ipam::{Ipam, ec2_merge, reconciler},
+    k8s,
     metrics::Metrics,
     node::{self, Node, Settings},
-    restart,
+    probe, restart,
     rpc::{Backend, Services},
 };
 use vpc_ebpf_rpc::{report::Chain, server, v1::cni_backend_server::CniBackendServer};
 
+const USAGE: &str = "usage: vpc-ebpf-agent                     run the agent (configured by its environment)
+       vpc-ebpf-agent probe live|ready       the kubelet's health checks, through the agent's socket
+       vpc-ebpf-agent install-cni PLUGIN BIN_DIR
+                                             install the plugin and the kernel settings (init container)";
+
 fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None => {}
+        Some("probe") => return probe(&args[1..]),
+        Some("install-cni") => return install_cni(&args[1..]),
+        Some(_) => {
+            eprintln!("{USAGE}");
+            return std::process::ExitCode::from(2);
+        }
+    }
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -63,6 +80,48 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn probe(args: &[String]) -> std::process::ExitCode {
+    let ready = match args.first().map(String::as_str) {
+        Some("ready") => true,
+        Some("live") => false,
+        _ => {
+            eprintln!("{USAGE}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let socket = std::env::var("VPC_EBPF_AGENT_SOCKET")
+        .unwrap_or_else(|_| vpc_ebpf_agent::config::DEFAULT_SOCKET.into());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    match rt {
+        Ok(rt) => std::process::ExitCode::from(rt.block_on(probe::run(socket.as_ref(), ready))),
+        Err(e) => {
+            eprintln!("probe: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn install_cni(args: &[String]) -> std::process::ExitCode {
+    let [plugin, bin_dir] = args else {
+        eprintln!("{USAGE}");
+        return std::process::ExitCode::from(2);
+    };
+    match install::install(plugin.as_ref(), bin_dir.as_ref()) {
+        Ok(done) => {
+            for d in done {
+                eprintln!("install-cni: {d}");
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("install-cni: {}", Chain(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     info!(config = %config.to_json(), "starting");
     let metrics = Arc::new(Metrics::new());
@@ -74,14 +133,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
         endpoints::registry_path(&config.checkpoint),
     ));
     let dataplane = Arc::new(OnceLock::new());
+    let (stop_tx, stop) = watch::channel(false);
+    let k8s = k8s::start(&config, registry.clone(), &stop)
+        .await
+        .context("connecting to Kubernetes")?;
     let services = Services {
         ipam: ipam.clone(),
         endpoints: registry.clone(),
         dataplane: dataplane.clone(),
         metrics: metrics.clone(),
         pending_dir: restart::pending_dir(&config),
+        pods: k8s.pods.clone(),
+        annotate: k8s.annotate.clone(),
     };
-    let (stop_tx, stop) = watch::channel(false);
     let (node_tx, node_rx) = watch::channel(None);
     let (health, mut tasks) = serve_early(&config, &services, node_rx, &stop).await?;
 
@@ -115,6 +179,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ipam.set_ready();
     health.set_serving::<CniBackendServer<Backend>>().await;
     info!("ready");
+    tasks.extend(k8s.tasks);
+    // The network config last: the kubelet reports the node's network ready from it.
+    if let Some(dir) = &config.cni_conf_dir {
+        let conflist = cni_config::render(&config, std::path::Path::new(PLUGIN_LOG));
+        let path = cni_config::write(dir, &conflist).context("writing the CNI network config")?;
+        info!(path = %path.display(), "CNI network config written");
+    }
 
     tasks.push(tokio::spawn(restart::sweep_loop(
         services.clone(),
@@ -126,13 +197,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let (config, node_tx, dataplane) = (config.clone(), node_tx.clone(), dataplane.clone());
         move |n: Node| on_new_node(&config, &node_tx, dataplane.get(), n)
     };
+    let ec2_side = reconciler::Ec2Side {
+        config: config.clone(),
+        ipam: ipam.clone(),
+        metrics: metrics.clone(),
+        notices: k8s.notices,
+        on_node: Box::new(on_node),
+    };
     tasks.push(tokio::spawn(reconciler::run_with_discovery(
-        config.clone(),
-        ipam.clone(),
-        metrics.clone(),
+        ec2_side,
         node,
         discovered,
-        Box::new(on_node),
         stop.clone(),
     )));
 
@@ -277,6 +352,10 @@ async fn serve_early(
     info!(socket = %config.agent_socket.display(), metrics = %config.metrics_addr, introspection = %config.introspection_addr, "serving");
     Ok((health, vec![grpc, metrics_task, intro_task]))
 }
+
+/// The plugin's log file as the host sees it (the chart mounts the host's
+/// /var/log/vpc-ebpf).
+const PLUGIN_LOG: &str = "/var/log/vpc-ebpf/plugin.log";
 
 async fn shutdown_signal() {
     let term = async {

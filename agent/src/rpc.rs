@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, metadata::MetadataValue};
 use tracing::{info, warn};
 use vpc_ebpf_rpc::{
@@ -36,6 +37,7 @@ use crate::{
         pool::Blocked,
         store::{AttachmentKey, PodMeta},
     },
+    k8s::{annotate::Annotation, pods::PodCache},
     metrics::{Metrics, ReasonLabels},
     restart,
 };
@@ -57,6 +59,10 @@ pub struct Services {
     pub metrics: Arc<Metrics>,
     /// Where the plugin records releases it could not deliver.
     pub pending_dir: PathBuf,
+    /// The pods on this node as the API server has them (empty off Kubernetes).
+    pub pods: PodCache,
+    /// Pods to annotate with their address (`ANNOTATE_POD_IP`).
+    pub annotate: Option<mpsc::Sender<Annotation>>,
 }
 
 pub struct Backend {
@@ -198,6 +204,8 @@ impl Services {
         if !a.existing {
             info!(ip = %a.ip, eni = %a.eni_id, pod = %format!("{}/{}", pod.namespace, pod.name), "assigned");
         }
+        // What policy needs of the pod, from the watcher's cache: no API round trip.
+        let info = self.pods.get(&pod.namespace, &pod.name).unwrap_or_default();
         self.endpoints.reserve(
             a.ip,
             key,
@@ -212,6 +220,8 @@ impl Services {
             },
             ports,
         );
+        self.endpoints
+            .set_pod_info_of(a.ip, &info.labels, &info.named_ports);
         Ok(v1::AddNetworkReply {
             ipv4: a.ip.to_string(),
             eni_id: a.eni_id,
@@ -282,8 +292,18 @@ impl Services {
             self.unprogram(ip, &key).await;
             return Err(not_given());
         }
-        wired.map_err(|e| registry_status(&e))?;
+        let wired = wired.map_err(|e| registry_status(&e))?;
         info!(%ip, veth = %host_ifname, "endpoint ready");
+        if let Some(tx) = &self.annotate
+            && !wired.pod.name.is_empty()
+        {
+            // Off the ADD's path: a full queue (the API server away) drops it.
+            let _ = tx.try_send(Annotation {
+                namespace: wired.pod.namespace.clone(),
+                name: wired.pod.name.clone(),
+                ip,
+            });
+        }
         Ok(v1::EndpointReadyReply {
             arp_answered: self.dataplane().is_some(),
         })

@@ -23,17 +23,19 @@ pub async fn connect(
     connect_with(path, timeout, timeout).await
 }
 
-/// A client whose connecting and calls have their own bounds: connecting to a local
-/// socket is instant or never, while a call may wait for the agent's pool to refill.
-pub async fn connect_with(
-    path: impl Into<PathBuf>,
+/// A channel on the agent's socket for any of its services (the health check).
+pub async fn channel(path: impl Into<PathBuf>, timeout: Duration) -> Result<Channel, ConnectError> {
+    channel_with(path.into(), timeout, timeout).await
+}
+
+async fn channel_with(
+    path: PathBuf,
     connect_timeout: Duration,
     call_timeout: Duration,
-) -> Result<CniBackendClient<Channel>, ConnectError> {
-    let path = path.into();
+) -> Result<Channel, ConnectError> {
     let socket = path.clone();
     // The URI is required by tonic but unused: the connector dials the socket.
-    let channel = Endpoint::from_static("http://agent.invalid")
+    Endpoint::from_static("http://agent.invalid")
         .connect_timeout(connect_timeout)
         .timeout(call_timeout)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -45,6 +47,17 @@ pub async fn connect_with(
             }
         }))
         .await
-        .map_err(|source| ConnectError { path, source })?;
-    Ok(CniBackendClient::new(channel))
+        .map_err(|source| ConnectError { path, source })
+}
+
+/// A client whose connecting and calls have their own bounds: connecting to a local
+/// socket is instant or never, while a call may wait for the agent's pool to refill.
+pub async fn connect_with(
+    path: impl Into<PathBuf>,
+    connect_timeout: Duration,
+    call_timeout: Duration,
+) -> Result<CniBackendClient<Channel>, ConnectError> {
+    channel_with(path.into(), connect_timeout, call_timeout)
+        .await
+        .map(CniBackendClient::new)
 }

@@ -81,6 +81,8 @@ impl TestAgent {
             dataplane: Arc::new(OnceLock::new()),
             metrics: Arc::new(Metrics::new()),
             pending_dir: pending_dir(&socket),
+            pods: vpc_ebpf_agent::k8s::pods::PodCache::default(),
+            annotate: None,
         };
         let rt = Arc::new(
             tokio::runtime::Builder::new_multi_thread()

@@ -40,6 +40,7 @@ use crate::{
     host::Host,
     metrics::{Metrics, ReasonLabels},
     node::{Node, Settings},
+    notice::Notices,
 };
 
 /// Exponential backoff with full jitter: each wait is uniform in [0, min(cap, base·2^n)],
@@ -112,6 +113,11 @@ pub struct Reconciler {
     /// When set, a new ENI enters the pool only once its interface is in the kernel, so
     /// no pod gets an address the node cannot route yet.
     host: Option<Host>,
+    notices: Notices,
+    /// The growth block last noticed, so a notice is raised once per change.
+    noticed_block: Option<GrowthBlock>,
+    /// Whether EC2 refusing us was noticed since the last call that worked.
+    noticed_refusal: bool,
 }
 
 const IDLE_TICK: Duration = Duration::from_secs(1);
@@ -139,12 +145,21 @@ impl Reconciler {
             next_leak_check: Instant::now(),
             refresh_needed: false,
             host: None,
+            notices: Notices::log_only(),
+            noticed_block: None,
+            noticed_refusal: false,
         }
     }
 
     #[must_use]
     pub fn with_host(mut self, host: Host) -> Self {
         self.host = Some(host);
+        self
+    }
+
+    #[must_use]
+    pub fn with_notices(mut self, notices: Notices) -> Self {
+        self.notices = notices;
         self
     }
 
@@ -189,6 +204,7 @@ impl Reconciler {
             }
             let (wait, wake_on_change) = match self.pass().await {
                 Ok(Outcome::Progress) => {
+                    self.noticed_refusal = false;
                     self.backoff.reset();
                     (Duration::ZERO, false)
                 }
@@ -245,9 +261,51 @@ impl Reconciler {
             ErrorKind::Refused => {
                 let d = self.backoff.next_wait().max(Duration::from_secs(5));
                 error!(error = %Chain(e), retry_in = ?d, "EC2 refused the call; check the node role's permissions");
+                if !self.noticed_refusal {
+                    self.noticed_refusal = true;
+                    let reason = if matches!(
+                        e.code(),
+                        "UnauthorizedOperation" | "AccessDenied" | "AuthFailure"
+                    ) {
+                        "MissingIAMPermissions"
+                    } else {
+                        "EC2Refused"
+                    };
+                    self.notices.warning(reason, format!("{}; the pool cannot grow until this is fixed (pods are served from the addresses the node holds)", Chain(e)));
+                }
                 d
             }
         }
+    }
+
+    /// A notice when the pool's growth becomes blocked (once per change).
+    fn notice_block(&mut self, blocked: Option<GrowthBlock>) {
+        if blocked == self.noticed_block {
+            return;
+        }
+        self.noticed_block = blocked;
+        let (reason, what) = match blocked {
+            None => return,
+            Some(GrowthBlock::Pool(pool::Blocked::EniLimit)) => (
+                "ENILimitReached",
+                format!(
+                    "every ENI instance type {} allows is attached and full; new pods on this node wait for addresses to free up",
+                    self.node.instance_type
+                ),
+            ),
+            Some(GrowthBlock::Pool(pool::Blocked::MaxPods)) => (
+                "MaxPodsReached",
+                "the node holds as many addresses as it may run pods".to_owned(),
+            ),
+            Some(GrowthBlock::SubnetExhausted) => (
+                "SubnetFull",
+                format!(
+                    "subnet {} has no free addresses (InsufficientFreeAddressesInSubnet); growth pauses for {:?} at a time",
+                    self.node.subnet_id, self.settings.subnet_full_pause
+                ),
+            ),
+        };
+        self.notices.warning(reason, what);
     }
 
     fn growth_paused(&self) -> bool {
@@ -285,6 +343,7 @@ impl Reconciler {
                 plan.blocked.map(GrowthBlock::Pool)
             };
         self.ipam.set_blocked(blocked).await;
+        self.notice_block(blocked);
         self.ipam
             .read(|store, blocked| {
                 refresh_gauges(
@@ -629,19 +688,33 @@ impl Reconciler {
     }
 }
 
+/// What [`run_with_discovery`] works with.
+pub struct Ec2Side {
+    pub config: crate::config::Config,
+    pub ipam: Arc<Ipam>,
+    pub metrics: Arc<Metrics>,
+    pub notices: Notices,
+    /// Hears of a node identity other than the one the agent started with.
+    pub on_node: Box<dyn Fn(Node) + Send + Sync>,
+}
+
 /// The EC2 side of the agent, run in the background once the agent serves: discovery
 /// when the node came from its cache (EC2 may be down at start: pods are served from the
 /// restored state meanwhile), then the reconciler. `on_node` hears of a node identity
 /// that differs from the one the agent started with.
 pub async fn run_with_discovery(
-    config: crate::config::Config,
-    ipam: Arc<Ipam>,
-    metrics: Arc<Metrics>,
+    ctx: Ec2Side,
     mut node: Node,
     discovered: Option<crate::node::Discovered>,
-    on_node: Box<dyn Fn(Node) + Send + Sync>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Ec2Side {
+        config,
+        ipam,
+        metrics,
+        notices,
+        on_node,
+    } = ctx;
     let discovered = if let Some(d) = discovered {
         d
     } else {
@@ -681,6 +754,7 @@ pub async fn run_with_discovery(
         unmanaged,
         metrics,
     )
+    .with_notices(notices)
     .refresh_first();
     if let Some(h) = host {
         r = r.with_host(h);

@@ -1,0 +1,61 @@
+//! The CNI network configuration the container runtime reads (`10-vpc-ebpf.conflist`),
+//! rendered from the agent's own settings so the plugin and the agent always agree (veth
+//! prefix, pod MTU, socket), and written by the agent once it is ready: the kubelet
+//! reports the node's network ready only when pods can be served, as aws-node does.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::{config::Config, persist};
+
+pub const FILE_NAME: &str = "10-vpc-ebpf.conflist";
+/// aws-node's network name: the attachments the runtime keys by it carry over.
+pub const NETWORK_NAME: &str = "aws-cni";
+/// The spec version written: what containerd 1.6's libcni reads (the plugin speaks 1.1.0
+/// to runtimes that ask for it).
+pub const CNI_VERSION: &str = "1.0.0";
+
+/// The conflist for `config`, with `plugin_log` as the plugin's log file (as the host sees
+/// it).
+pub fn render(config: &Config, plugin_log: &Path) -> Value {
+    json!({
+        "cniVersion": CNI_VERSION,
+        "name": NETWORK_NAME,
+        "disableCheck": false,
+        "plugins": [{
+            "type": "vpc-ebpf-cni",
+            "agentSocket": config.agent_socket,
+            "vethPrefix": config.veth_prefix,
+            "mtu": config.pod_mtu,
+            "logFile": plugin_log,
+            "logLevel": config.log_level,
+            "capabilities": {"portMappings": true}
+        }]
+    })
+}
+
+/// Writes the conflist into `dir` atomically (the runtime never reads half a file).
+pub fn write(dir: &Path, conflist: &Value) -> Result<PathBuf, persist::PersistError> {
+    let path = dir.join(FILE_NAME);
+    let mut text = serde_json::to_string_pretty(conflist).unwrap_or_default();
+    text.push('\n');
+    persist::write_atomic(&path, text.as_bytes())?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The conflist shipped in the repository (what `cargo xtask image` puts in the image
+    /// for hand installs) is the agent's rendering of its defaults.
+    #[test]
+    fn the_shipped_conflist_is_the_default_rendering() {
+        let c = Config::from_lookup(&|_| None).unwrap();
+        let rendered = render(&c, Path::new("/var/log/vpc-ebpf/plugin.log"));
+        let shipped: Value =
+            serde_json::from_str(include_str!("../../cni/10-vpc-ebpf.conflist")).unwrap();
+        assert_eq!(rendered, shipped);
+    }
+}

@@ -1,0 +1,251 @@
+//! The pods scheduled on this node, as the API server has them: who they are, their
+//! labels, their named container ports. A watcher keeps the cache; ADDs read it (no
+//! round trip), and label changes are passed on to the endpoint registry.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api,
+    runtime::{WatchStreamExt as _, watcher},
+};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use vpc_ebpf_rpc::report::Chain;
+
+use crate::endpoints::{NamedPort, Registry};
+
+/// What the agent keeps of a pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodInfo {
+    pub uid: String,
+    pub labels: BTreeMap<String, String>,
+    pub named_ports: Vec<NamedPort>,
+    pub host_network: bool,
+}
+
+impl PodInfo {
+    pub fn from_pod(p: &Pod) -> Self {
+        let spec = p.spec.as_ref();
+        let named_ports = spec
+            .map(|s| {
+                s.containers
+                    .iter()
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .filter_map(|port| {
+                        Some(NamedPort {
+                            name: port.name.clone()?,
+                            protocol: port.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                            port: u16::try_from(port.container_port).ok()?,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            uid: p.metadata.uid.clone().unwrap_or_default(),
+            labels: p.metadata.labels.clone().unwrap_or_default(),
+            named_ports,
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        }
+    }
+}
+
+/// (namespace, name) → what the API server says of the pod.
+#[derive(Clone, Debug, Default)]
+pub struct PodCache {
+    inner: Arc<RwLock<HashMap<(String, String), PodInfo>>>,
+    synced: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PodCache {
+    pub fn get(&self, namespace: &str, name: &str) -> Option<PodInfo> {
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// Whether the cache has been filled from a complete list at least once.
+    pub fn synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn key(p: &Pod) -> Option<(String, String)> {
+        Some((p.metadata.namespace.clone()?, p.metadata.name.clone()?))
+    }
+
+    fn apply(&self, p: &Pod, registry: &Registry) {
+        let Some(key) = Self::key(p) else { return };
+        let info = PodInfo::from_pod(p);
+        let changed = {
+            let mut map = self
+                .inner
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            map.insert(key.clone(), info.clone()).as_ref() != Some(&info)
+        };
+        if changed {
+            registry.set_pod_info(&key.0, &key.1, &info.labels, &info.named_ports);
+        }
+    }
+
+    fn delete(&self, p: &Pod) {
+        if let Some(key) = Self::key(p) {
+            self.inner
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&key);
+        }
+    }
+
+    fn replace(&self, pods: &[Pod], registry: &Registry) {
+        let fresh: HashMap<(String, String), PodInfo> = pods
+            .iter()
+            .filter_map(|p| Some((Self::key(p)?, PodInfo::from_pod(p))))
+            .collect();
+        for ((ns, name), info) in &fresh {
+            registry.set_pod_info(ns, name, &info.labels, &info.named_ports);
+        }
+        *self
+            .inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        self.synced
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Watches the pods on `node_name` until `stop`, keeping `cache` and the registry's pod
+/// information current. Errors (the API server down, a watch expired) are retried with
+/// backoff, forever.
+pub async fn watch_pods(
+    client: kube::Client,
+    node_name: String,
+    cache: PodCache,
+    registry: Arc<Registry>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let api: Api<Pod> = Api::all(client);
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+    let stream = watcher(api, config).default_backoff();
+    tokio::pin!(stream);
+    let mut buffer: Vec<Pod> = Vec::new();
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    loop {
+        let next = tokio::select! {
+            _ = stop.changed() => return,
+            n = stream.next() => n,
+        };
+        let Some(event) = next else {
+            // The stream never ends by itself; if it did, start over after a pause.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        match event {
+            Ok(ev) => {
+                if let Some(since) = failing_since.take() {
+                    info!(after = ?since.elapsed(), "the pod watch is back");
+                }
+                match ev {
+                    watcher::Event::Init => buffer.clear(),
+                    watcher::Event::InitApply(p) => buffer.push(p),
+                    watcher::Event::InitDone => {
+                        let n = buffer.len();
+                        cache.replace(&std::mem::take(&mut buffer), &registry);
+                        debug!(pods = n, "pod cache synced");
+                    }
+                    watcher::Event::Apply(p) => cache.apply(&p, &registry),
+                    watcher::Event::Delete(p) => cache.delete(&p),
+                }
+            }
+            Err(e) => {
+                if failing_since.is_none() {
+                    warn!(error = %Chain(&e), "watching this node's pods failed; retrying with backoff, pods are served meanwhile");
+                    failing_since = Some(tokio::time::Instant::now());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec};
+
+    use super::*;
+
+    #[test]
+    fn named_ports_and_labels_are_kept() {
+        let pod = Pod {
+            metadata: kube::api::ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("x".into()),
+                uid: Some("u1".into()),
+                labels: Some(BTreeMap::from([("app".into(), "web".into())])),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                containers: vec![Container {
+                    name: "c".into(),
+                    ports: Some(vec![
+                        ContainerPort {
+                            name: Some("serve-80-tcp".into()),
+                            container_port: 80,
+                            ..Default::default()
+                        },
+                        ContainerPort {
+                            name: Some("serve-81-udp".into()),
+                            container_port: 81,
+                            protocol: Some("UDP".into()),
+                            ..Default::default()
+                        },
+                        ContainerPort {
+                            container_port: 9000,
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let info = PodInfo::from_pod(&pod);
+        assert_eq!(info.uid, "u1");
+        assert_eq!(info.labels["app"], "web");
+        assert_eq!(
+            info.named_ports,
+            vec![
+                NamedPort {
+                    name: "serve-80-tcp".into(),
+                    protocol: "TCP".into(),
+                    port: 80
+                },
+                NamedPort {
+                    name: "serve-81-udp".into(),
+                    protocol: "UDP".into(),
+                    port: 81
+                },
+            ]
+        );
+        assert!(!info.host_network);
+    }
+}
