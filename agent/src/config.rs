@@ -249,7 +249,8 @@ impl Config {
         if let Some(m) = pod_mtu
             && !(576..=9001).contains(&m)
         {
-            r.problems.push(format!("POD_MTU={m}: between 576 and 9001"));
+            r.problems
+                .push(format!("POD_MTU={m}: between 576 and 9001"));
         }
         let pod_mtu = pod_mtu.unwrap_or(mtu);
         let log_level = r

@@ -3,6 +3,7 @@
 mod bench;
 mod deps;
 mod ebpf;
+mod image;
 mod lab;
 mod lab_pods;
 mod test;
@@ -33,6 +34,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The OCI images (agent + plugin, pause, test workload), built without a container
+    /// engine into `<target-dir>/images/<name>/`: `image [--tag T] [--profile release|dev]`.
+    Image {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Benchmarks against the anchors: `bench cni [--pods N] [--rounds N] [--json FILE]`,
     /// `bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE]`.
     Bench {
@@ -57,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             println!("eBPF object: {}", object.display());
             Ok(())
         }
+        Command::Image { args } => image::run_cli(&args),
         Command::Setup => {
             deps::ensure_system_packages(deps::TEST_PACKAGES)?;
             deps::ensure_lab_python()?;
