@@ -115,7 +115,11 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
         Ok(v) => Ok(v),
         Err(e) => {
             // Undo everything before reporting, so the node is never left half set up.
-            if let Err(re) = netlink::delete_host_link(&sockets.host, &host_ifname).await {
+            // Only the veth this ADD made: one of the same name may be another sandbox's.
+            if let Err(re) =
+                netlink::delete_host_link(&sockets.host, &host_ifname, Some(&env.container_id))
+                    .await
+            {
                 warn!(error = %re, "rollback: deleting the host veth failed");
             }
             if let Some(l) = netlink::link_by_name(&sockets.pod, &env.ifname)
@@ -163,13 +167,14 @@ async fn build_and_report(
     ip: Ipv4Addr,
 ) -> Result<Value, CniError> {
     // A host veth of that name belongs to an earlier sandbox of the same pod.
-    netlink::delete_host_link(&sockets.host, host_ifname)
+    netlink::delete_host_link(&sockets.host, host_ifname, None)
         .await
         .map_err(|e| netlink_error("removing a stale host veth", &e))?;
     let built = netlink::build(
         sockets,
         &netlink::PodNetwork {
             host_ifname,
+            container_id: &env.container_id,
             pod_ifname: &env.ifname,
             ip,
             mtu: conf.mtu,
@@ -243,7 +248,7 @@ pub async fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {
     match rtnetlink::new_connection() {
         Ok((connection, host, _)) => {
             tokio::spawn(connection);
-            match netlink::delete_host_link(&host, &host_ifname).await {
+            match netlink::delete_host_link(&host, &host_ifname, Some(&env.container_id)).await {
                 Ok(removed) => info!(host_ifname, removed, "host veth"),
                 Err(e) => problems.push(format!("deleting host veth {host_ifname}: {}", chain(&e))),
             }
@@ -398,18 +403,22 @@ pub async fn gc(conf: &NetConf) -> Result<(), CniError> {
         })
         .await
         .map_err(|s| agent::map_status("GC", &s))?
-        .into_inner()
-        .released_ipv4;
+        .into_inner();
     let (connection, host, _) = rtnetlink::new_connection()
         .map_err(|e| CniError::new(ErrorCode::Netlink, "GC", e.to_string()))?;
     tokio::spawn(connection);
     let mut problems = Vec::new();
-    for ip in released.iter().filter_map(|s| s.parse::<Ipv4Addr>().ok()) {
+    // The agent answers the released attachments and their addresses in the same order.
+    for (att, ip) in released.released.iter().zip(&released.released_ipv4) {
+        let Ok(ip) = ip.parse::<Ipv4Addr>() else {
+            continue;
+        };
         match netlink::host_route_oif(&host, ip).await {
             Ok(Some(oif)) => {
                 if let Ok(Some(l)) = netlink::link_name_by_index(&host, oif).await
                     && l.starts_with(&conf.veth_prefix)
-                    && let Err(e) = netlink::delete_host_link(&host, &l).await
+                    && let Err(e) =
+                        netlink::delete_host_link(&host, &l, Some(&att.container_id)).await
                 {
                     problems.push(format!("deleting {l}: {}", chain(&e)));
                 }

@@ -147,6 +147,8 @@ pub fn link_mac(l: &LinkMessage) -> Option<MacAddr> {
 /// What ADD builds.
 pub struct PodNetwork<'a> {
     pub host_ifname: &'a str,
+    /// The sandbox the veth is made for (its alias).
+    pub container_id: &'a str,
     pub pod_ifname: &'a str,
     pub ip: Ipv4Addr,
     pub mtu: u32,
@@ -184,7 +186,12 @@ pub async fn build(s: &Sockets, p: &PodNetwork<'_>) -> Result<Built, NetlinkErro
     let host_ifindex = host.header.index;
     s.host
         .link()
-        .set(LinkUnspec::new_with_index(host_ifindex).up().build())
+        .set(
+            LinkUnspec::new_with_index(host_ifindex)
+                .up()
+                .alias(owner_alias(p.container_id))
+                .build(),
+        )
         .execute()
         .await
         .map_err(op(format!("setting {} up", p.host_ifname)))?;
@@ -288,10 +295,39 @@ pub async fn add_gateway_neighbour(
 
 /// Deletes a host link by name; one that is not there is fine. Deleting either end of a
 /// veth removes both, and the host /32 route with it.
-pub async fn delete_host_link(h: &Handle, name: &str) -> Result<bool, NetlinkError> {
+/// The host veth's alias: which sandbox (container ID) it was made for. Names are derived
+/// from the pod's namespace and name, which a re-created sandbox of the same pod shares;
+/// the alias tells them apart.
+pub fn owner_alias(container_id: &str) -> String {
+    format!("vpc-ebpf:{container_id}")
+}
+
+fn link_alias(l: &LinkMessage) -> Option<&str> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfAlias(s) => Some(s.as_str()),
+        _ => None,
+    })
+}
+
+/// Deletes a host link by name; one that is not there is fine. With `owner`, only a link
+/// made for that container (or one without an owner, made by an older plugin): another
+/// sandbox's link of the same name is left alone (`Ok(false)`). Deleting either end of a
+/// veth removes both, and the host /32 route with it.
+pub async fn delete_host_link(
+    h: &Handle,
+    name: &str,
+    owner: Option<&str>,
+) -> Result<bool, NetlinkError> {
     let Some(l) = link_by_name(h, name).await? else {
         return Ok(false);
     };
+    if let (Some(owner), Some(alias)) = (owner, link_alias(&l))
+        && alias.starts_with("vpc-ebpf:")
+        && alias != owner_alias(owner)
+    {
+        tracing::info!(name, alias, "host veth belongs to another sandbox of the pod; left alone");
+        return Ok(false);
+    }
     match h.link().del(l.header.index).execute().await {
         Ok(()) => Ok(true),
         Err(e) => {

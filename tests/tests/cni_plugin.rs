@@ -326,3 +326,38 @@ fn sixty_four_concurrent_adds_then_dels_leave_nothing() {
     );
     assert_eq!(agent.assignments(), 0, "leftover allocations");
 }
+
+/// kubelet re-creates a pod's sandbox (same namespace and name, new container ID) and
+/// later tears the old one down: the old sandbox's DEL must not take the new sandbox's
+/// host veth, whose name (derived from namespace and name) it shares.
+#[test]
+fn del_of_an_old_sandbox_leaves_the_new_one_alone() {
+    let env = Env::new("sb");
+    let agent = TestAgent::start(&env.dir, 4);
+    let (old_pod, new_pod) = (NetNs::new("sbold"), NetNs::new("sbnew"));
+    let same_pod = |mut c: Call| {
+        c.args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web".into();
+        c
+    };
+    let old = same_pod(env.call("ADD", "sandbox-old", Some(&old_pod), "1.0.0")).run();
+    assert!(old.ok, "{}", old.stdout);
+    // The old sandbox dies; the new one's ADD replaces the veth of the same name.
+    let new = same_pod(env.call("ADD", "sandbox-new", Some(&new_pod), "1.0.0")).run();
+    assert!(new.ok, "{}", new.stdout);
+    let veth = new.json()["interfaces"][0]["name"].as_str().unwrap().to_owned();
+    let new_ip = new.json()["ips"][0]["address"].as_str().unwrap().to_owned();
+    let del = same_pod(env.call("DEL", "sandbox-old", Some(&old_pod), "1.0.0")).run();
+    assert!(del.ok, "{}", del.stdout);
+    assert!(env.links().contains(&veth), "the new sandbox lost {veth}: {:?}", env.links());
+    let ip = new_ip.split('/').next().unwrap();
+    assert!(
+        env.routes().contains(&format!("{ip} dev {veth}")),
+        "the new sandbox lost its route: {}",
+        env.routes()
+    );
+    assert_eq!(agent.assignments(), 1, "the old sandbox's address is released");
+    let del = same_pod(env.call("DEL", "sandbox-new", Some(&new_pod), "1.0.0")).run();
+    assert!(del.ok);
+    assert!(!env.links().contains(&veth));
+    assert_eq!(agent.assignments(), 0);
+}

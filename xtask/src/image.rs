@@ -99,6 +99,26 @@ pub fn run_cli(args: &[String]) -> anyhow::Result<()> {
 
 /// Builds the binaries and the three images.
 pub fn build_all(tag: &str, release: bool) -> anyhow::Result<Vec<Built>> {
+    let out_dir = build_binaries(release)?;
+    let specs = image_specs(&out_dir)?;
+    let images = target_dir()?.join("images");
+    let mut built = Vec::new();
+    for (name, entries, config) in specs {
+        let dir = images.join(name);
+        let layer_bytes = write_layout(&dir, tag, &entries, &config)
+            .with_context(|| format!("writing the {name} image"))?;
+        built.push(Built {
+            name,
+            dir,
+            tag: tag.to_owned(),
+            layer_bytes,
+        });
+    }
+    Ok(built)
+}
+
+/// The agent, the plugin and the images' small programs; returns their directory.
+fn build_binaries(release: bool) -> anyhow::Result<PathBuf> {
     crate::deps::ensure_ebpf_toolchain()?;
     crate::ebpf::build(true)?;
     crate::deps::ensure_files(&[
@@ -120,13 +140,34 @@ pub fn build_all(tag: &str, release: bool) -> anyhow::Result<Vec<Built>> {
     ] {
         run(Command::new(cargo())
             .args(["rustc", "--profile", profile, "-p", pkg, "--bin", bin, "--"])
-            .args(["-C", "target-feature=+crt-static"])
+            .args(["-C", "target-feature=+crt-static", "-C", "strip=symbols"])
             .current_dir(root()))?;
     }
+    Ok(out_dir)
+}
+
+type Spec = (&'static str, Vec<Entry>, Value);
+
+/// What goes in each image.
+fn image_specs(out_dir: &Path) -> anyhow::Result<[Spec; 3]> {
     let images = target_dir()?.join("images");
     let agent = out_dir.join("vpc-ebpf-agent");
+    // Symbols and debug info are a third of the binary; the image ships without them.
+    let stripped = images.join(".staging/vpc-ebpf-agent");
+    std::fs::create_dir_all(images.join(".staging"))?;
+    run(Command::new("objcopy")
+        .arg("--strip-all")
+        .arg(&agent)
+        .arg(&stripped))?;
     let mut agent_files = vec![
-        file("usr/local/bin/vpc-ebpf-agent", &agent, 0o755),
+        file("usr/local/bin/vpc-ebpf-agent", &stripped, 0o755),
+        // The agent keeps its state under /var/run/vpc-ebpf, which must be the host's
+        // /run/vpc-ebpf the chart mounts, as on the host, where /var/run is /run.
+        Entry {
+            path: "var/run".into(),
+            source: Source::Symlink("../run".into()),
+            mode: 0o777,
+        },
         file(
             "opt/vpc-ebpf/bin/vpc-ebpf-cni",
             &out_dir.join("vpc-ebpf-cni"),
@@ -148,7 +189,7 @@ pub fn build_all(tag: &str, release: bool) -> anyhow::Result<Vec<Built>> {
             0o755,
         ));
     }
-    agent_files.extend(shared_libraries(&agent)?);
+    agent_files.extend(shared_libraries(&stripped)?);
     let certs = Path::new("/etc/ssl/certs/ca-certificates.crt");
     if certs.exists() {
         agent_files.push(file("etc/ssl/certs/ca-certificates.crt", certs, 0o644));
@@ -167,7 +208,7 @@ pub fn build_all(tag: &str, release: bool) -> anyhow::Result<Vec<Built>> {
         source: Source::Symlink("busybox".into()),
         mode: 0o777,
     }));
-    let specs: [(&'static str, Vec<Entry>, Value); 3] = [
+    Ok([
         (
             "vpc-ebpf",
             agent_files,
@@ -185,20 +226,7 @@ pub fn build_all(tag: &str, release: bool) -> anyhow::Result<Vec<Built>> {
             json!({"Entrypoint": ["/bin/vpc-ebpf-testsrv"], "Cmd": ["serve"],
                    "Env": ["PATH=/bin"]}),
         ),
-    ];
-    let mut built = Vec::new();
-    for (name, entries, config) in specs {
-        let dir = images.join(name);
-        let layer_bytes = write_layout(&dir, tag, &entries, &config)
-            .with_context(|| format!("writing the {name} image"))?;
-        built.push(Built {
-            name,
-            dir,
-            tag: tag.to_owned(),
-            layer_bytes,
-        });
-    }
-    Ok(built)
+    ])
 }
 
 fn file(path: &str, source: &Path, mode: u32) -> Entry {

@@ -41,14 +41,19 @@ struct RuntimeConfig {
     port_mappings: Vec<RawPortMapping>,
 }
 
+/// The CNI convention spells the fields `hostPort`..., containerd's CRI (go-cni, whose
+/// struct has no JSON tags) `HostPort`...; Go plugins read both, as Go's JSON decoding
+/// ignores case, and so does this one.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawPortMapping {
+    #[serde(alias = "HostPort")]
     host_port: i64,
+    #[serde(alias = "ContainerPort")]
     container_port: i64,
-    #[serde(default)]
+    #[serde(default, alias = "Protocol")]
     protocol: Option<String>,
-    #[serde(rename = "hostIP", default)]
+    #[serde(rename = "hostIP", default, alias = "HostIP", alias = "hostIp")]
     host_ip: Option<String>,
 }
 
@@ -276,6 +281,24 @@ mod tests {
         assert_eq!(c.port_mappings.len(), 2);
         assert_eq!(c.port_mappings[1].protocol, Protocol::Udp);
         assert_eq!(c.valid_attachments.unwrap()[0].container_id, "a");
+    }
+
+    #[test]
+    fn containerds_spelling_of_port_mappings() {
+        let c = NetConf::parse(
+            conf(r#","runtimeConfig":{"portMappings":[{"HostPort":30080,"ContainerPort":8080,"Protocol":"tcp","HostIP":""}]}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.port_mappings,
+            vec![PortMapping {
+                host_port: 30080,
+                container_port: 8080,
+                protocol: Protocol::Tcp,
+                host_ip: String::new()
+            }]
+        );
     }
 
     #[test]

@@ -58,15 +58,14 @@ def main(argv: list[str]) -> int:
     f.add_argument("--count", type=int, default=1)
     f.add_argument("--delay", type=float, default=0.0, help="seconds to hang before answering")
     sub.add_parser("clear-faults", help="drop every pending fault")
-    c = sub.add_parser("cluster-up", help="a Kubernetes cluster on the running lab")
-    c.add_argument("--kube-bin", required=True, help="directory of the Kubernetes binaries")
-    c.add_argument("--images", required=True, help="directory of the OCI image layouts")
-    c.add_argument("--tag", required=True, help="the images' tag")
-    c.add_argument("--json", action="store_true")
-    cp = sub.add_parser("cluster-push", help="push image layouts to the lab's registry")
-    cp.add_argument("--kube-bin", required=True)
-    cp.add_argument("--images", required=True)
-    cp.add_argument("--tag", required=True)
+    c = sub.add_parser("cluster", help="the Kubernetes cluster on the running lab")
+    c.add_argument("action", choices=["all", "up", "push", "install", "check"])
+    c.add_argument("--kube-bin", help="directory of the Kubernetes binaries")
+    c.add_argument("--images", help="directory of the OCI image layouts")
+    c.add_argument("--tag", help="the images' tag")
+    c.add_argument("--chart", help="the Helm chart's directory")
+    c.add_argument("--testsrv", help="the workload's client binary, for checks from outside")
+    c.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE")
     d = sub.add_parser("daemon", help=argparse.SUPPRESS)
     d.add_argument("--config", required=True)
     args = p.parse_args(argv)
@@ -108,29 +107,9 @@ def main(argv: list[str]) -> int:
                 "action": args.action, "code": args.code, "count": args.count,
                 "delay": args.delay}), indent=2))
             return 0
-        if args.cmd == "cluster-up":
-            from pathlib import Path
-
-            from .cluster import up as cluster
-            nodes = [cluster.NodeInfo(i + 1, n["netns"], n["instance_id"], n["primary_ip"])
-                     for i, n in enumerate(status["nodes"])]
-            images = {p.name: p for p in Path(args.images).iterdir() if (p / "index.json").exists()}
-            limits = status.get("instance_limits") or {"max_enis": 3, "ipv4_per_eni": 10}
-            out = cluster.Cluster(cfg, Path(args.kube_bin)).up(
-                nodes, images, args.tag,
-                cluster.max_pods_for(limits["max_enis"], limits["ipv4_per_eni"]))
-            print(json.dumps(out, indent=2) if args.json else
-                  f"cluster up in {out['up_seconds']} s: {', '.join(out['nodes'])}")
-            return 0
-        if args.cmd == "cluster-push":
-            from pathlib import Path
-
-            from .cluster import up as cluster
-            c = cluster.Cluster(cfg, Path(args.kube_bin))
-            for p in sorted(Path(args.images).iterdir()):
-                if (p / "index.json").exists():
-                    print(f"{cluster.REGISTRY}/{p.name}:{args.tag} {c.push(p, p.name, args.tag)}")
-            return 0
+        if args.cmd == "cluster":
+            from .cluster import main as cluster_main
+            return cluster_main.run(cfg, status, args)
         if args.cmd == "clear-faults":
             client.call(cfg.control_socket, "DELETE", "/faults")
             return 0

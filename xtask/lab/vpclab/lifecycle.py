@@ -120,7 +120,27 @@ def down(prefix: str) -> list[str]:
     for pinned in BPFFS_LAB.glob(f"vpc-ebpf-lab-{prefix}-*"):
         shutil.rmtree(pinned, ignore_errors=True)
         removed.append(f"bpffs {pinned}")
+    for cg in _lab_cgroups(prefix):
+        removed.append(f"cgroup {cg}")
     if cfg.run_dir.exists():
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
         removed.append(f"dir {cfg.run_dir}")
     return removed
+
+
+def _lab_cgroups(prefix: str) -> list[Path]:
+    """Removes the lab cluster's node cgroups (deepest first; their processes are gone)."""
+    gone = []
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        parent = hierarchy / "vpc-ebpf-lab"
+        for node in parent.glob(f"{prefix}-node*") if parent.is_dir() else []:
+            dirs = sorted((p for p in node.rglob("*") if p.is_dir()),
+                          key=lambda p: len(p.parts), reverse=True)
+            for d in dirs + [node]:
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+            if not node.exists():
+                gone.append(node)
+    return gone

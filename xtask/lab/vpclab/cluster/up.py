@@ -33,6 +33,7 @@ SERVICE_CIDR = "172.20.0.0/16"
 KUBERNETES_SVC_IP = "172.20.0.1"
 REGISTRY = f"{CP_IP}:{registry.PORT}"
 CLUSTER_NAME = "vpc-ebpf-lab"
+CGROUP_PARENT = "vpc-ebpf-lab"
 
 # What each node gets of its own, bind-mounted over the machine's path in the node's mount
 # namespace: (path on the node, directory name under the node's run dir).
@@ -302,6 +303,9 @@ state = "/run/containerd"
             "tlsPrivateKeyFile": str(pk.path(f"kubelet-{node.index}", "key")),
             "cgroupDriver": "cgroupfs",
             "cgroupsPerQOS": False,
+            # The node's containers under a cgroup of the lab's own, which `lab down`
+            # removes: nothing is left in the machine's hierarchy.
+            "cgroupRoot": self.cgroup_root(node),
             "enforceNodeAllocatable": [],
             "failSwapOn": False,
             "maxPods": max_pods,
@@ -332,7 +336,17 @@ state = "/run/containerd"
         }, indent=1))
         return {"containerd": containerd, "kubelet": kubelet, "kube-proxy": proxy}
 
+    def cgroup_root(self, node: NodeInfo) -> str:
+        return f"/{CGROUP_PARENT}/{self.cfg.prefix}-node{node.index}"
+
+    def make_cgroups(self, node: NodeInfo) -> None:
+        for hierarchy in Path("/sys/fs/cgroup").iterdir():
+            if (hierarchy / "cgroup.procs").exists():
+                (hierarchy / self.cgroup_root(node).lstrip("/")).mkdir(parents=True,
+                                                                       exist_ok=True)
+
     def start_node(self, node: NodeInfo, max_pods: int) -> None:
+        self.make_cgroups(node)
         self.start_holder(node)
         conf = self.write_node_configs(node, max_pods)
         logs = self.node_dir(node) / "logs"
