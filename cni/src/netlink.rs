@@ -325,7 +325,11 @@ pub async fn delete_host_link(
         && alias.starts_with("vpc-ebpf:")
         && alias != owner_alias(owner)
     {
-        tracing::info!(name, alias, "host veth belongs to another sandbox of the pod; left alone");
+        tracing::info!(
+            name,
+            alias,
+            "host veth belongs to another sandbox of the pod; left alone"
+        );
         return Ok(false);
     }
     match h.link().del(l.header.index).execute().await {

@@ -344,18 +344,29 @@ fn del_of_an_old_sandbox_leaves_the_new_one_alone() {
     // The old sandbox dies; the new one's ADD replaces the veth of the same name.
     let new = same_pod(env.call("ADD", "sandbox-new", Some(&new_pod), "1.0.0")).run();
     assert!(new.ok, "{}", new.stdout);
-    let veth = new.json()["interfaces"][0]["name"].as_str().unwrap().to_owned();
+    let veth = new.json()["interfaces"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let new_ip = new.json()["ips"][0]["address"].as_str().unwrap().to_owned();
     let del = same_pod(env.call("DEL", "sandbox-old", Some(&old_pod), "1.0.0")).run();
     assert!(del.ok, "{}", del.stdout);
-    assert!(env.links().contains(&veth), "the new sandbox lost {veth}: {:?}", env.links());
+    assert!(
+        env.links().contains(&veth),
+        "the new sandbox lost {veth}: {:?}",
+        env.links()
+    );
     let ip = new_ip.split('/').next().unwrap();
     assert!(
         env.routes().contains(&format!("{ip} dev {veth}")),
         "the new sandbox lost its route: {}",
         env.routes()
     );
-    assert_eq!(agent.assignments(), 1, "the old sandbox's address is released");
+    assert_eq!(
+        agent.assignments(),
+        1,
+        "the old sandbox's address is released"
+    );
     let del = same_pod(env.call("DEL", "sandbox-new", Some(&new_pod), "1.0.0")).run();
     assert!(del.ok);
     assert!(!env.links().contains(&veth));

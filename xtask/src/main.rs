@@ -46,9 +46,11 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The local VPC lab: no arguments = up, agents and pods on every node, every packet
-    /// path checked. Subcommands: up [--nodes N]
-    /// [--instance-type T] [--imds-lag S] [--agent-env K=V]..., down, status [--json], check.
+    /// The local VPC lab as a Kubernetes cluster: no arguments = lab up, the cluster up,
+    /// vpc-ebpf installed with Helm, a workload deployed, every packet path checked.
+    /// `lab direct`: agents run directly and pods made by the plugin (no Kubernetes).
+    /// Subcommands of the lab itself: up [--nodes N] [--instance-type T] [--imds-lag S],
+    /// down, status [--json], check, fault, clear-faults, cluster up|push|install|check.
     Lab {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
