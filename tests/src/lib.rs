@@ -16,6 +16,7 @@ pub fn repo_root() -> std::path::PathBuf {
     dir.parent()
         .map_or(dir.clone(), std::path::Path::to_path_buf)
 }
+pub mod cluster;
 pub mod cni;
 pub mod containerd;
 pub mod dataplane;

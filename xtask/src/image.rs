@@ -100,8 +100,8 @@ pub fn run_cli(args: &[String]) -> anyhow::Result<()> {
 /// Builds the binaries and the three images.
 pub fn build_all(tag: &str, release: bool) -> anyhow::Result<Vec<Built>> {
     let out_dir = build_binaries(release)?;
-    let specs = image_specs(&out_dir)?;
-    let images = target_dir()?.join("images");
+    let images = images_dir(release)?;
+    let specs = image_specs(&out_dir, &images)?;
     let mut built = Vec::new();
     for (name, entries, config) in specs {
         let dir = images.join(name);
@@ -148,9 +148,14 @@ fn build_binaries(release: bool) -> anyhow::Result<PathBuf> {
 
 type Spec = (&'static str, Vec<Entry>, Value);
 
+/// Where the images of a profile are written: release ones (`cargo xtask lab`) and dev
+/// ones (the test suite's) apart.
+pub fn images_dir(release: bool) -> anyhow::Result<PathBuf> {
+    Ok(target_dir()?.join(if release { "images" } else { "images-dev" }))
+}
+
 /// What goes in each image.
-fn image_specs(out_dir: &Path) -> anyhow::Result<[Spec; 3]> {
-    let images = target_dir()?.join("images");
+fn image_specs(out_dir: &Path, images: &Path) -> anyhow::Result<[Spec; 3]> {
     let agent = out_dir.join("vpc-ebpf-agent");
     // Symbols and debug info are a third of the binary; the image ships without them.
     let stripped = images.join(".staging/vpc-ebpf-agent");

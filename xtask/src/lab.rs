@@ -100,7 +100,7 @@ fn cluster() -> anyhow::Result<()> {
     let tag = image::default_tag();
     eprintln!("building the images ({tag})");
     image::build_all(&tag, true)?;
-    let images = target_dir()?.join("images");
+    let images = image::images_dir(true)?;
     // A fresh lab every time, so every check starts from clean nodes.
     if !python_lab(&python, &["down"])? {
         bail!("lab down failed");

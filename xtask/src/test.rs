@@ -3,14 +3,12 @@
 use std::process::Command;
 
 use crate::{
-    deps, ebpf,
+    ebpf,
     util::{cargo, have, root, run},
 };
 
 pub fn all(extra: &[String]) -> anyhow::Result<()> {
-    deps::ensure_system_packages(deps::TEST_PACKAGES)?;
-    let python = deps::ensure_lab_python()?;
-    deps::ensure_ebpf_toolchain()?;
+    let python = crate::lab::ensure_cluster_deps()?;
     let root = root();
     let programs = root.join("ebpf/programs");
 
@@ -55,6 +53,18 @@ pub fn all(extra: &[String]) -> anyhow::Result<()> {
     run(Command::new(cargo())
         .args(["build", "-p", "vpc-ebpf-agent", "-p", "vpc-ebpf-cni"])
         .current_dir(&root))?;
+    // The cluster tests: Kubernetes (built once from Debian's source, cached outside the
+    // clone), helm, and the images from the dev build just made.
+    let kube_bin = crate::lab::kubernetes(&python)?;
+    let tag = format!("test-{}", crate::image::default_tag());
+    crate::image::build_all(&tag, false)?;
+    let images = crate::image::images_dir(false)?;
+    let helm = std::env::var_os("HOME")
+        .map_or_else(
+            || std::path::PathBuf::from("/root"),
+            std::path::PathBuf::from,
+        )
+        .join(".cache/vpc-ebpf/bin/helm");
     // nextest runs each test in its own process, so a crashing root test cannot take the
     // others down, and prints the usual closing summary line.
     let mut tests = Command::new(cargo());
@@ -68,6 +78,10 @@ pub fn all(extra: &[String]) -> anyhow::Result<()> {
     run(tests
         .args(extra)
         .env("VPC_EBPF_LAB_PYTHON", &python)
+        .env("VPC_EBPF_K8S_BIN", &kube_bin)
+        .env("VPC_EBPF_IMAGES", &images)
+        .env("VPC_EBPF_IMAGE_TAG", &tag)
+        .env("VPC_EBPF_HELM", &helm)
         .current_dir(&root))
 }
 

@@ -59,7 +59,8 @@ def main(argv: list[str]) -> int:
     f.add_argument("--delay", type=float, default=0.0, help="seconds to hang before answering")
     sub.add_parser("clear-faults", help="drop every pending fault")
     c = sub.add_parser("cluster", help="the Kubernetes cluster on the running lab")
-    c.add_argument("action", choices=["all", "up", "push", "install", "check"])
+    c.add_argument("action", choices=["all", "up", "push", "install", "check",
+                                         "stop-apiserver", "start-apiserver"])
     c.add_argument("--kube-bin", help="directory of the Kubernetes binaries")
     c.add_argument("--images", help="directory of the OCI image layouts")
     c.add_argument("--tag", help="the images' tag")

@@ -52,6 +52,12 @@ def run(cfg: LabConfig, status: dict, args) -> int:
     if args.action == "install":
         install.install(c, Path(args.chart), args.tag, env, upgrade=True)
         return 0
+    if args.action == "stop-apiserver":
+        c.stop("kube-apiserver")
+        return 0
+    if args.action == "start-apiserver":
+        c.start_apiserver()
+        return 0
     if args.action == "check":
         print("checking the packet paths through the cluster's pods and services:")
         results = workload.Checks(c, status, args.testsrv).run(nodes)

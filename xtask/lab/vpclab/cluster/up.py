@@ -171,28 +171,8 @@ class Cluster:
             "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
             "--initial-cluster", "cp=http://127.0.0.1:2380",
             "--log-level", "warn"]))
+        self.start_apiserver()
         pk = self.pki
-        self._spawn("kube-apiserver", self.in_cp([
-            str(self.bin / "kube-apiserver"),
-            "--etcd-servers=http://127.0.0.1:2379",
-            f"--advertise-address={CP_IP}", "--bind-address=0.0.0.0", "--secure-port=6443",
-            "--insecure-port=0",
-            f"--tls-cert-file={pk.path('apiserver', 'crt')}",
-            f"--tls-private-key-file={pk.path('apiserver', 'key')}",
-            f"--client-ca-file={pk.path('ca', 'crt')}",
-            "--authorization-mode=Node,RBAC",
-            "--enable-admission-plugins=NodeRestriction",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            f"--service-account-key-file={pk.path('sa', 'pub')}",
-            f"--service-account-signing-key-file={pk.path('sa', 'key')}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--kubelet-client-certificate={pk.path('apiserver-kubelet-client', 'crt')}",
-            f"--kubelet-client-key={pk.path('apiserver-kubelet-client', 'key')}",
-            "--kubelet-preferred-address-types=InternalIP",
-            "--allow-privileged=true",
-            "--v=1"]))
-        self.wait("the API server answering", lambda: "ok" in self.kubectl(
-            "get", "--raw", "/readyz"), timeout=90)
         for name, extra in [
             ("kube-controller-manager", [
                 f"--kubeconfig={self.dir / 'pki' / 'controller-manager.kubeconfig'}",
@@ -216,6 +196,49 @@ class Cluster:
         for ns in ["default", "kube-system", "kube-public"]:
             self.kubectl("label", "namespace", ns, f"kubernetes.io/metadata.name={ns}",
                          "--overwrite")
+
+    def start_apiserver(self) -> None:
+        pk = self.pki
+        self._spawn("kube-apiserver", self.in_cp([
+            str(self.bin / "kube-apiserver"),
+            "--etcd-servers=http://127.0.0.1:2379",
+            f"--advertise-address={CP_IP}", "--bind-address=0.0.0.0", "--secure-port=6443",
+            "--insecure-port=0",
+            f"--tls-cert-file={pk.path('apiserver', 'crt')}",
+            f"--tls-private-key-file={pk.path('apiserver', 'key')}",
+            f"--client-ca-file={pk.path('ca', 'crt')}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-account-key-file={pk.path('sa', 'pub')}",
+            f"--service-account-signing-key-file={pk.path('sa', 'key')}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--kubelet-client-certificate={pk.path('apiserver-kubelet-client', 'crt')}",
+            f"--kubelet-client-key={pk.path('apiserver-kubelet-client', 'key')}",
+            "--kubelet-preferred-address-types=InternalIP",
+            "--allow-privileged=true",
+            "--v=1"]))
+        self.wait("the API server answering", lambda: "ok" in self.kubectl(
+            "get", "--raw", "/readyz"), timeout=90)
+
+    def stop(self, name: str) -> None:
+        """Stops one of the cluster's processes (SIGTERM), as an outage would."""
+        pid = int((self.cfg.run_dir / f"{name}.pid").read_text())
+        try:
+            os.kill(pid, 15)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.1)
 
     def start_registry(self) -> None:
         root = self.dir / "registry"
