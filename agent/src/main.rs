@@ -53,10 +53,14 @@ fn main() -> std::process::ExitCode {
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("VPC_EBPF_LOG")
-                .unwrap_or_else(|_| EnvFilter::new(&config.log_level)),
-        )
+        .with_env_filter(EnvFilter::try_from_env("VPC_EBPF_LOG").unwrap_or_else(|_| {
+            // kube's client logs every failed connection at ERROR while the API
+            // server is away; the watchers say it once, with what they keep doing.
+            EnvFilter::new(format!(
+                "{},kube_client::client::builder=off",
+                config.log_level
+            ))
+        }))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -63,6 +63,18 @@ fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Dur
     t0.elapsed()
 }
 
+/// As `wait_until`, and on timeout says what the last round saw.
+fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let t0 = Instant::now();
+    while let Err(saw) = check() {
+        assert!(
+            t0.elapsed() < within,
+            "{what}: not within {within:?}; last saw {saw}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 #[test]
 #[allow(clippy::too_many_lines)] // one walk through a pod's life on the cluster
 fn the_chart_installs_and_pods_live_and_die_through_the_kubelet() {
@@ -447,30 +459,47 @@ fn the_api_server_down_for_a_minute_stops_nothing() {
     );
 
     c.start_apiserver();
-    let back = c.wait_ready("default", "app=steady", 4, Duration::from_secs(90));
-    // The watch caught up: every pod, old and new, is known with its labels.
-    wait_until(
+    c.wait_ready("default", "app=steady", 4, Duration::from_secs(90));
+    // The watch caught up: every pod, old and new, is known with its labels. The pods
+    // are read each round: their status may still carry the old sandbox's address until
+    // the kubelet's first update after the outage lands.
+    wait_for(
         "the registry caught up with the pods",
         Duration::from_secs(30),
         || {
+            let back = c.pods("default", "app=steady");
             let eps = endpoints(&c, 1);
-            back.iter().all(|p| {
-                eps.iter()
-                    .any(|e| e["ip"] == pod_ip(p) && e["labels"]["app"] == "steady")
-            })
+            let ok = back.len() == 4
+                && back.iter().all(|p| {
+                    eps.iter()
+                        .any(|e| e["ip"] == pod_ip(p) && e["labels"]["app"] == "steady")
+                });
+            if ok {
+                return Ok(());
+            }
+            let ips: Vec<&str> = back.iter().map(pod_ip).collect();
+            Err(format!("pods at {ips:?}, endpoints {eps:?}"))
         },
     );
-    let log = c
-        .on_node(
-            1,
-            &[
-                "sh",
-                "-c",
-                "cat /var/log/pods/kube-system_vpc-ebpf-*/vpc-ebpf/*.log",
-            ],
-        )
-        .stdout;
-    assert!(log.contains("the pod watch is back"), "{log}");
+    // The watch retries with client-go's backoff, as kube-rs has it: 0.8 s doubling to
+    // 30 s, with jitter up to as much again; gentle on an API server that just came back.
+    wait_for("the pod watch is back", Duration::from_secs(90), || {
+        let log = c
+            .on_node(
+                1,
+                &[
+                    "sh",
+                    "-c",
+                    "cat /var/log/pods/kube-system_vpc-ebpf-*/vpc-ebpf/*.log",
+                ],
+            )
+            .stdout;
+        if log.contains("the pod watch is back") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
     for a in c.pods("kube-system", "app.kubernetes.io/name=vpc-ebpf") {
         assert_eq!(
             a["status"]["containerStatuses"][0]["restartCount"], 0,

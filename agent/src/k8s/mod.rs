@@ -37,10 +37,15 @@ pub enum KubeError {
     NoNodeName,
 }
 
-/// A client and who we are in the cluster.
+/// Clients and who we are in the cluster.
 #[derive(Clone)]
 pub struct Kube {
+    /// For requests: reads time out.
     pub client: Client,
+    /// For watches: no read timeout, since a watch of a quiet node sends nothing for
+    /// minutes; kube's watcher has its own idle timeout (the server-side watch timeout
+    /// plus a margin) that catches a dead connection.
+    pub watch_client: Client,
     pub node_name: String,
 }
 
@@ -52,8 +57,8 @@ impl std::fmt::Debug for Kube {
     }
 }
 
-/// Reads of the API server give up after this long: a slow API server must not hold the
-/// agent's tasks (watches stream without it).
+/// Requests to the API server give up after this long: a slow API server must not hold
+/// the agent's tasks.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Kube {
@@ -65,11 +70,20 @@ impl Kube {
         if !on_kubernetes {
             return Ok(None);
         }
-        let mut config = Config::infer().await.map_err(KubeError::NoConfig)?;
+        let config = Config::infer().await.map_err(KubeError::NoConfig)?;
+        let watch_client = Client::try_from(config.clone()).map_err(KubeError::Client)?;
+        let mut config = config;
         config.read_timeout = Some(READ_TIMEOUT);
+        // The timeout counts from the request, not from when a pooled connection
+        // went idle.
+        config.reset_reader_on_write = true;
         let client = Client::try_from(config).map_err(KubeError::Client)?;
         let node_name = node_name.ok_or(KubeError::NoNodeName)?;
-        Ok(Some(Self { client, node_name }))
+        Ok(Some(Self {
+            client,
+            watch_client,
+            node_name,
+        }))
     }
 
     /// The agent's Node, retried until the API server answers; `None` if it does not
@@ -129,7 +143,7 @@ pub async fn start(
     let (notices, notice_rx) = Notices::channel();
     let mut tasks = vec![
         tokio::spawn(pods::watch_pods(
-            kube.client.clone(),
+            kube.watch_client.clone(),
             kube.node_name.clone(),
             cache.clone(),
             registry,

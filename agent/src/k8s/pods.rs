@@ -155,9 +155,11 @@ pub async fn watch_pods(
             n = stream.next() => n,
         };
         let Some(event) = next else {
-            // The stream never ends by itself; if it did, start over after a pause.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
+            // kube's backoff never gives up, so the stream does not end; if it ever
+            // did, polling it again would spin on `None`.
+            warn!("the pod watch ended; pods are served from what is known");
+            let _ = stop.changed().await;
+            return;
         };
         match event {
             Ok(ev) => {

@@ -42,8 +42,28 @@ def install(c: cluster.Cluster, chart: Path, tag: str, env: dict[str, str],
 
 
 def wait_rollout(c: cluster.Cluster, timeout: int = 180) -> None:
-    c.kubectl("-n", NAMESPACE, "rollout", "status", f"daemonset/{RELEASE}",
-              f"--timeout={timeout}s")
+    try:
+        c.kubectl("-n", NAMESPACE, "rollout", "status", f"daemonset/{RELEASE}",
+                  f"--timeout={timeout}s")
+    except cluster.ClusterError as e:
+        raise cluster.ClusterError(f"{e}\n{why_not_rolled_out(c)}") from None
+
+
+def why_not_rolled_out(c: cluster.Cluster) -> str:
+    """What a user would look at when the DaemonSet does not come up: its pods, the
+    namespace's recent events and the tail of each agent's log."""
+    out = []
+    for args in (["get", "pods", "-o", "wide"],
+                 ["get", "events", "--sort-by=.lastTimestamp"]):
+        out.append(f"--- kubectl -n {NAMESPACE} {' '.join(args)}")
+        out.append(c.kubectl("-n", NAMESPACE, *args, check=False)[-6000:])
+    for pod in agent_pods(c):
+        name = pod["metadata"]["name"]
+        for container in ("vpc-ebpf-init", "vpc-ebpf"):
+            out.append(f"--- logs {name} {container}")
+            out.append(c.kubectl("-n", NAMESPACE, "logs", name, "-c", container,
+                                 "--tail=40", check=False))
+    return "\n".join(out)
 
 
 def uninstall(c: cluster.Cluster) -> None:

@@ -48,6 +48,9 @@ NODE_PATHS = [
     ("/run/vpc-ebpf", "run-vpc-ebpf"),
     ("/var/log/vpc-ebpf", "var-log-vpc-ebpf"),
     ("/etc/kubernetes", "etc-kubernetes"),
+    # containerd's pod netns: private to the node, so a run that dies leaves none in
+    # the machine's `ip netns list` (they go when the node's mount namespace goes).
+    ("/run/netns", "run-netns"),
 ]
 
 
