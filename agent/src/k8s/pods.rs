@@ -5,7 +5,6 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, RwLock},
-    time::Duration,
 };
 
 use futures_util::StreamExt as _;
