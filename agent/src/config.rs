@@ -1,6 +1,12 @@
 //! The agent's configuration from its environment, with Amazon VPC CNI's variable names
-//! and defaults where they exist. Every problem names the variable, what it got and what
-//! it accepts; all problems are reported at once.
+//! and defaults where they exist.
+//!
+//! VPC CNI's own variables are read as aws-node reads them, so a cluster's existing
+//! settings keep working: a value aws-node would replace by its default (not a number,
+//! negative, out of range) is replaced the same way and reported as a fallback naming the
+//! variable, the value given and the value used. vpc-ebpf's own `VPC_EBPF_*` variables
+//! are strict: every problem names the variable, what it got and what it accepts, all at
+//! once, and the agent does not start.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -64,6 +70,10 @@ pub struct Config {
     /// POD_MTU: the MTU of the pods' interfaces, as aws-node names it (default: the ENI
     /// MTU).
     pub pod_mtu: u32,
+    /// Values of VPC CNI's variables that aws-node would not use as given either, and
+    /// what is used instead: the variable, the value given, the value used. Logged as
+    /// warnings and published as Events on the Node.
+    pub fallbacks: Vec<String>,
 }
 
 /// VPC_EBPF_AGENT_SOCKET's default.
@@ -82,6 +92,7 @@ pub struct ConfigError(pub Vec<String>);
 struct Reader<'a> {
     get: &'a dyn Fn(&str) -> Option<String>,
     problems: Vec<String>,
+    fallbacks: Vec<String>,
 }
 
 impl Reader<'_> {
@@ -101,52 +112,120 @@ impl Reader<'_> {
         parsed
     }
 
-    fn flag(&mut self, key: &str, default: bool) -> bool {
+    fn fallback(&mut self, key: &str, given: &str, why: &str, used: &str) {
+        self.fallbacks.push(format!(
+            "{key}={given:?} {why}; using {used}, as aws-node does"
+        ));
+    }
+
+    /// A whole number of VPC CNI's. aws-node reads these with Go's `strconv.Atoi` and
+    /// uses its default for anything else or anything negative; so does this, with the
+    /// default `fallback` (`None`: as if unset).
+    fn cni_count(&mut self, key: &str, fallback: Option<u32>) -> Option<u32> {
+        let v = self.raw(key)?;
+        match v.parse::<i64>() {
+            Ok(n) if n >= 0 => Some(u32::try_from(n).unwrap_or(u32::MAX)),
+            parsed => {
+                let why = if parsed.is_ok() {
+                    "is negative"
+                } else {
+                    "is not a whole number"
+                };
+                let used = fallback.map_or_else(|| "none (unset)".to_owned(), |f| f.to_string());
+                self.fallback(key, &v, why, &used);
+                fallback
+            }
+        }
+    }
+
+    /// A boolean of VPC CNI's: Go's `strconv.ParseBool`, the default otherwise.
+    fn cni_flag(&mut self, key: &str, default: bool) -> bool {
         let Some(v) = self.raw(key) else {
             return default;
         };
-        // Go's strconv.ParseBool, which VPC CNI uses, so existing manifests keep working.
-        match v.as_str() {
-            "1" | "t" | "T" | "true" | "TRUE" | "True" => true,
-            "0" | "f" | "F" | "false" | "FALSE" | "False" => false,
+        parse_bool(&v).unwrap_or_else(|| {
+            self.fallback(key, &v, "is not true or false", &default.to_string());
+            default
+        })
+    }
+
+    /// An MTU of VPC CNI's: 576 to 9001, as aws-node checks.
+    fn cni_mtu(&mut self, key: &str, default: u32) -> u32 {
+        let Some(v) = self.raw(key) else {
+            return default;
+        };
+        match v.parse::<u32>() {
+            Ok(m) if (576..=9001).contains(&m) => m,
             _ => {
-                self.problems
-                    .push(format!("{key}={v:?}: expected true or false"));
+                self.fallback(
+                    key,
+                    &v,
+                    "is not an MTU from 576 to 9001",
+                    &default.to_string(),
+                );
                 default
             }
         }
     }
 
-    fn addr(&mut self, key: &str, default: SocketAddr) -> SocketAddr {
+    /// A listen address of VPC CNI's.
+    fn cni_addr(&mut self, key: &str, default: SocketAddr) -> SocketAddr {
         let Some(v) = self.raw(key) else {
             return default;
         };
         v.parse().unwrap_or_else(|_| {
-            self.problems.push(format!(
-                "{key}={v:?}: expected an address:port such as {default}"
-            ));
+            self.fallback(key, &v, "is not an address:port", &default.to_string());
             default
         })
     }
 
-    fn eni_tags(&mut self) -> BTreeMap<String, String> {
-        let tags = match self.raw("ADDITIONAL_ENI_TAGS") {
-            None => BTreeMap::new(),
-            Some(v) => serde_json::from_str::<BTreeMap<String, String>>(&v).unwrap_or_else(|e| {
-                self.problems.push(format!(
-                    "ADDITIONAL_ENI_TAGS={v:?}: expected a JSON object of string tags, such as \
-                     {{\"team\":\"net\"}} ({e})"
-                ));
-                BTreeMap::new()
-            }),
+    fn flag(&mut self, key: &str, default: bool) -> bool {
+        let Some(v) = self.raw(key) else {
+            return default;
         };
-        if let Some(k) = tags
+        parse_bool(&v).unwrap_or_else(|| {
+            self.problems
+                .push(format!("{key}={v:?}: expected true or false"));
+            default
+        })
+    }
+
+    /// aws-node ignores ADDITIONAL_ENI_TAGS when it is not a JSON object of strings, and
+    /// drops tags under the prefixes it reserves.
+    fn eni_tags(&mut self) -> BTreeMap<String, String> {
+        let Some(v) = self.raw("ADDITIONAL_ENI_TAGS") else {
+            return BTreeMap::new();
+        };
+        let mut tags = match serde_json::from_str::<BTreeMap<String, String>>(&v) {
+            Ok(t) => t,
+            Err(e) => {
+                self.fallback(
+                    "ADDITIONAL_ENI_TAGS",
+                    &v,
+                    &format!(
+                        "is not a JSON object of string tags such as {{\"team\":\"net\"}} ({e})"
+                    ),
+                    "no additional tags",
+                );
+                return BTreeMap::new();
+            }
+        };
+        let reserved: Vec<String> = tags
             .keys()
-            .find(|k| k.starts_with("k8s.amazonaws.com") || k.starts_with("aws:"))
-        {
-            self.problems.push(format!(
-                "ADDITIONAL_ENI_TAGS: tag {k:?} uses a reserved prefix (k8s.amazonaws.com, aws:)"
-            ));
+            .filter(|k| k.starts_with("k8s.amazonaws.com") || k.starts_with("aws:"))
+            .cloned()
+            .collect();
+        if !reserved.is_empty() {
+            for k in &reserved {
+                tags.remove(k);
+            }
+            let used = serde_json::to_string(&tags).unwrap_or_default();
+            self.fallback(
+                "ADDITIONAL_ENI_TAGS",
+                &v,
+                &format!("uses reserved tag prefixes (k8s.amazonaws.com, aws:) in {reserved:?}"),
+                &used,
+            );
         }
         tags
     }
@@ -182,11 +261,62 @@ impl Reader<'_> {
         })
     }
 
+    /// aws-node skips the entries of AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS it cannot parse.
     fn snat_exclusions(&mut self) -> Vec<Ipv4Net> {
-        self.cidrs("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS")
-            .unwrap_or_default()
+        const KEY: &str = "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS";
+        let Some(v) = self.raw(KEY) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut bad = Vec::new();
+        for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.parse::<Ipv4Net>() {
+                Ok(c) if c.trunc() == c => out.push(c),
+                _ => bad.push(part.to_owned()),
+            }
+        }
+        if !bad.is_empty() {
+            let used = out
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            self.fallback(
+                KEY,
+                &v,
+                &format!("has entries that are not IPv4 CIDRs such as 10.10.0.0/16: {bad:?}"),
+                &format!("{used:?}"),
+            );
+        }
+        out
     }
 }
+
+/// Go's `strconv.ParseBool`, which VPC CNI uses, so existing manifests keep working.
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// VPC CNI features vpc-ebpf does not have: on, they are reported (the node still gets
+/// pod networking from its own subnet), never silently ignored.
+const UNSUPPORTED_FEATURES: [(&str, &str); 3] = [
+    (
+        "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
+        "custom networking (ENIConfig) is not supported yet: pods get addresses from the node's subnet",
+    ),
+    (
+        "ENABLE_POD_ENI",
+        "security groups for pods (branch ENIs) are not supported: pods use the node's security groups",
+    ),
+    (
+        "ENABLE_SUBNET_DISCOVERY",
+        "subnet discovery is not supported yet: new ENIs go to the node's subnet",
+    ),
+];
 
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -198,34 +328,56 @@ impl Config {
         let mut r = Reader {
             get,
             problems: Vec::new(),
+            fallbacks: Vec::new(),
         };
-        let prefix = r.flag("ENABLE_PREFIX_DELEGATION", false);
-        let max_eni = match r.raw("MAX_ENI").as_deref() {
-            // VPC CNI's "no limit".
-            None | Some("-1") => None,
-            Some(_) => r.count("MAX_ENI"),
-        };
-        if max_eni == Some(0) {
-            r.problems
-                .push("MAX_ENI=\"0\": at least 1 (the primary ENI), or -1 for no limit".into());
-        }
-        let targets = Targets {
-            warm_eni: r.count("WARM_ENI_TARGET").unwrap_or(1),
-            warm_ip: r.count("WARM_IP_TARGET"),
-            minimum_ip: r.count("MINIMUM_IP_TARGET"),
-            warm_prefix: r.count("WARM_PREFIX_TARGET"),
-            max_eni,
-            max_pods: r.count("MAX_PODS"),
-        };
-        if !prefix && targets.warm_prefix.is_some() {
+        if r.raw("ENABLE_IPv6").as_deref().and_then(parse_bool) == Some(true) {
             r.problems.push(
-                "WARM_PREFIX_TARGET is set but ENABLE_PREFIX_DELEGATION is not true: set \
-                 ENABLE_PREFIX_DELEGATION=true or remove WARM_PREFIX_TARGET"
+                "ENABLE_IPv6=true: vpc-ebpf serves IPv4 clusters only; set ENABLE_IPv6=false"
                     .into(),
             );
         }
-        let ip_cooldown =
-            Duration::from_secs(u64::from(r.count("IP_COOLDOWN_PERIOD").unwrap_or(30)));
+        for (key, what) in UNSUPPORTED_FEATURES {
+            if let Some(v) = r.raw(key)
+                && parse_bool(&v) == Some(true)
+            {
+                r.fallbacks.push(format!("{key}={v:?}: {what}"));
+            }
+        }
+        let prefix = r.cni_flag("ENABLE_PREFIX_DELEGATION", false);
+        // aws-node: MAX_ENI below 1 or not a number means no limit.
+        let max_eni = match r.raw("MAX_ENI") {
+            None => None,
+            Some(v) => match v.parse::<i64>() {
+                Ok(n) if n >= 1 => Some(u32::try_from(n).unwrap_or(u32::MAX)),
+                Ok(-1) => None,
+                _ => {
+                    r.fallback("MAX_ENI", &v, "is not a number of ENIs >= 1", "no limit");
+                    None
+                }
+            },
+        };
+        // In aws-node, 0 is how WARM_IP_TARGET and MINIMUM_IP_TARGET say "unset": the
+        // pool then follows WARM_ENI_TARGET (or WARM_PREFIX_TARGET).
+        let warm_ip = r.cni_count("WARM_IP_TARGET", None).filter(|&n| n > 0);
+        let minimum_ip = r.cni_count("MINIMUM_IP_TARGET", None).filter(|&n| n > 0);
+        // aws-node's stock manifest sets WARM_PREFIX_TARGET=1 with prefix delegation off;
+        // it only matters in prefix mode.
+        let warm_prefix = if prefix {
+            r.cni_count("WARM_PREFIX_TARGET", Some(1))
+        } else {
+            None
+        };
+        let targets = Targets {
+            warm_eni: r.cni_count("WARM_ENI_TARGET", Some(1)).unwrap_or(1),
+            warm_ip,
+            minimum_ip,
+            warm_prefix,
+            max_eni,
+            max_pods: r.count("MAX_PODS"),
+        };
+        let ip_cooldown = Duration::from_secs(u64::from(
+            r.cni_count("IP_COOLDOWN_PERIOD", Some(30)).unwrap_or(30),
+        ));
         let additional_eni_tags = r.eni_tags();
         let exclude_snat_cidrs = r.snat_exclusions();
         let veth_prefix = r
@@ -240,27 +392,20 @@ impl Config {
                  lo or vlan"
             ));
         }
-        let mtu = r.count("AWS_VPC_ENI_MTU").unwrap_or(9001);
-        if !(576..=9001).contains(&mtu) {
-            r.problems
-                .push(format!("AWS_VPC_ENI_MTU={mtu}: between 576 and 9001"));
-        }
-        let pod_mtu = r.count("POD_MTU");
-        if let Some(m) = pod_mtu
-            && !(576..=9001).contains(&m)
-        {
-            r.problems
-                .push(format!("POD_MTU={m}: between 576 and 9001"));
-        }
-        let pod_mtu = pod_mtu.unwrap_or(mtu);
-        let log_level = r
+        let mtu = r.cni_mtu("AWS_VPC_ENI_MTU", 9001);
+        let pod_mtu = r.cni_mtu("POD_MTU", mtu);
+        let mut log_level = r
             .raw("AWS_VPC_K8S_CNI_LOGLEVEL")
             .unwrap_or_else(|| "INFO".into())
             .to_lowercase();
         if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
-            r.problems.push(format!(
-                "AWS_VPC_K8S_CNI_LOGLEVEL={log_level:?}: one of ERROR, WARN, INFO, DEBUG, TRACE"
-            ));
+            let given = std::mem::replace(&mut log_level, "info".into());
+            r.fallback(
+                "AWS_VPC_K8S_CNI_LOGLEVEL",
+                &given,
+                "is not one of ERROR, WARN, INFO, DEBUG, TRACE",
+                "INFO",
+            );
         }
         let config = Self {
             mode: if prefix {
@@ -272,7 +417,7 @@ impl Config {
             ip_cooldown,
             cluster_name: r.raw("CLUSTER_NAME"),
             additional_eni_tags,
-            disable_leaked_eni_cleanup: r.flag("DISABLE_LEAKED_ENI_CLEANUP", false),
+            disable_leaked_eni_cleanup: r.cni_flag("DISABLE_LEAKED_ENI_CLEANUP", false),
             leaked_eni_age: Duration::from_secs(u64::from(
                 r.count("VPC_EBPF_LEAKED_ENI_AGE").unwrap_or(300),
             )),
@@ -282,7 +427,7 @@ impl Config {
             imds_endpoint: r
                 .raw("AWS_EC2_METADATA_SERVICE_ENDPOINT")
                 .unwrap_or_else(|| crate::aws::imds::DEFAULT_ENDPOINT.into()),
-            external_snat: r.flag("AWS_VPC_K8S_CNI_EXTERNALSNAT", false),
+            external_snat: r.cni_flag("AWS_VPC_K8S_CNI_EXTERNALSNAT", false),
             exclude_snat_cidrs,
             snat_ports: r.port_range("VPC_EBPF_SNAT_PORT_RANGE", DEFAULT_SNAT_PORTS),
             veth_prefix,
@@ -303,19 +448,21 @@ impl Config {
                 .into(),
             service_cidrs: r.cidrs("VPC_EBPF_SERVICE_CIDRS"),
             nat_max_entries: r.count("VPC_EBPF_NAT_MAX_ENTRIES"),
-            metrics_addr: r.addr(
+            metrics_addr: r.cni_addr(
                 "METRICS_BIND_ADDRESS",
                 SocketAddr::from(([127, 0, 0, 1], 61678)),
             ),
-            introspection_addr: r.addr(
+            introspection_addr: r.cni_addr(
                 "INTROSPECTION_BIND_ADDRESS",
                 SocketAddr::from(([127, 0, 0, 1], 61679)),
             ),
             log_level,
             node_name: r.raw(crate::k8s::NODE_NAME_VAR),
-            annotate_pod_ip: r.flag("ANNOTATE_POD_IP", false),
+            annotate_pod_ip: r.cni_flag("ANNOTATE_POD_IP", false),
             cni_conf_dir: r.raw("VPC_EBPF_CNI_CONF_DIR").map(PathBuf::from),
             pod_mtu,
+            // Last: every variable above has been read.
+            fallbacks: std::mem::take(&mut r.fallbacks),
         };
         if r.problems.is_empty() {
             Ok(config)
@@ -435,35 +582,236 @@ mod tests {
     }
 
     #[test]
-    fn every_problem_is_named_with_what_is_accepted() {
+    fn problems_with_vpc_ebpf_variables_are_all_named_with_what_is_accepted() {
         let e = parse(&[
-            ("WARM_IP_TARGET", "lots"),
-            ("ENABLE_PREFIX_DELEGATION", "yes"),
-            ("MAX_ENI", "0"),
-            ("ADDITIONAL_ENI_TAGS", "team=net"),
-            ("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "10.0.0.1/8"),
-            ("AWS_VPC_K8S_CNI_VETHPREFIX", "eth"),
-            ("AWS_VPC_ENI_MTU", "100"),
-            ("INTROSPECTION_BIND_ADDRESS", "localhost"),
+            ("VPC_EBPF_DATAPLANE", "yes"),
+            ("VPC_EBPF_SERVICE_CIDRS", "10.0.0.1/8"),
             ("VPC_EBPF_SNAT_PORT_RANGE", "80-90"),
+            ("VPC_EBPF_NAT_MAX_ENTRIES", "many"),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", "eth"),
+            ("ENABLE_IPv6", "true"),
         ])
         .unwrap_err();
         let text = e.to_string();
         for var in [
-            "WARM_IP_TARGET",
-            "ENABLE_PREFIX_DELEGATION",
-            "MAX_ENI",
-            "ADDITIONAL_ENI_TAGS",
-            "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS",
-            "AWS_VPC_K8S_CNI_VETHPREFIX",
-            "AWS_VPC_ENI_MTU",
-            "INTROSPECTION_BIND_ADDRESS",
+            "VPC_EBPF_DATAPLANE",
+            "VPC_EBPF_SERVICE_CIDRS",
             "VPC_EBPF_SNAT_PORT_RANGE",
+            "VPC_EBPF_NAT_MAX_ENTRIES",
+            "AWS_VPC_K8S_CNI_VETHPREFIX",
+            "ENABLE_IPv6",
         ] {
             assert!(text.contains(var), "{var} not named in:\n{text}");
         }
-        assert_eq!(e.0.len(), 9, "{text}");
-        let e = parse(&[("WARM_PREFIX_TARGET", "1")]).unwrap_err();
-        assert!(e.to_string().contains("ENABLE_PREFIX_DELEGATION=true"));
+        assert_eq!(e.0.len(), 6, "{text}");
+    }
+
+    /// VPC CNI's variables as aws-node reads them (ipamd's getters: `strconv.Atoi` and
+    /// `strconv.ParseBool`, defaults on anything else, 0 as "unset" for the IP targets).
+    /// Each row: the variables, what the agent uses, and whether a fallback is reported.
+    #[test]
+    #[allow(clippy::too_many_lines)] // one table
+    fn vpc_cni_variables_are_read_as_aws_node_reads_them() {
+        type Check = fn(&Config) -> bool;
+        type Row = (&'static [(&'static str, &'static str)], Check, bool);
+        let rows: &[Row] = &[
+            // 0 means unset: the pool follows WARM_ENI_TARGET.
+            (
+                &[("WARM_IP_TARGET", "0")],
+                |c| c.targets.warm_ip.is_none(),
+                false,
+            ),
+            (
+                &[("MINIMUM_IP_TARGET", "0")],
+                |c| c.targets.minimum_ip.is_none(),
+                false,
+            ),
+            (
+                &[("WARM_IP_TARGET", "0"), ("MINIMUM_IP_TARGET", "10")],
+                |c| c.targets.warm_ip.is_none() && c.targets.minimum_ip == Some(10),
+                false,
+            ),
+            (
+                &[("WARM_IP_TARGET", "-1")],
+                |c| c.targets.warm_ip.is_none(),
+                true,
+            ),
+            (
+                &[("WARM_IP_TARGET", "two")],
+                |c| c.targets.warm_ip.is_none(),
+                true,
+            ),
+            (
+                &[("MINIMUM_IP_TARGET", "1.5")],
+                |c| c.targets.minimum_ip.is_none(),
+                true,
+            ),
+            (
+                &[("WARM_ENI_TARGET", "0")],
+                |c| c.targets.warm_eni == 0,
+                false,
+            ),
+            (
+                &[("WARM_ENI_TARGET", "-3")],
+                |c| c.targets.warm_eni == 1,
+                true,
+            ),
+            (
+                &[("WARM_ENI_TARGET", "one")],
+                |c| c.targets.warm_eni == 1,
+                true,
+            ),
+            // The stock aws-node manifest: WARM_PREFIX_TARGET=1 without prefix delegation.
+            (
+                &[
+                    ("WARM_PREFIX_TARGET", "1"),
+                    ("ENABLE_PREFIX_DELEGATION", "false"),
+                ],
+                |c| c.mode == Mode::SecondaryIp && c.targets.warm_prefix.is_none(),
+                false,
+            ),
+            (
+                &[
+                    ("WARM_PREFIX_TARGET", "0"),
+                    ("ENABLE_PREFIX_DELEGATION", "true"),
+                ],
+                |c| c.mode == Mode::Prefix && c.targets.warm_prefix == Some(0),
+                false,
+            ),
+            (
+                &[
+                    ("WARM_PREFIX_TARGET", "-1"),
+                    ("ENABLE_PREFIX_DELEGATION", "true"),
+                ],
+                |c| c.targets.warm_prefix == Some(1),
+                true,
+            ),
+            (
+                &[("ENABLE_PREFIX_DELEGATION", "yes")],
+                |c| c.mode == Mode::SecondaryIp,
+                true,
+            ),
+            (&[("MAX_ENI", "-1")], |c| c.targets.max_eni.is_none(), false),
+            (&[("MAX_ENI", "0")], |c| c.targets.max_eni.is_none(), true),
+            (&[("MAX_ENI", "x")], |c| c.targets.max_eni.is_none(), true),
+            (&[("MAX_ENI", "2")], |c| c.targets.max_eni == Some(2), false),
+            (
+                &[("IP_COOLDOWN_PERIOD", "-5")],
+                |c| c.ip_cooldown == Duration::from_secs(30),
+                true,
+            ),
+            (&[("AWS_VPC_ENI_MTU", "100")], |c| c.mtu == 9001, true),
+            (
+                &[("AWS_VPC_ENI_MTU", "1500")],
+                |c| c.mtu == 1500 && c.pod_mtu == 1500,
+                false,
+            ),
+            (
+                &[("AWS_VPC_ENI_MTU", "1500"), ("POD_MTU", "99999")],
+                |c| c.pod_mtu == 1500,
+                true,
+            ),
+            (
+                &[("AWS_VPC_K8S_CNI_EXTERNALSNAT", "maybe")],
+                |c| !c.external_snat,
+                true,
+            ),
+            (
+                &[("AWS_VPC_K8S_CNI_LOGLEVEL", "verbose")],
+                |c| c.log_level == "info",
+                true,
+            ),
+            (
+                &[("AWS_VPC_K8S_CNI_LOGLEVEL", "DEBUG")],
+                |c| c.log_level == "debug",
+                false,
+            ),
+            (
+                &[("ADDITIONAL_ENI_TAGS", "team=net")],
+                |c| c.additional_eni_tags.is_empty(),
+                true,
+            ),
+            (
+                &[("ADDITIONAL_ENI_TAGS", r#"{"team":"net","aws:x":"y"}"#)],
+                |c| c.additional_eni_tags.len() == 1 && c.additional_eni_tags["team"] == "net",
+                true,
+            ),
+            (
+                &[("AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS", "10.9.0.0/16,nope")],
+                |c| c.exclude_snat_cidrs.len() == 1,
+                true,
+            ),
+            (
+                &[("INTROSPECTION_BIND_ADDRESS", "localhost")],
+                |c| c.introspection_addr.port() == 61679,
+                true,
+            ),
+            (
+                &[("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true")],
+                |_| true,
+                true,
+            ),
+            (
+                &[("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "false")],
+                |_| true,
+                false,
+            ),
+        ];
+        for (vars, check, reported) in rows {
+            let c = parse(vars).unwrap_or_else(|e| panic!("{vars:?}: {e}"));
+            assert!(check(&c), "{vars:?}: used {}", c.to_json());
+            assert_eq!(
+                !c.fallbacks.is_empty(),
+                *reported,
+                "{vars:?}: fallbacks {:?}",
+                c.fallbacks
+            );
+            for f in &c.fallbacks {
+                assert!(f.starts_with(vars.iter().find(|(k, _)| f.starts_with(k)).unwrap().0));
+            }
+        }
+        // What is said names the variable, the value given and the value used.
+        let c = parse(&[("WARM_ENI_TARGET", "-3")]).unwrap();
+        assert_eq!(
+            c.fallbacks,
+            ["WARM_ENI_TARGET=\"-3\" is negative; using 1, as aws-node does"]
+        );
+    }
+
+    /// Every value of the `env:` block of aws-vpc-cni's chart (its values.yaml).
+    #[test]
+    fn aws_node_chart_values_start_the_agent() {
+        let c = parse(&[
+            ("ADDITIONAL_ENI_TAGS", "{}"),
+            ("AWS_VPC_CNI_NODE_PORT_SUPPORT", "true"),
+            ("AWS_VPC_ENI_MTU", "9001"),
+            ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "false"),
+            ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "false"),
+            (
+                "AWS_VPC_K8S_CNI_LOG_FILE",
+                "/host/var/log/aws-routed-eni/ipamd.log",
+            ),
+            ("AWS_VPC_K8S_CNI_LOGLEVEL", "DEBUG"),
+            ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "prng"),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", "eni"),
+            (
+                "AWS_VPC_K8S_PLUGIN_LOG_FILE",
+                "/var/log/aws-routed-eni/plugin.log",
+            ),
+            ("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "DEBUG"),
+            ("DISABLE_INTROSPECTION", "false"),
+            ("DISABLE_METRICS", "false"),
+            ("ENABLE_POD_ENI", "false"),
+            ("ENABLE_PREFIX_DELEGATION", "false"),
+            ("WARM_ENI_TARGET", "1"),
+            ("WARM_PREFIX_TARGET", "1"),
+            ("DISABLE_NETWORK_RESOURCE_PROVISIONING", "false"),
+            ("ENABLE_IPv4", "true"),
+            ("ENABLE_IPv6", "false"),
+        ])
+        .unwrap();
+        assert!(c.fallbacks.is_empty(), "{:?}", c.fallbacks);
+        assert_eq!(c.mode, Mode::SecondaryIp);
+        assert_eq!(c.targets, Targets::default());
     }
 }

@@ -141,6 +141,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let k8s = k8s::start(&config, registry.clone(), &stop)
         .await
         .context("connecting to Kubernetes")?;
+    // Settings aws-node would also have replaced: said once per start, on the Node too.
+    (config.fallbacks.iter()).for_each(|f| k8s.notices.warning("ConfigFallback", f.clone()));
     let services = Services {
         ipam: ipam.clone(),
         endpoints: registry.clone(),

@@ -155,11 +155,23 @@ pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, enis: &[EniUsage]) 
     } else if mode == Mode::Prefix {
         let warm = t.warm_prefix.unwrap_or(1);
         let free = enis.iter().map(|e| e.units - e.busy_units).sum::<u32>();
-        (warm.saturating_sub(free), free.saturating_sub(warm), false)
+        if warm == 0 {
+            // As in ipamd, a target of 0 still grows when no address is left: one
+            // prefix at a time, and the last free one is kept.
+            let grow = u32::from(sums.available == 0);
+            let keep = u32::from(sums.available <= free * PREFIX_SIZE);
+            (grow, free.saturating_sub(keep), false)
+        } else {
+            (warm.saturating_sub(free), free.saturating_sub(warm), false)
+        }
     } else {
         let want = t.warm_eni * cap;
         if sums.available < want {
             (want - sums.available, 0, true)
+        } else if want == 0 && sums.available == 0 {
+            // WARM_ENI_TARGET=0: no warm ENI, but as in ipamd a pod with nothing free
+            // still gets one (the ENI is filled, as warm-ENI mode always fills).
+            (1, 0, true)
         } else {
             (0, 0, true)
         }
@@ -271,9 +283,11 @@ fn surplus_eni(enis: &[EniUsage], want: u32, cap: u32, available: u32) -> Option
     if available < want + cap {
         return None;
     }
+    // With WARM_ENI_TARGET=0 an ENI goes only if an address stays free: the pool grows
+    // whenever none is, so releasing the last free ones would attach again at once.
     enis.iter()
         .filter(|e| e.device_index != 0 && e.assigned == 0 && e.cooling == 0)
-        .filter(|e| available - e.units >= want)
+        .filter(|e| available - e.units >= want.max(1))
         .max_by_key(|e| e.device_index)
         .map(|e| e.device_index)
 }
@@ -572,5 +586,201 @@ mod tests {
             }]
         );
         assert_eq!(p.blocked, Some(Blocked::MaxPods));
+    }
+
+    /// A node following its plans until they are empty, with pods placed on the lowest
+    /// ENI that has a free address (units are addresses; secondary-IP mode).
+    struct Node {
+        limits: InstanceLimits,
+        targets: Targets,
+        enis: Vec<EniUsage>,
+    }
+
+    impl Node {
+        fn new(limits: InstanceLimits, targets: Targets) -> Self {
+            Self {
+                limits,
+                targets,
+                enis: vec![eni(0, 0, 0)],
+            }
+        }
+
+        fn settle(&mut self) {
+            for _ in 0..50 {
+                let p = plan(Mode::SecondaryIp, &self.targets, self.limits, &self.enis);
+                if p.grow.is_empty() && p.release_units == 0 && p.release_eni.is_none() {
+                    return;
+                }
+                for step in p.grow {
+                    match step {
+                        Step::Assign {
+                            device_index,
+                            units,
+                        } => self.enis[device_index as usize].units += units,
+                        Step::AttachEni { units } => {
+                            let index = u32::try_from(self.enis.len()).unwrap();
+                            self.enis.push(eni(index, units, 0));
+                        }
+                    }
+                }
+                let mut left = p.release_units;
+                for e in self.enis.iter_mut().rev() {
+                    let free = (e.units - e.assigned).min(left);
+                    e.units -= free;
+                    left -= free;
+                }
+                if let Some(i) = p.release_eni {
+                    self.enis.retain(|e| e.device_index != i);
+                }
+            }
+            panic!("the plans did not settle: {:?}", self.enis);
+        }
+
+        /// A pod arrives (the pool may first have to grow for it), as ipamd serves one.
+        fn add_pod(&mut self) {
+            if !self.enis.iter().any(|e| e.assigned < e.units) {
+                self.settle();
+            }
+            let e = self
+                .enis
+                .iter_mut()
+                .find(|e| e.assigned < e.units)
+                .expect("no free address for a pod");
+            e.assigned += 1;
+            e.busy_units = e.assigned;
+            self.settle();
+        }
+
+        /// (attached ENIs, secondary IPs, unused IPs)
+        fn shape(&self) -> (usize, u32, u32) {
+            let t = totals(Mode::SecondaryIp, &self.enis);
+            (self.enis.len(), t.total, t.available)
+        }
+    }
+
+    /// The example table of amazon-vpc-cni-k8s' docs/eni-and-ip-target.md: instance
+    /// type, WARM_ENI_TARGET, WARM_IP_TARGET, MINIMUM_IP_TARGET, pods → attached ENIs,
+    /// attached secondary IPs, unused IPs. (ipamd spreads the "2, 5" row's five addresses
+    /// as 2+3; vpc-ebpf fills the primary ENI first, 3+2: same ENIs, same addresses.)
+    #[test]
+    fn vpc_cni_documented_examples() {
+        type Row = (
+            InstanceLimits,
+            u32,
+            Option<u32>,
+            Option<u32>,
+            u32,
+            (usize, u32, u32),
+        );
+        let t3_small = InstanceLimits {
+            max_enis: 3,
+            slots_per_eni: 4,
+        };
+        let p3dn = InstanceLimits {
+            max_enis: 15,
+            slots_per_eni: 50,
+        };
+        let rows: [Row; 16] = [
+            (t3_small, 1, None, None, 0, (1, 3, 3)),
+            (t3_small, 1, None, None, 5, (3, 9, 4)),
+            (t3_small, 1, None, None, 9, (3, 9, 0)),
+            (t3_small, 1, Some(1), Some(1), 0, (1, 1, 1)),
+            (t3_small, 1, Some(1), Some(1), 5, (2, 6, 1)),
+            (t3_small, 1, Some(1), Some(1), 9, (3, 9, 0)),
+            (t3_small, 1, Some(2), Some(5), 0, (2, 5, 5)),
+            (t3_small, 1, Some(2), Some(5), 5, (3, 7, 2)),
+            (t3_small, 1, Some(2), Some(5), 9, (3, 9, 0)),
+            (p3dn, 1, None, None, 0, (1, 49, 49)),
+            (p3dn, 1, None, None, 3, (2, 98, 95)),
+            (p3dn, 1, None, None, 95, (3, 147, 52)),
+            (p3dn, 1, Some(5), Some(10), 0, (1, 10, 10)),
+            (p3dn, 1, Some(5), Some(10), 7, (1, 12, 5)),
+            (p3dn, 1, Some(5), Some(10), 15, (1, 20, 5)),
+            (p3dn, 1, Some(5), Some(10), 45, (2, 50, 5)),
+        ];
+        for (limits, warm_eni, warm_ip, min_ip, pods, want) in rows {
+            let targets = Targets {
+                warm_eni,
+                warm_ip,
+                minimum_ip: min_ip,
+                ..Targets::default()
+            };
+            let mut node = Node::new(limits, targets.clone());
+            node.settle();
+            for _ in 0..pods {
+                node.add_pod();
+            }
+            assert_eq!(
+                node.shape(),
+                want,
+                "{targets:?} with {pods} pods: {:?}",
+                node.enis
+            );
+        }
+    }
+
+    /// WARM_ENI_TARGET=0 (with no IP targets) asks for no warm ENI, yet the pool grows
+    /// whenever no address is free, as ipamd's "pool too low" does whatever the target:
+    /// pods are always served, and no extra ENI is attached ahead of need.
+    #[test]
+    fn warm_eni_target_zero_still_serves_pods() {
+        let targets = Targets {
+            warm_eni: 0,
+            ..Targets::default()
+        };
+        let mut node = Node::new(M5, targets);
+        node.settle();
+        assert_eq!(
+            node.shape(),
+            (1, 9, 9),
+            "the primary ENI filled, nothing more"
+        );
+        for _ in 0..9 {
+            node.add_pod();
+        }
+        assert_eq!(
+            node.shape(),
+            (2, 18, 9),
+            "the next ENI only once the first is used up"
+        );
+        for _ in 0..3 {
+            node.add_pod();
+        }
+        // Whole ENIs, as warm-ENI mode fills them: 9 + 9 for 12 pods.
+        assert_eq!(node.shape(), (2, 18, 6));
+    }
+
+    /// WARM_PREFIX_TARGET=0 in prefix mode: nothing warm, a prefix when no address is
+    /// left, and the last free prefix kept so a pod's next neighbour does not churn EC2.
+    #[test]
+    fn warm_prefix_target_zero_grows_when_nothing_is_free() {
+        let t = Targets {
+            warm_prefix: Some(0),
+            ..Targets::default()
+        };
+        let p = plan(Mode::Prefix, &t, M5, &[eni(0, 0, 0)]);
+        assert_eq!(
+            p.grow,
+            [Step::Assign {
+                device_index: 0,
+                units: 1
+            }]
+        );
+        // One prefix, wholly free: kept (releasing it would leave no address).
+        let p = plan(Mode::Prefix, &t, M5, &[eni(0, 1, 0)]);
+        assert_eq!((p.grow.len(), p.release_units), (0, 0));
+        // Two wholly free: one goes.
+        let p = plan(Mode::Prefix, &t, M5, &[eni(0, 2, 0)]);
+        assert_eq!(p.release_units, 1);
+        // A pod in the first prefix leaves 15 addresses: the free prefix goes.
+        let e = EniUsage {
+            device_index: 0,
+            units: 2,
+            busy_units: 1,
+            assigned: 1,
+            cooling: 0,
+        };
+        let p = plan(Mode::Prefix, &t, M5, &[e]);
+        assert_eq!(p.release_units, 1);
     }
 }
