@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
 use crate::{
     deps,
@@ -15,7 +15,8 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
             "usage: cargo xtask bench cni [--pods N] [--rounds N] [--json FILE]\n       \
              cargo xtask bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE]\n       \
              cargo xtask bench ipam [--modes secondary|prefix|both] [--pods N] [--restarts N] [--json FILE]\n       \
-             cargo xtask bench progcost [--runs N] [--object FILE] [--json FILE]"
+             cargo xtask bench progcost [--runs N] [--object FILE] [--json FILE]\n       \
+             cargo xtask bench pods [--pods N] [--rounds N] [--json FILE]"
         );
     };
     match what.as_str() {
@@ -44,6 +45,7 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
                 .args(&args[1..]))
         }
         "dataplane" => dataplane(&args[1..]),
+        "pods" => pods(&args[1..]),
         "ipam" => ipam(&args[1..]),
         "progcost" => {
             deps::ensure_system_packages(&[("ip", "iproute2")])?;
@@ -56,7 +58,9 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
                 .arg("progcost")
                 .args(&args[1..]))
         }
-        other => bail!("unknown benchmark {other:?}: available: cni, dataplane, ipam, progcost"),
+        other => {
+            bail!("unknown benchmark {other:?}: available: cni, dataplane, ipam, pods, progcost")
+        }
     }
 }
 
@@ -114,4 +118,62 @@ fn ipam(args: &[String]) -> anyhow::Result<()> {
         .env("VPC_EBPF_AGENT_BIN", release.join("vpc-ebpf-agent"))
         .env("VPC_EBPF_CNI_BIN", release.join("vpc-ebpf-cni"))
         .env("VPC_EBPF_LAB_PYTHON", &python))
+}
+
+/// Pod start on the lab cluster, vpc-ebpf (release image, chart defaults) against Debian's
+/// bridge + host-local in the same run; a lab of its own (prefix `bp`), removed after.
+fn pods(args: &[String]) -> anyhow::Result<()> {
+    let python = crate::lab::ensure_cluster_deps()?;
+    let kube_bin = crate::lab::kubernetes(&python)?;
+    let tag = crate::image::default_tag();
+    eprintln!("building the images ({tag})");
+    crate::image::build_all(&tag, true)?;
+    let images = crate::image::images_dir(true)?;
+    let mut json = target_dir()?.join("bench/pods.json");
+    let mut pass: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--pods" | "--rounds" => {
+                pass.push(a.clone());
+                pass.push(it.next().context("--pods/--rounds need a value")?.clone());
+            }
+            "--json" => json = it.next().context("--json needs a file")?.into(),
+            other => bail!(
+                "unknown argument {other:?}: cargo xtask bench pods [--pods N] [--rounds N] [--json FILE]"
+            ),
+        }
+    }
+    if let Some(dir) = json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let lab = |a: &[&str]| crate::lab::python_lab(&python, &[&["--prefix", "bp"], a].concat());
+    if !lab(&["down"])? || !lab(&["up"])? {
+        bail!("bringing the bench's lab up failed");
+    }
+    let kube_bin = kube_bin.display().to_string();
+    let images = images.display().to_string();
+    let chart = root().join("charts/vpc-ebpf").display().to_string();
+    let json = json.display().to_string();
+    let mut cluster_args = vec![
+        "cluster",
+        "bench-pods",
+        "--kube-bin",
+        &kube_bin,
+        "--images",
+        &images,
+        "--tag",
+        &tag,
+        "--chart",
+        &chart,
+        "--json",
+        &json,
+    ];
+    cluster_args.extend(pass.iter().map(String::as_str));
+    let ok = lab(&cluster_args)?;
+    lab(&["down"])?;
+    if !ok {
+        bail!("cargo xtask bench pods failed (see above)");
+    }
+    Ok(())
 }

@@ -41,7 +41,8 @@ enum Command {
         args: Vec<String>,
     },
     /// Benchmarks against the anchors: `bench cni [--pods N] [--rounds N] [--json FILE]`,
-    /// `bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE]`.
+    /// `bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE]`,
+    /// `bench pods [--pods N] [--rounds N] [--json FILE]`, `bench ipam ...`, `bench progcost ...`.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,

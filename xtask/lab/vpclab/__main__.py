@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     f.add_argument("--delay", type=float, default=0.0, help="seconds to hang before answering")
     sub.add_parser("clear-faults", help="drop every pending fault")
     c = sub.add_parser("cluster", help="the Kubernetes cluster on the running lab")
-    c.add_argument("action", choices=["all", "up", "push", "install", "check",
+    c.add_argument("action", choices=["all", "up", "push", "install", "check", "bench-pods",
                                          "stop-apiserver", "start-apiserver"])
     c.add_argument("--kube-bin", help="directory of the Kubernetes binaries")
     c.add_argument("--images", help="directory of the OCI image layouts")
@@ -67,6 +67,9 @@ def main(argv: list[str]) -> int:
     c.add_argument("--chart", help="the Helm chart's directory")
     c.add_argument("--testsrv", help="the workload's client binary, for checks from outside")
     c.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--pods", type=int, default=30, help="bench-pods: pods per round")
+    c.add_argument("--rounds", type=int, default=3, help="bench-pods: rounds per plugin")
+    c.add_argument("--json", help="bench-pods: write the results here")
     d = sub.add_parser("daemon", help=argparse.SUPPRESS)
     d.add_argument("--config", required=True)
     args = p.parse_args(argv)
