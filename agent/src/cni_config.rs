@@ -12,15 +12,18 @@ use crate::{config::Config, persist};
 pub const FILE_NAME: &str = "10-vpc-ebpf.conflist";
 /// aws-node's network name: the attachments the runtime keys by it carry over.
 pub const NETWORK_NAME: &str = "aws-cni";
-/// The spec version written: what containerd 1.6's libcni reads (the plugin speaks 1.1.0
-/// to runtimes that ask for it).
+/// The spec version every runtime reads (containerd 1.6's libcni knows up to 1.0.0) ...
 pub const CNI_VERSION: &str = "1.0.0";
+/// ... and the versions the config supports, for CNI 1.1 runtimes, which pick the highest
+/// they speak (and then use STATUS and GC); older ones ignore the list.
+pub const CNI_VERSIONS: [&str; 2] = ["1.0.0", "1.1.0"];
 
 /// The conflist for `config`, with `plugin_log` as the plugin's log file (as the host sees
 /// it).
 pub fn render(config: &Config, plugin_log: &Path) -> Value {
     json!({
         "cniVersion": CNI_VERSION,
+        "cniVersions": CNI_VERSIONS,
         "name": NETWORK_NAME,
         "disableCheck": false,
         "plugins": [{

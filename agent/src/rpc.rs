@@ -398,9 +398,15 @@ impl Services {
                 .await,
             self.ipam.readiness(),
         );
+        // STATUS says whether pods can be set up at all. A pool that is empty for the
+        // moment is not that: it refills, and a runtime that took it for "not ready"
+        // would mark a full node's network NotReady. The count is still reported.
         let (ready, detail) = match ready {
             Readiness::NotReady(why) => (false, format!("agent not ready: {why}")),
-            Readiness::Ready if free == 0 => (false, "no free address on this node yet".to_owned()),
+            Readiness::Ready if free == 0 => (
+                true,
+                "no free address at the moment; more are being requested".to_owned(),
+            ),
             Readiness::Ready => (true, String::new()),
         };
         v1::StatusReply {

@@ -55,6 +55,11 @@ pub async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
             "the container's network namespace does not exist",
             chain(&e),
         ),
+        NetlinkError::NotNetns { .. } => CniError::new(
+            ErrorCode::InvalidEnvironment,
+            "CNI_NETNS is not a network namespace",
+            chain(&e),
+        ),
         other => netlink_error("opening netlink sockets", &other),
     })?;
     let mut agent = agent::connect(Path::new(&conf.agent_socket)).await?;
@@ -384,10 +389,16 @@ pub async fn status(conf: &NetConf) -> Result<(), CniError> {
 }
 
 pub async fn gc(conf: &NetConf) -> Result<(), CniError> {
-    let keep = conf
-        .valid_attachments
-        .clone()
-        .unwrap_or_default()
+    // Without the list every attachment would look stale: refuse, release nothing.
+    let Some(valid) = conf.valid_attachments.clone() else {
+        return Err(CniError::new(
+            ErrorCode::InvalidConfig,
+            "GC needs the runtime's cni.dev/valid-attachments",
+            "the configuration has no cni.dev/valid-attachments list, so nothing can be told \
+             stale; nothing was released",
+        ));
+    };
+    let keep = valid
         .into_iter()
         .map(|a| v1::Attachment {
             network: conf.name.clone(),
@@ -410,6 +421,7 @@ pub async fn gc(conf: &NetConf) -> Result<(), CniError> {
     let mut problems = Vec::new();
     // The agent answers the released attachments and their addresses in the same order.
     for (att, ip) in released.released.iter().zip(&released.released_ipv4) {
+        info!(container = %att.container_id, ifname = %att.ifname, %ip, "GC released a stale attachment");
         let Ok(ip) = ip.parse::<Ipv4Addr>() else {
             continue;
         };

@@ -29,6 +29,10 @@ pub enum NetlinkError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "{path} is not a network namespace (CNI_NETNS must name one, such as /var/run/netns/NAME)"
+    )]
+    NotNetns { path: String },
     #[error("setns(2) into {path}")]
     Setns {
         path: String,
@@ -72,6 +76,9 @@ pub fn open(netns: &Path) -> Result<Sockets, NetlinkError> {
         path: path.clone(),
         source,
     })?;
+    if !is_netns(&pod_ns) {
+        return Err(NetlinkError::NotNetns { path });
+    }
     let (conn, host, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
     tokio::spawn(conn);
     let own = File::open("/proc/thread-self/ns/net").map_err(|source| NetlinkError::Netns {
@@ -90,6 +97,21 @@ pub fn open(netns: &Path) -> Result<Sockets, NetlinkError> {
         pod_ns,
         host_ns: own,
     })
+}
+
+/// Whether `f` is a network namespace: a file of the nsfs whose namespace type is net
+/// (a plain file, or another kind of namespace, is not).
+fn is_netns(f: &File) -> bool {
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: fstatfs fills the zeroed struct from a valid fd.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(f.as_raw_fd(), &raw mut st) } != 0 || st.f_type != NSFS_MAGIC {
+        return false;
+    }
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd.
+    let kind = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE) };
+    kind == libc::CLONE_NEWNET
 }
 
 fn setns(ns: &File, path: &str) -> Result<(), NetlinkError> {

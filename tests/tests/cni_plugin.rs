@@ -287,6 +287,64 @@ fn gc_removes_everything_not_in_valid_attachments() {
     assert_eq!(agent.assignments(), 1);
 }
 
+/// A CNI_NETNS that is not a network namespace (a plain file, another kind of namespace)
+/// is named as such, with the spec's code for a bad environment, and changes nothing.
+#[test]
+fn add_into_something_that_is_not_a_netns_says_so() {
+    let env = Env::new("nn");
+    let agent = TestAgent::start(&env.dir, 2);
+    let plain = env.dir.join("not-a-netns");
+    std::fs::write(&plain, b"").unwrap();
+    for path in [plain.display().to_string(), "/proc/self/ns/mnt".to_owned()] {
+        let mut add = env.call("ADD", "nn0", None, "1.1.0");
+        add.netns.clone_from(&path);
+        let out = add.run();
+        assert_eq!(out.code(), 4, "ADD into {path}: {}", out.stdout);
+        assert!(
+            out.stdout.contains("not a network namespace"),
+            "{path}: {}",
+            out.stdout
+        );
+        assert_eq!(agent.assignments(), 0, "{path}: an address was taken");
+    }
+    assert_eq!(env.links(), vec!["lo".to_owned()]);
+}
+
+/// GC with no list of valid attachments must not take every pod for stale.
+#[test]
+fn gc_without_the_list_releases_nothing_and_says_why() {
+    let env = Env::new("gn");
+    let agent = TestAgent::start(&env.dir, 4);
+    let pod = NetNs::new("cpod");
+    let r = env.call("ADD", "gn0", Some(&pod), "1.1.0").run();
+    assert!(r.ok, "{}", r.stdout);
+    let host = r.json()["interfaces"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = env.call("GC", "", None, "1.1.0").run();
+    assert_eq!(out.code(), 7, "GC without the list: {}", out.stdout);
+    assert!(out.stdout.contains("valid-attachments"), "{}", out.stdout);
+    assert!(env.links().contains(&host), "GC removed a live pod's veth");
+    assert_eq!(agent.assignments(), 1, "GC released a live pod's address");
+}
+
+/// STATUS answers whether the plugin can set pods up, not whether an address is free this
+/// instant: a full node's network must not be reported NotReady.
+#[test]
+fn status_stays_ok_on_a_node_with_every_address_in_use() {
+    let env = Env::new("sf");
+    let agent = TestAgent::start(&env.dir, 2);
+    let pods: Vec<NetNs> = (0..2).map(|_| NetNs::new("cpod")).collect();
+    for (i, p) in pods.iter().enumerate() {
+        let r = env.call("ADD", &format!("sf{i}"), Some(p), "1.1.0").run();
+        assert!(r.ok, "{}", r.stdout);
+    }
+    assert_eq!(agent.assignments(), 2);
+    let status = env.call("STATUS", "", None, "1.1.0").run();
+    assert!(status.ok, "STATUS on a full node: {}", status.stdout);
+}
+
 #[test]
 fn sixty_four_concurrent_adds_then_dels_leave_nothing() {
     let env = Env::new("p");
