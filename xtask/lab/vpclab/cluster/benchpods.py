@@ -80,6 +80,17 @@ class Bench:
         # The nodes' own veths (their ENIs on the lab's fabric) stay.
         self.baseline = self.sandboxes()
 
+    def prepull(self) -> None:
+        """The workload image on every node before any round: an image pull would
+        otherwise land in whichever round comes first."""
+        image = f"{cluster.REGISTRY}/workload:{self.tag}"
+        for n in self.nodes:
+            p = subprocess.run(self.c.in_node(n, ["ctr", "-n", "k8s.io", "images", "pull",
+                                                  "--plain-http", image]),
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                raise cluster.ClusterError(f"pulling {image} on {n.name}: {p.stderr.strip()}")
+
     def use(self, plugin: str) -> None:
         for n in self.nodes:
             d = self.c.node_dir(n)
@@ -169,6 +180,7 @@ class Bench:
 def run(c: cluster.Cluster, nodes: list[cluster.NodeInfo], tag: str, pods: int,
         rounds: int) -> dict:
     b = Bench(c, nodes, tag, pods)
+    b.prepull()
     results = []
     for r in range(rounds):
         order = ["vpc-ebpf", "bridge"] if r % 2 == 0 else ["bridge", "vpc-ebpf"]
@@ -180,15 +192,20 @@ def run(c: cluster.Cluster, nodes: list[cluster.NodeInfo], tag: str, pods: int,
                   flush=True)
     b.use("vpc-ebpf")
     summary = {}
-    for plugin in ("vpc-ebpf", "bridge"):
-        starts = [t for res in results if res["plugin"] == plugin for t in res["starts"]]
+    # vpc-ebpf's first round starts from a fresh node's pool (the primary ENI's
+    # addresses; an ENI attached during the round): said apart as well.
+    for plugin, skip in (("vpc-ebpf", 0), ("bridge", 0), ("vpc-ebpf warm", 1)):
+        name = plugin.split()[0]
+        mine = [res for res in results if res["plugin"] == name][skip:]
+        if not mine:
+            continue
+        starts = [t for res in mine for t in res["starts"]]
         summary[plugin] = {
             "pods": len(starts),
             "p50_s": round(percentile(starts, 50), 3),
             "p99_s": round(percentile(starts, 99), 3),
             "mean_s": round(statistics.fmean(starts), 3),
-            "all_ready_median_s": round(statistics.median(
-                res["all_ready"] for res in results if res["plugin"] == plugin), 3),
+            "all_ready_median_s": round(statistics.median(res["all_ready"] for res in mine), 3),
         }
     memory = b.agent_memory()
     return {"pods_per_round": pods, "rounds": rounds, "summary": summary,
@@ -200,14 +217,22 @@ def report(out: dict) -> None:
     print(f"\npod start, kubectl apply → Ready ({out['pods_per_round']} pods × "
           f"{out['rounds']} rounds per plugin, same cluster, alternating):")
     print(f"  {'plugin':24} {'p50':>7} {'p99':>7} {'mean':>7} {'all Ready (median)':>19}")
-    for plugin, label in (("vpc-ebpf", "vpc-ebpf"), ("bridge", "bridge + host-local")):
+    for plugin, label in (("vpc-ebpf", "vpc-ebpf"),
+                          ("vpc-ebpf warm", "vpc-ebpf, 1st round out"),
+                          ("bridge", "bridge + host-local")):
+        if plugin not in s:
+            continue
         r = s[plugin]
         print(f"  {label:24} {r['p50_s']:6.2f}s {r['p99_s']:6.2f}s {r['mean_s']:6.2f}s "
               f"{r['all_ready_median_s']:18.2f}s")
-    ratio = s["vpc-ebpf"]["p50_s"] / s["bridge"]["p50_s"]
-    verdict = "meets" if s["vpc-ebpf"]["p50_s"] <= s["bridge"]["p50_s"] * 1.05 else "misses"
-    print(f"  vpc-ebpf p50 / reference p50 = {ratio:.3f} ({verdict} the goal: no slower, "
-          "within 5 % noise)")
+    for plugin in ("vpc-ebpf", "vpc-ebpf warm"):
+        if plugin not in s:
+            continue
+        for q in ("p50_s", "p99_s"):
+            ratio = s[plugin][q] / s["bridge"][q]
+            verdict = "meets" if ratio <= 1.05 else "misses"
+            print(f"  {plugin} {q[:3]} / reference {q[:3]} = {ratio:.3f} ({verdict} the goal: "
+                  "no slower, within 5 % noise)")
     for node, m in out["agent_memory"].items():
         goal = "meets" if m["peak_rss_mib"] < 60 else "misses"
         print(f"  agent on {node}: RSS {m['rss_mib']} MiB, peak {m['peak_rss_mib']} MiB "
