@@ -56,6 +56,9 @@ pub struct Config {
     pub nat_max_entries: Option<u32>,
     pub metrics_addr: SocketAddr,
     pub introspection_addr: SocketAddr,
+    /// DISABLE_METRICS / DISABLE_INTROSPECTION, as aws-node: the endpoint is not served.
+    pub disable_metrics: bool,
+    pub disable_introspection: bool,
     pub log_level: String,
     /// MY_NODE_NAME: the node's name in Kubernetes (from `spec.nodeName`).
     pub node_name: Option<String>,
@@ -456,6 +459,8 @@ impl Config {
                 "INTROSPECTION_BIND_ADDRESS",
                 SocketAddr::from(([127, 0, 0, 1], 61679)),
             ),
+            disable_metrics: r.cni_flag("DISABLE_METRICS", false),
+            disable_introspection: r.cni_flag("DISABLE_INTROSPECTION", false),
             log_level,
             node_name: r.raw(crate::k8s::NODE_NAME_VAR),
             annotate_pod_ip: r.cni_flag("ANNOTATE_POD_IP", false),
@@ -506,6 +511,8 @@ impl Config {
             "VPC_EBPF_NAT_MAX_ENTRIES": self.nat_max_entries,
             "METRICS_BIND_ADDRESS": self.metrics_addr.to_string(),
             "INTROSPECTION_BIND_ADDRESS": self.introspection_addr.to_string(),
+            "DISABLE_METRICS": self.disable_metrics,
+            "DISABLE_INTROSPECTION": self.disable_introspection,
             "AWS_VPC_K8S_CNI_LOGLEVEL": self.log_level,
             "MY_NODE_NAME": self.node_name,
             "ANNOTATE_POD_IP": self.annotate_pod_ip,

@@ -323,17 +323,26 @@ async fn serve_early(
         config: Arc::new(config.to_json()),
         node: node_rx,
     };
-    let metrics_task = http::serve(config.metrics_addr, http_ctx.clone(), true, stop.clone())
-        .await
-        .with_context(|| format!("binding METRICS_BIND_ADDRESS={}", config.metrics_addr))?;
-    let intro_task = http::serve(config.introspection_addr, http_ctx, false, stop.clone())
-        .await
-        .with_context(|| {
-            format!(
-                "binding INTROSPECTION_BIND_ADDRESS={}",
-                config.introspection_addr
-            )
-        })?;
+    let mut tasks = Vec::new();
+    if !config.disable_metrics {
+        tasks.push(
+            http::serve(config.metrics_addr, http_ctx.clone(), true, stop.clone())
+                .await
+                .with_context(|| format!("binding METRICS_BIND_ADDRESS={}", config.metrics_addr))?,
+        );
+    }
+    if !config.disable_introspection {
+        tasks.push(
+            http::serve(config.introspection_addr, http_ctx, false, stop.clone())
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding INTROSPECTION_BIND_ADDRESS={}",
+                        config.introspection_addr
+                    )
+                })?,
+        );
+    }
     let incoming = server::bind(&config.agent_socket)
         .await
         .with_context(|| format!("VPC_EBPF_AGENT_SOCKET={}", config.agent_socket.display()))?;
@@ -355,8 +364,21 @@ async fn serve_early(
             }
         })
     };
-    info!(socket = %config.agent_socket.display(), metrics = %config.metrics_addr, introspection = %config.introspection_addr, "serving");
-    Ok((health, vec![grpc, metrics_task, intro_task]))
+    let off = |disabled: bool, addr: std::net::SocketAddr| {
+        if disabled {
+            "off (disabled)".to_owned()
+        } else {
+            addr.to_string()
+        }
+    };
+    info!(
+        socket = %config.agent_socket.display(),
+        metrics = %off(config.disable_metrics, config.metrics_addr),
+        introspection = %off(config.disable_introspection, config.introspection_addr),
+        "serving"
+    );
+    tasks.push(grpc);
+    Ok((health, tasks))
 }
 
 /// The plugin's log file as the host sees it (the chart mounts the host's

@@ -213,6 +213,8 @@ fn every_variable_set_through_env_is_used() {
         ),
         ("AWS_VPC_K8S_CNI_LOGLEVEL", "WARN", Value::from("warn")),
         ("ANNOTATE_POD_IP", "true", Value::from(true)),
+        ("DISABLE_METRICS", "true", Value::from(true)),
+        ("DISABLE_INTROSPECTION", "true", Value::from(true)),
     ];
     let mut args = Vec::new();
     for (k, v, _) in examples {
