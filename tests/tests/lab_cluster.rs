@@ -63,6 +63,19 @@ fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> Dur
     t0.elapsed()
 }
 
+/// The agent's container log on node `n`, as the kubelet keeps it.
+fn agent_log(c: &Cluster, n: u32) -> String {
+    c.on_node(
+        n,
+        &[
+            "sh",
+            "-c",
+            "cat /var/log/pods/kube-system_vpc-ebpf-*/vpc-ebpf/*.log",
+        ],
+    )
+    .stdout
+}
+
 /// As `wait_until`, and on timeout says what the last round saw.
 fn wait_for(what: &str, within: Duration, mut check: impl FnMut() -> Result<(), String>) {
     let t0 = Instant::now();
@@ -356,7 +369,10 @@ fn helm_upgrade_mid_stream_resets_nothing_and_uninstall_leaves_pods_running() {
         },
     );
     c.install(&next, &[]);
-    c.wait_ready("default", "app=later", 1, Duration::from_secs(90));
+    // The kubelet retries a pod whose sandbox failed at its resync interval (a minute,
+    // with up to half again of jitter), so the pod may wait that long after the agent is
+    // back.
+    c.wait_ready("default", "app=later", 1, Duration::from_secs(150));
 }
 
 /// The PIDs of the pause processes of the pods at `ips`.
@@ -443,16 +459,7 @@ fn the_api_server_down_for_a_minute_stops_nothing() {
         agents_before,
         "the agent restarted during the outage"
     );
-    let log = c
-        .on_node(
-            1,
-            &[
-                "sh",
-                "-c",
-                "cat /var/log/pods/kube-system_vpc-ebpf-*/vpc-ebpf/*.log",
-            ],
-        )
-        .stdout;
+    let log = agent_log(&c, 1);
     assert!(
         log.contains("watching this node's pods failed"),
         "the outage went unnoticed by the pod watch"
@@ -484,16 +491,7 @@ fn the_api_server_down_for_a_minute_stops_nothing() {
     // The watch retries with client-go's backoff, as kube-rs has it: 0.8 s doubling to
     // 30 s, with jitter up to as much again; gentle on an API server that just came back.
     wait_for("the pod watch is back", Duration::from_secs(90), || {
-        let log = c
-            .on_node(
-                1,
-                &[
-                    "sh",
-                    "-c",
-                    "cat /var/log/pods/kube-system_vpc-ebpf-*/vpc-ebpf/*.log",
-                ],
-            )
-            .stdout;
+        let log = agent_log(&c, 1);
         if log.contains("the pod watch is back") {
             Ok(())
         } else {
