@@ -329,8 +329,8 @@ state = "/run/containerd"
             "tlsPrivateKeyFile": str(pk.path(f"kubelet-{node.index}", "key")),
             "cgroupDriver": "cgroupfs",
             # kubelet 1.20's default of 5 requests/s to the API server caps a node at
-            # about 2.5 pod starts a second whatever the CNI (EKS's AMIs raise it too):
-            # the lab's timings should show the network's part.
+            # about 2.5 pod starts a second whatever the CNI: the lab's timings should
+            # show the network's part.
             "kubeAPIQPS": 50,
             "kubeAPIBurst": 100,
             "cgroupsPerQOS": False,
