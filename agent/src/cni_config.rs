@@ -55,10 +55,10 @@ mod tests {
     /// for hand installs) is the agent's rendering of its defaults.
     #[test]
     fn the_shipped_conflist_is_the_default_rendering() {
-        let c = Config::from_lookup(&|_| None).unwrap();
+        let c = Config::from_lookup(&|_| None).unwrap_or_else(|e| panic!("defaults: {e}"));
         let rendered = render(&c, Path::new("/var/log/vpc-ebpf/plugin.log"));
-        let shipped: Value =
-            serde_json::from_str(include_str!("../../cni/10-vpc-ebpf.conflist")).unwrap();
+        let shipped: Value = serde_json::from_str(include_str!("../../cni/10-vpc-ebpf.conflist"))
+            .expect("the shipped conflist is JSON");
         assert_eq!(rendered, shipped);
     }
 }

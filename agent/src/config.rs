@@ -235,14 +235,11 @@ impl Reader<'_> {
 
     fn cidrs(&mut self, key: &str) -> Option<Vec<Ipv4Net>> {
         let v = self.raw(key)?;
-        let mut out = Vec::new();
-        for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match part.parse::<Ipv4Net>() {
-                Ok(c) if c.trunc() == c => out.push(c),
-                _ => self.problems.push(format!(
-                    "{key}: {part:?} is not an IPv4 CIDR such as 10.10.0.0/16"
-                )),
-            }
+        let (out, bad) = split_cidrs(&v);
+        for part in bad {
+            self.problems.push(format!(
+                "{key}: {part:?} is not an IPv4 CIDR such as 10.10.0.0/16"
+            ));
         }
         Some(out)
     }
@@ -270,14 +267,7 @@ impl Reader<'_> {
         let Some(v) = self.raw(KEY) else {
             return Vec::new();
         };
-        let mut out = Vec::new();
-        let mut bad = Vec::new();
-        for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match part.parse::<Ipv4Net>() {
-                Ok(c) if c.trunc() == c => out.push(c),
-                _ => bad.push(part.to_owned()),
-            }
-        }
+        let (out, bad) = split_cidrs(&v);
         if !bad.is_empty() {
             let used = out
                 .iter()
@@ -293,6 +283,20 @@ impl Reader<'_> {
         }
         out
     }
+}
+
+/// A comma-separated list of IPv4 CIDRs: the ones that parse (as network addresses), and
+/// the entries that do not.
+fn split_cidrs(v: &str) -> (Vec<Ipv4Net>, Vec<String>) {
+    let mut out = Vec::new();
+    let mut bad = Vec::new();
+    for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<Ipv4Net>() {
+            Ok(c) if c.trunc() == c => out.push(c),
+            _ => bad.push(part.to_owned()),
+        }
+    }
+    (out, bad)
 }
 
 /// Go's `strconv.ParseBool`, which VPC CNI uses, so existing manifests keep working.
@@ -774,11 +778,14 @@ mod tests {
                 c.fallbacks
             );
             for f in &c.fallbacks {
-                assert!(f.starts_with(vars.iter().find(|(k, _)| f.starts_with(k)).unwrap().0));
+                assert!(
+                    vars.iter().any(|(k, _)| f.starts_with(k)),
+                    "{f:?} names none of {vars:?}"
+                );
             }
         }
         // What is said names the variable, the value given and the value used.
-        let c = parse(&[("WARM_ENI_TARGET", "-3")]).unwrap();
+        let c = parse(&[("WARM_ENI_TARGET", "-3")]).expect("a fallback, not an error");
         assert_eq!(
             c.fallbacks,
             ["WARM_ENI_TARGET=\"-3\" is negative; using 1, as aws-node does"]
@@ -816,7 +823,7 @@ mod tests {
             ("ENABLE_IPv4", "true"),
             ("ENABLE_IPv6", "false"),
         ])
-        .unwrap();
+        .unwrap_or_else(|e| panic!("aws-node's stock values refused: {e}"));
         assert!(c.fallbacks.is_empty(), "{:?}", c.fallbacks);
         assert_eq!(c.mode, Mode::SecondaryIp);
         assert_eq!(c.targets, Targets::default());

@@ -618,7 +618,7 @@ mod tests {
                             units,
                         } => self.enis[device_index as usize].units += units,
                         Step::AttachEni { units } => {
-                            let index = u32::try_from(self.enis.len()).unwrap();
+                            let index = u32::try_from(self.enis.len()).expect("few ENIs");
                             self.enis.push(eni(index, units, 0));
                         }
                     }

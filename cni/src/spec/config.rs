@@ -289,7 +289,7 @@ mod tests {
             conf(r#","runtimeConfig":{"portMappings":[{"HostPort":30080,"ContainerPort":8080,"Protocol":"tcp","HostIP":""}]}"#)
                 .as_bytes(),
         )
-        .unwrap();
+        .unwrap_or_else(|e| panic!("containerd's spelling refused: {e}"));
         assert_eq!(
             c.port_mappings,
             vec![PortMapping {
