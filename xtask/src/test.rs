@@ -68,15 +68,21 @@ pub fn all(extra: &[String]) -> anyhow::Result<()> {
     // nextest runs each test in its own process, so a crashing root test cannot take the
     // others down, and prints the usual closing summary line.
     let mut tests = Command::new(cargo());
-    if have("cargo-nextest") {
+    let nextest = have("cargo-nextest");
+    if nextest {
         tests.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
     } else {
-        eprintln!("cargo-nextest not found; using cargo test");
+        eprintln!("cargo-nextest not found; using cargo test, one test at a time");
         tests.args(["test", "--workspace", "--no-fail-fast"]);
+    }
+    tests.args(extra);
+    if !nextest {
+        // Without nextest's test groups, labs and clusters of several tests in one
+        // binary would run at once and starve each other on a small machine.
+        tests.args(["--", "--test-threads=1"]);
     }
     // Rust tests that bring up a lab of their own use the same Python.
     run(tests
-        .args(extra)
         .env("VPC_EBPF_LAB_PYTHON", &python)
         .env("VPC_EBPF_K8S_BIN", &kube_bin)
         .env("VPC_EBPF_IMAGES", &images)
