@@ -290,10 +290,27 @@ class Cluster:
             "nsenter", f"--net=/run/netns/{node.netns}", "unshare", "--mount",
             "--propagation", "private", "sh", "-c", script])
         (self.cfg.run_dir / f"node{node.index}-holder.pid").write_text(str(pid))
-        # Ready once the bpffs is mounted in its namespace.
-        self.wait(f"node{node.index}'s mount namespace", lambda: "bpf" in subprocess.run(
-            ["nsenter", f"--mount=/proc/{pid}/ns/mnt", "stat", "-fc", "%T", "/sys/fs/bpf"],
-            capture_output=True, text=True).stdout, timeout=10, every=0.05)
+        # Ready only once the script has reached `exec sleep`, which follows every mount.
+        # Checking for a bpffs at /sys/fs/bpf is not enough: the machine's own namespace
+        # has one too, so a check that runs before `unshare` passes, and a containerd
+        # started then would create its state under the machine's /var/lib/containerd
+        # and find half of it hidden once the bind lands.
+        own_mnt = os.readlink("/proc/self/ns/mnt")
+        log = self.dir / "logs" / f"node{node.index}-holder.log"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                mnt = os.readlink(f"/proc/{pid}/ns/mnt")
+            except OSError:
+                out = log.read_text(errors="replace").strip() if log.exists() else ""
+                raise ClusterError(f"node{node.index}'s mount namespace: the holder exited: {out}")
+            if comm == "sleep" and mnt != own_mnt:
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(f"node{node.index}'s mount namespace: not ready within 10 s "
+                                   f"(holder is {comm!r}); see {log}")
+            time.sleep(0.05)
 
     def write_node_configs(self, node: NodeInfo, max_pods: int) -> dict[str, Path]:
         d = self.node_dir(node) / "config"
@@ -386,6 +403,11 @@ state = "/run/containerd"
         self.wait(f"node{node.index}'s containerd", lambda: subprocess.run(
             self.in_node(node, ["ctr", "--address", "/run/containerd/containerd.sock",
                                 "version"]), capture_output=True).returncode == 0, timeout=30)
+        # containerd keeps directories it created at start by path; if they are not in
+        # the node's own root, image unpacking fails much later with a puzzling error.
+        if not (self.node_dir(node) / "var-lib-containerd" / "tmpmounts").is_dir():
+            raise ClusterError(f"node{node.index}'s containerd did not start inside the node's "
+                               f"mount namespace (no tmpmounts under its root)")
         self._spawn(f"node{node.index}-kubelet", self.in_node(node, [
             str(self.bin / "kubelet"),
             f"--config={conf['kubelet']}",
