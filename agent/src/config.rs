@@ -310,7 +310,11 @@ fn parse_bool(v: &str) -> Option<bool> {
 
 /// VPC CNI features vpc-ebpf does not have: on, they are reported (the node still gets
 /// pod networking from its own subnet), never silently ignored.
-const UNSUPPORTED_FEATURES: [(&str, &str); 3] = [
+const UNSUPPORTED_FEATURES: [(&str, &str); 4] = [
+    (
+        "ENABLE_NETWORK_POLICY",
+        "NetworkPolicy enforcement is not available yet (the dataplane and the compiler are, the agent does not feed them from the API server): policies are not enforced",
+    ),
     (
         "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
         "custom networking (ENIConfig) is not supported yet: pods get addresses from the node's subnet",

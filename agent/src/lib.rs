@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod node;
 pub mod notice;
 pub mod persist;
+pub mod policy;
 pub mod probe;
 pub mod restart;
 pub mod rpc;

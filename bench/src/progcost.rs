@@ -215,6 +215,7 @@ fn measure(
         snat_exclusions: vec![],
         passthrough_cidrs: vec![],
         external_snat: false,
+        network_policy: false,
         snat_ports: (1024, 65_535),
         snat_skip: Some((32_768, 60_999)),
     })

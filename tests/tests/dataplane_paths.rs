@@ -58,6 +58,7 @@ fn node_spec(eni0: u32) -> NodeSpec {
         snat_exclusions: vec![net("100.64.0.0/10")],
         passthrough_cidrs: vec![net("172.20.0.0/16")],
         external_snat: false,
+        network_policy: false,
         snat_ports: SNAT_PORTS,
         snat_skip: None,
     }
@@ -1255,3 +1256,6 @@ fn host_stack_flows_are_recorded_on_egress_and_handed_back_to_the_kernel() {
         assert!(n.dp.kernel_flows().unwrap().is_empty());
     });
 }
+
+#[path = "dataplane_paths/policy.rs"]
+mod policy;

@@ -127,6 +127,7 @@ fn pinned_maps_of_another_layout_are_re_created_not_reused() {
             snat_exclusions: vec![],
             passthrough_cidrs: vec![],
             external_snat: false,
+            network_policy: false,
             snat_ports: (61000, 62999),
             snat_skip: None,
         })

@@ -125,6 +125,7 @@ fn describe(lab: &Lab, pins: &PinRoot, mode: AttachMode) -> Dataplane {
             // The Service CIDR: kube-proxy's, in the host stack.
             passthrough_cidrs: vec![net("10.100.0.0/16")],
             external_snat: false,
+            network_policy: false,
             snat_ports: (61000, 62999),
             snat_skip: None,
         })
@@ -388,6 +389,7 @@ fn describe_node2(n2: &Node2, pins: &PinRoot, mode: AttachMode) -> Dataplane {
             snat_exclusions: vec![],
             passthrough_cidrs: vec![net("10.100.0.0/16")],
             external_snat: false,
+            network_policy: false,
             snat_ports: (61000, 62999),
             snat_skip: None,
         })

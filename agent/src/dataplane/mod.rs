@@ -17,6 +17,7 @@ mod error;
 mod layout;
 mod maps;
 pub mod owner;
+mod policy_maps;
 mod spec;
 
 use std::{
@@ -252,6 +253,16 @@ impl Dataplane {
         )?;
         // Last: the programs start acting on the flag only once the tables are in place.
         maps::set_config(&mut self.ebpf, &value)
+    }
+
+    /// Makes the policy maps enforce what `plan` leads to (see [`crate::policy::sets`]).
+    pub fn apply_policy(&mut self, plan: &crate::policy::sets::Plan) -> Result<(), DataplaneError> {
+        policy_maps::apply(&mut self.ebpf, plan)
+    }
+
+    /// What the policy maps enforce now.
+    pub fn policy_applied(&mut self) -> Result<crate::policy::sets::Applied, DataplaneError> {
+        policy_maps::read(&mut self.ebpf)
     }
 
     /// Records the ENI and attaches the ENI program to it. Idempotent.

@@ -61,6 +61,21 @@ enum Command {
     RemoveOtherVersions(Reply<Vec<std::path::PathBuf>>),
     SweepRules(HashSet<Ipv4Addr>, Reply<usize>),
     ExportCounters(Reply<()>),
+    ApplyPolicy(
+        BTreeMap<Ipv4Addr, crate::policy::compile::PodRules>,
+        Reply<PolicyApplied>,
+    ),
+}
+
+/// What a policy apply changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyApplied {
+    pub sets_written: usize,
+    pub pods_changed: usize,
+    pub sets_removed: usize,
+    /// Pods isolated in at least one direction, and rule sets, after the change.
+    pub pods: usize,
+    pub sets: usize,
 }
 
 /// How the rest of the agent reaches the dataplane.
@@ -122,6 +137,15 @@ impl DataplaneHandle {
         self.ask(|r| Command::SweepRules(live, r)).await
     }
 
+    /// Makes the policy maps enforce `desired` (every local pod's compiled rules; pods
+    /// absent are not isolated), changing only what differs from what they enforce now.
+    pub async fn apply_policy(
+        &self,
+        desired: BTreeMap<Ipv4Addr, crate::policy::compile::PodRules>,
+    ) -> Result<PolicyApplied, DataplaneError> {
+        self.ask(|r| Command::ApplyPolicy(desired, r)).await
+    }
+
     /// Adds what the programs counted since the last export to the packet metrics.
     pub async fn export_counters(&self) -> Result<(), DataplaneError> {
         self.ask(Command::ExportCounters).await
@@ -156,6 +180,9 @@ struct Owner {
     programmed: HashMap<String, (u32, u32)>,
     metrics: Arc<Metrics>,
     counted: HashMap<(u8, u16), u64>,
+    /// What the policy maps enforce; read from the (pinned) maps on first use, so that a
+    /// restarted agent changes only what differs.
+    policy: Option<crate::policy::sets::Applied>,
 }
 
 const TICK: Duration = Duration::from_secs(1);
@@ -199,6 +226,7 @@ pub fn spawn(
                     programmed: HashMap::new(),
                     metrics,
                     counted: HashMap::new(),
+                    policy: None,
                 };
                 let mut tick = tokio::time::interval(TICK);
                 let mut ticks = 0u64;
@@ -257,7 +285,33 @@ impl Owner {
                 self.export_counters();
                 let _ = r.send(Ok(()));
             }
+            Command::ApplyPolicy(desired, r) => {
+                let _ = r.send(self.apply_policy(&desired));
+            }
         }
+    }
+
+    fn apply_policy(
+        &mut self,
+        desired: &BTreeMap<Ipv4Addr, crate::policy::compile::PodRules>,
+    ) -> Result<PolicyApplied, DataplaneError> {
+        let applied = match self.policy.take() {
+            Some(a) => a,
+            None => self.dp.policy_applied()?,
+        };
+        let (plan, next) = applied.plan(desired);
+        // On an error the maps may be half changed: `self.policy` stays empty, so the
+        // next apply reads them again.
+        self.dp.apply_policy(&plan)?;
+        let out = PolicyApplied {
+            sets_written: plan.new_sets.len(),
+            pods_changed: plan.pods_set.len() + plan.pods_removed.len(),
+            sets_removed: plan.dead_sets.len(),
+            pods: next.pods.len(),
+            sets: next.sets.len(),
+        };
+        self.policy = Some(next);
+        Ok(out)
     }
 
     async fn tick(&mut self, n: u64) {
@@ -296,6 +350,7 @@ impl Owner {
             snat_exclusions: s.snat_exclusions.clone(),
             passthrough_cidrs: s.passthrough_cidrs.clone(),
             external_snat: s.external_snat,
+            network_policy: s.network_policy,
             snat_ports: s.snat_ports,
             snat_skip: Some(s.snat_skip),
         })

@@ -27,6 +27,8 @@ pub struct NodeSettings {
     pub snat_exclusions: Vec<Ipv4Net>,
     pub passthrough_cidrs: Vec<Ipv4Net>,
     pub external_snat: bool,
+    /// Whether the programs judge flows against the policy maps.
+    pub network_policy: bool,
     pub snat_ports: (u16, u16),
     pub snat_skip: (u16, u16),
 }
@@ -74,6 +76,9 @@ pub fn node_settings(
             .clone()
             .unwrap_or_else(|| vec![default_service_cidr(&node.vpc_cidrs)]),
         external_snat: config.external_snat,
+        // Off until the agent feeds the policy maps from the API server: tracking flows
+        // for policies nobody writes would cost without enforcing anything.
+        network_policy: false,
         snat_ports: config.snat_ports,
         snat_skip: ephemeral,
     })

@@ -46,6 +46,8 @@ pub struct NodeSpec {
     pub passthrough_cidrs: Vec<Ipv4Net>,
     /// `AWS_VPC_K8S_CNI_EXTERNALSNAT`: no SNAT at all.
     pub external_snat: bool,
+    /// `ENABLE_NETWORK_POLICY`: the programs judge new flows against the policy maps.
+    pub network_policy: bool,
     /// Inclusive SNAT source-port range.
     pub snat_ports: (u16, u16),
     /// Inclusive band inside `snat_ports` never allocated: the host's
@@ -97,6 +99,9 @@ impl NodeSpec {
         let mut flags = config_flags::CONFIGURED;
         if self.external_snat {
             flags |= config_flags::EXTERNAL_SNAT;
+        }
+        if self.network_policy {
+            flags |= config_flags::NETWORK_POLICY;
         }
         NodeConfig {
             node_ip: be(self.node_ip),

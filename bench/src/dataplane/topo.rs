@@ -535,6 +535,7 @@ pub fn ebpf(
             snat_exclusions: vec![],
             passthrough_cidrs: vec![],
             external_snat: false,
+            network_policy: false,
             snat_ports,
             snat_skip,
         })

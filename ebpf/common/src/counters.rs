@@ -195,6 +195,12 @@ pub mod reason {
         /// An ICMP error whose quoted packet belongs to no flow translated here, or is cut
         /// too short to tell: the kernel's.
         PASS_ICMP_ERROR_UNKNOWN = 40, "pass_icmp_error_unknown";
+        /// NetworkPolicy: the sending pod's egress rules do not admit this new flow.
+        DROP_POLICY_EGRESS = 64, "drop_policy_egress";
+        /// NetworkPolicy: the receiving pod's ingress rules do not admit this new flow.
+        DROP_POLICY_INGRESS = 65, "drop_policy_ingress";
+        /// NetworkPolicy: a flow admitted before a policy change, which now denies it.
+        DROP_POLICY_REVOKED = 66, "drop_policy_revoked";
     }
 }
 
@@ -222,13 +228,14 @@ mod tests {
         }
     }
 
-    /// The policy range stays free for the NetworkPolicy verdicts.
+    /// The policy range holds the NetworkPolicy verdicts and nothing else.
     #[test]
-    fn the_policy_range_is_reserved() {
+    fn the_policy_range_is_policy_only() {
         for r in reason::ALL.iter().copied() {
-            assert!(
-                !(reason::POLICY_FIRST..=reason::POLICY_LAST).contains(&r),
-                "{} = {r} is in the range reserved for policy",
+            assert_eq!(
+                (reason::POLICY_FIRST..=reason::POLICY_LAST).contains(&r),
+                reason::name(r).starts_with("drop_policy_"),
+                "{} = {r}",
                 reason::name(r)
             );
         }

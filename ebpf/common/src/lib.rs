@@ -9,6 +9,7 @@ pub mod counters;
 pub mod csum;
 pub mod nat;
 pub mod node;
+pub mod policy;
 
 /// Version of the pinned-object layout. Pinned maps live under
 /// `/sys/fs/bpf/vpc-ebpf/<PIN_VERSION>/`; a change of any map's key or value layout bumps
@@ -40,4 +41,8 @@ pub mod maps {
     pub const NAT: &str = "VPC_NAT";
     pub const HOSTPORTS: &str = "VPC_HOSTPORTS";
     pub const KERNEL_FLOWS: &str = "VPC_KFLOWS";
+    pub const POLICED: &str = "VPC_POLICED";
+    pub const POLICY_RULES: &str = "VPC_POL_RULES";
+    pub const POLICY_FLOWS: &str = "VPC_POL_FLOWS";
+    pub const POLICY_REVISION: &str = "VPC_POL_REV";
 }

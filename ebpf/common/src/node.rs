@@ -33,6 +33,9 @@ pub mod config_flags {
     /// `AWS_VPC_K8S_CNI_EXTERNALSNAT`: never SNAT; traffic leaves through the ENI that
     /// owns the pod address and a NAT gateway translates it.
     pub const EXTERNAL_SNAT: u32 = 2;
+    /// `ENABLE_NETWORK_POLICY`: judge new flows against the policy maps and track
+    /// connections; without it the policy point costs one test of this bit.
+    pub const NETWORK_POLICY: u32 = 4;
 }
 
 /// Value of the endpoints map, keyed by the pod IPv4 (`u32`, network order).

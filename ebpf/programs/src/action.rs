@@ -38,17 +38,16 @@ pub enum Action {
 }
 
 impl Action {
-    /// Whether this packet may start a flow: what policy judges. Replies and packets of
-    /// established flows are not judged again.
+    /// Whether policy judges this packet where it was decided: packets the program sends
+    /// on itself. Packets of translated flows are replies or continuations (the flow was
+    /// judged when it started); packets handed to the host stack are judged after it,
+    /// where they reach a pod ([`crate::to_pod`]), since kube-proxy may translate them
+    /// to a Service backend first.
     #[inline(always)]
-    pub fn starts_flow(&self) -> bool {
+    pub fn judged_here(&self) -> bool {
         matches!(
             self,
-            Self::ToPod(_)
-                | Self::ToGateway { .. }
-                | Self::NewHostPort(..)
-                | Self::NewSnat(_)
-                | Self::ToKernel(..)
+            Self::ToPod(_) | Self::ToGateway { .. } | Self::NewHostPort(..) | Self::NewSnat(_)
         )
     }
 }

@@ -6,7 +6,7 @@ use network_types::eth::EthHdr;
 use vpc_ebpf_common::{
     counters::reason,
     nat::{NatKey, nat_kind},
-    node::{Endpoint, NodeConfig},
+    node::NodeConfig,
 };
 
 use crate::{
@@ -16,8 +16,8 @@ use crate::{
     kflow,
     maps::VPC_ENDPOINTS,
     nat,
-    packet::{self, ETH_P_IP, IPPROTO_ICMP, Ipv4, ptr_at},
-    policy,
+    packet::{self, ETH_P_IP, IPPROTO_ICMP, Ipv4, Ports, ptr_at},
+    policy::{self, Conn, Ends},
     verdict::{Outcome, drop, pass},
 };
 
@@ -39,39 +39,39 @@ pub fn handle(ctx: &TcContext) -> Outcome {
     let Some(cfg) = config() else {
         return pass(reason::PASS_NOT_CONFIGURED);
     };
-    let action = decide(ctx, cfg, &ip);
-    // Only a new flow is judged: the receiver is looked up for it alone, so established
-    // flows pay nothing for the policy point.
-    if action.starts_flow()
-        && let Some(to) = receiver(&action)
-        && let Some(r) = policy::ingress(&ip, to, &action)
-    {
-        return drop(r);
+    let ports = match packet::ports(ctx, &ip) {
+        Ok(p) => p,
+        Err(r) => return pass(r),
+    };
+    let action = decide(ctx, cfg, &ip, ports);
+    // The receiving pod's ingress rules, for the packets this program sends on to a pod;
+    // a hostPort is judged as the pod and container port it is translated to.
+    let conn = match &action {
+        Action::ToPod(_) => Some(Conn::of(&ip, ports)),
+        Action::NewHostPort(t, p) => Some(Conn {
+            dst: t.pod_ip,
+            ports: Some(Ports {
+                dst: t.container_port,
+                ..*p
+            }),
+            ..Conn::of(&ip, ports)
+        }),
+        _ => None,
+    };
+    if let Some(conn) = conn {
+        let ends = Ends {
+            src_local: false,
+            dst_local: true,
+        };
+        if let Some(r) = policy::judge(cfg, &conn, ends) {
+            return drop(r);
+        }
     }
     action::act(ctx, cfg, &ip, action)
 }
 
-/// The local pod a decided packet is delivered to, if any.
 #[inline(always)]
-fn receiver(action: &Action) -> Option<&Endpoint> {
-    match action {
-        Action::ToPod(pod) => Some(pod),
-        // SAFETY: read-only access to a map value.
-        Action::NewHostPort(t, _) => unsafe { VPC_ENDPOINTS.get(t.pod_ip) },
-        Action::Established(e, _) if e.kind == nat_kind::REWRITE_DST => {
-            // SAFETY: as above.
-            unsafe { VPC_ENDPOINTS.get(e.addr) }
-        }
-        _ => None,
-    }
-}
-
-#[inline(always)]
-fn decide(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4) -> Action {
-    let ports = match packet::ports(ctx, ip) {
-        Ok(p) => p,
-        Err(r) => return Action::Done(pass(r)),
-    };
+fn decide(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, ports: Option<Ports>) -> Action {
     if let Some(p) = ports
         && !ip.fragment
     {

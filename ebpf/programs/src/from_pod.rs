@@ -16,7 +16,7 @@ use crate::{
     maps::{VPC_CIDRS, VPC_ENDPOINTS, VPC_ENIS, VPC_PASSTHRU, VPC_SNAT_EXCL},
     nat,
     packet::{self, ETH_P_ARP, ETH_P_IP, IPPROTO_ICMP, Ipv4, Ports, ptr_at},
-    policy,
+    policy::{self, Conn, Ends},
     verdict::{Outcome, drop, pass},
 };
 
@@ -58,13 +58,17 @@ fn ipv4(ctx: &TcContext, ifindex: u32, src_mac: &[u8; 6]) -> Outcome {
         return drop(reason::DROP_SPOOFED_MAC);
     }
     let action = decide(ctx, cfg, &ip, me);
-    if let Some(r) = policy::egress(&ip, me, &action) {
-        return drop(r);
-    }
-    if let Action::ToPod(peer) = &action
-        && let Some(r) = policy::ingress(&ip, peer, &action)
-    {
-        return drop(r);
+    if action.judged_here() {
+        let ends = Ends {
+            src_local: true,
+            dst_local: matches!(action, Action::ToPod(_)),
+        };
+        // The ports are read again rather than kept from deciding: a value held across
+        // `decide` costs stack and registers the verifier then follows on every path.
+        let ports = packet::ports(ctx, &ip).ok().flatten();
+        if let Some(r) = policy::judge(cfg, &Conn::of(&ip, ports), ends) {
+            return drop(r);
+        }
     }
     action::act(ctx, cfg, &ip, action)
 }

@@ -11,6 +11,10 @@ use vpc_ebpf_common::{
         NatEntry, NatKey,
     },
     node::{CIDRS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, ENIS_MAX_ENTRIES, Endpoint, Eni, NodeConfig},
+    policy::{
+        FLOWS_DEFAULT_MAX_ENTRIES, FlowKey, FlowState, POLICED_MAX_ENTRIES, PolicedPod, PortRules,
+        RULES_MAX_ENTRIES, RulePeer,
+    },
 };
 
 #[map]
@@ -50,3 +54,20 @@ pub static VPC_HOSTPORTS: HashMap<HostPortKey, HostPortTarget> =
 #[map]
 pub static VPC_KFLOWS: LruHashMap<NatKey, KernelFlow> =
     LruHashMap::pinned(NAT_DEFAULT_MAX_ENTRIES, 0);
+
+/// Pod IPv4 (network order) → its rule sets; absent: not isolated.
+#[map]
+pub static VPC_POLICED: HashMap<u32, PolicedPod> = HashMap::pinned(POLICED_MAX_ENTRIES, 0);
+
+/// (rule set, direction, peer prefix) → the ports those peers may use.
+#[map]
+pub static VPC_POL_RULES: LpmTrie<RulePeer, PortRules> = LpmTrie::pinned(RULES_MAX_ENTRIES, 0);
+
+/// Connections judged by policy, one entry per direction; LRU as the NAT table.
+#[map]
+pub static VPC_POL_FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::pinned(FLOWS_DEFAULT_MAX_ENTRIES, 0);
+
+/// The policy revision (one entry), bumped by user space after every policy change.
+#[map]
+pub static VPC_POL_REV: Array<u64> = Array::pinned(1, 0);

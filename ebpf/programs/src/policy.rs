@@ -1,27 +1,189 @@
-//! Kubernetes `NetworkPolicy`: one check per direction, at the one point each program has between
-//! deciding and acting ([`crate::action`]). `egress` judges what a pod sends, `ingress`
-//! what is delivered to a pod; a connection needs both. No policy is enforced yet: both
-//! allow everything. A denial is a drop counted under one of the reserved policy reasons
-//! ([`vpc_ebpf_common::counters::reason::POLICY_FIRST`]..=`POLICY_LAST`).
+//! Kubernetes `NetworkPolicy`: one check per decided packet, at the one point each program
+//! has between deciding and acting ([`crate::action`]). A connection needs the sender's
+//! egress rules (when the sender is a pod of this node) and the receiver's ingress rules
+//! (when the receiver is a pod of this node) to admit it; the other node judges its own
+//! pods. Admitted connections are tracked both ways, so replies pass and later packets
+//! cost one lookup; a policy change (a new revision) has every tracked connection judged
+//! again at its next packet, and one that is now denied is cut.
+//!
+//! See [`vpc_ebpf_common::policy`] for the maps' layout.
 
-use vpc_ebpf_common::node::Endpoint;
+use aya_ebpf::{bindings::BPF_ANY, maps::lpm_trie::Key};
+use vpc_ebpf_common::{
+    counters::reason,
+    node::{NodeConfig, config_flags},
+    policy::{
+        FLOW_IDLE_OTHER_NS, FLOW_IDLE_TCP_NS, FlowKey, FlowState, REVISION_INDEX, RulePeer,
+        SET_NONE, direction,
+    },
+};
 
-use crate::{action::Action, packet::Ipv4};
+use crate::{
+    maps::{VPC_POL_FLOWS, VPC_POL_REV, VPC_POL_RULES, VPC_POLICED},
+    nat,
+    packet::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ports},
+};
 
-/// `None`: `from` may send this; `Some(reason)`: drop it, counted under `reason`.
+/// Which ends of a packet are pods of this node, whose rules this node enforces.
+#[derive(Clone, Copy)]
+pub struct Ends {
+    pub src_local: bool,
+    pub dst_local: bool,
+}
+
+/// A packet as policy sees it: after any translation the program itself makes (a hostPort
+/// is judged as the pod and container port it is translated to).
+#[derive(Clone, Copy)]
+pub struct Conn {
+    pub src: u32,
+    pub dst: u32,
+    pub proto: u8,
+    /// `None`: no L4 ports (a later fragment, a protocol without them).
+    pub ports: Option<Ports>,
+}
+
+impl Conn {
+    #[inline(always)]
+    pub fn of(ip: &Ipv4, ports: Option<Ports>) -> Self {
+        Self {
+            src: ip.src,
+            dst: ip.dst,
+            proto: ip.proto,
+            ports: ports.filter(|_| !ip.later_fragment),
+        }
+    }
+}
+
+/// `None`: the packet may go on; `Some(reason)`: drop it, counted under `reason`.
 #[inline(always)]
-pub fn egress(_ip: &Ipv4, _from: &Endpoint, action: &Action) -> Option<u16> {
-    if !action.starts_flow() {
+pub fn judge(cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option<u16> {
+    if cfg.flags & config_flags::NETWORK_POLICY == 0 {
         return None;
     }
+    // A pod and its own node always talk (kubelet probes, node-local agents).
+    if ip.src == cfg.node_ip || ip.dst == cfg.node_ip {
+        return None;
+    }
+    // ICMP errors belong to a connection judged already (and PMTU discovery must work).
+    if ip.proto == IPPROTO_ICMP && ip.ports.is_none() {
+        return None;
+    }
+    // Without ports (a later fragment, a protocol without them) there is no connection
+    // to track: the packet is judged on its own, by protocol.
+    let Some(p) = ip.ports else {
+        return admitted(ip.src, ip.dst, ip.proto, None, ends).err();
+    };
+    let key = FlowKey {
+        src: ip.src,
+        dst: ip.dst,
+        sport: p.src,
+        dport: p.dst,
+        proto: ip.proto,
+        pad: [0; 3],
+    };
+    let revision = VPC_POL_REV.get(REVISION_INDEX).copied().unwrap_or(0);
+    let now = nat::now();
+    if let Some(f) = VPC_POL_FLOWS.get_ptr_mut(key) {
+        // SAFETY: a valid map value; racing CPUs write the same kind of values.
+        let (seen, judged, reply) = unsafe { ((*f).seen_ns, (*f).revision, (*f).reply) };
+        let idle = if ip.proto == IPPROTO_TCP {
+            FLOW_IDLE_TCP_NS
+        } else {
+            FLOW_IDLE_OTHER_NS
+        };
+        if now.wrapping_sub(seen) < idle {
+            // SAFETY: as above.
+            let mut revoked = unsafe { (*f).revoked };
+            if judged != revision {
+                // Judge the connection as it was opened: a reply entry's key is reversed.
+                let verdict = if reply != 0 {
+                    let back = Ends {
+                        src_local: ends.dst_local,
+                        dst_local: ends.src_local,
+                    };
+                    admitted(ip.dst, ip.src, ip.proto, port_of(ip.proto, p.src), back)
+                } else {
+                    admitted(ip.src, ip.dst, ip.proto, port_of(ip.proto, p.dst), ends)
+                };
+                revoked = u32::from(verdict.is_err());
+            }
+            // SAFETY: as above.
+            unsafe {
+                (*f).seen_ns = now;
+                (*f).revision = revision;
+                (*f).revoked = revoked;
+            }
+            return (revoked != 0).then_some(reason::DROP_POLICY_REVOKED);
+        }
+    }
+    let mut as_reply = 0;
+    if let Err(r) = admitted(ip.src, ip.dst, ip.proto, port_of(ip.proto, p.dst), ends) {
+        // A TCP segment other than a bare SYN may belong to a connection opened the
+        // other way before it was tracked (the table filled up, or policy was switched
+        // on): admitted as that connection's reply if its opening would be.
+        let back = Ends {
+            src_local: ends.dst_local,
+            dst_local: ends.src_local,
+        };
+        if ip.proto != IPPROTO_TCP
+            || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+            || admitted(ip.dst, ip.src, ip.proto, port_of(ip.proto, p.src), back).is_err()
+        {
+            return Some(r);
+        }
+        as_reply = 1;
+    }
+    let this = FlowState {
+        revision,
+        seen_ns: now,
+        reply: as_reply,
+        revoked: 0,
+    };
+    let other = FlowState {
+        reply: 1 - as_reply,
+        ..this
+    };
+    let _ = VPC_POL_FLOWS.insert(key, this, u64::from(BPF_ANY));
+    let _ = VPC_POL_FLOWS.insert(key.reversed(), other, u64::from(BPF_ANY));
     None
 }
 
-/// `None`: `to` may receive this; `Some(reason)`: drop it, counted under `reason`.
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// The destination port rules match, for the protocols whose ports rules name.
 #[inline(always)]
-pub fn ingress(_ip: &Ipv4, _to: &Endpoint, action: &Action) -> Option<u16> {
-    if !action.starts_flow() {
-        return None;
+fn port_of(proto: u8, port: u16) -> Option<u16> {
+    (proto == IPPROTO_TCP || proto == IPPROTO_UDP).then_some(port)
+}
+
+/// Whether a new connection `src` → `dst` (`proto`, destination `port`) is admitted by the
+/// rules of its local ends; `Err` is the drop reason.
+#[inline(always)]
+fn admitted(src: u32, dst: u32, proto: u8, port: Option<u16>, ends: Ends) -> Result<(), u16> {
+    if ends.src_local
+        // SAFETY: read-only access to a map value.
+        && let Some(pod) = unsafe { VPC_POLICED.get(src) }
+        && pod.egress_set != SET_NONE
+        && !rules_admit(pod.egress_set, direction::EGRESS, dst, proto, port)
+    {
+        return Err(reason::DROP_POLICY_EGRESS);
     }
-    None
+    if ends.dst_local
+        // SAFETY: as above.
+        && let Some(pod) = unsafe { VPC_POLICED.get(dst) }
+        && pod.ingress_set != SET_NONE
+        && !rules_admit(pod.ingress_set, direction::INGRESS, src, proto, port)
+    {
+        return Err(reason::DROP_POLICY_INGRESS);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn rules_admit(set: u32, dir: u32, peer: u32, proto: u8, port: Option<u16>) -> bool {
+    let key = Key::new(RulePeer::FIXED_BITS + 32, RulePeer::new(set, dir, peer));
+    VPC_POL_RULES
+        .get(&key)
+        .is_some_and(|r| r.admits(proto, port))
 }

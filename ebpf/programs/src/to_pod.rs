@@ -14,9 +14,10 @@ use vpc_ebpf_common::{counters::reason, nat::NatKey};
 use crate::{
     action::{self, Action},
     from_pod::config,
+    kflow,
     maps::VPC_ENDPOINTS,
-    packet::{self, ETH_P_IP, Ipv4, ptr_at},
-    policy,
+    packet::{self, ETH_P_IP, Ipv4, Ports, ptr_at},
+    policy::{self, Conn, Ends},
     verdict::{Outcome, drop, pass},
 };
 
@@ -40,29 +41,44 @@ pub fn handle(ctx: &TcContext) -> Outcome {
     // SAFETY: the kernel hands every TC program a valid __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: read-only access to a map value.
-    let Some(pod) = unsafe { VPC_ENDPOINTS.get(ip.dst) }.filter(|e| e.host_ifindex == ifindex)
-    else {
+    if unsafe { VPC_ENDPOINTS.get(ip.dst) }.is_none_or(|e| e.host_ifindex != ifindex) {
         // Not this veth's pod (a stale route, a broadcast): nothing to remember.
         return pass(packet::classify(ctx));
-    };
-    let action = decide(ctx, &ip);
-    if let Some(r) = policy::ingress(&ip, pod, &action) {
-        return drop(r);
     }
-    action::act(ctx, cfg, &ip, action)
+    let ports = match packet::ports(ctx, &ip) {
+        Ok(p) => p,
+        Err(r) => return pass(r),
+    };
+    // What the host stack delivers after kube-proxy: a new connection to this pod (from
+    // another node, the internet, or a pod of this node through a Service whose backend
+    // is this pod, judged as that pod's egress too), unless it answers a connection the
+    // pod itself sent into the host stack.
+    let answers_pod = ports.is_some_and(|p| {
+        !ip.fragment && kflow::touch(&NatKey::pod_port(ip.dst, p.dst, ip.proto), &p)
+    });
+    if !answers_pod {
+        let ends = Ends {
+            // SAFETY: read-only access to a map value.
+            src_local: unsafe { VPC_ENDPOINTS.get(ip.src) }.is_some(),
+            dst_local: true,
+        };
+        if let Some(r) = policy::judge(cfg, &Conn::of(&ip, ports), ends) {
+            return drop(r);
+        }
+    }
+    action::act(ctx, cfg, &ip, decide(ctx, &ip, ports))
 }
 
 #[inline(always)]
-fn decide(ctx: &TcContext, ip: &Ipv4) -> Action {
-    match packet::ports(ctx, ip) {
+fn decide(ctx: &TcContext, ip: &Ipv4, ports: Option<Ports>) -> Action {
+    match ports {
         // Oriented from the pod, as `from_pod` looks its packets up.
-        Ok(Some(p)) => Action::ToKernel(
+        Some(p) => Action::ToKernel(
             reason::PASS_KERNEL_TO_POD,
             Some((NatKey::new(ip.dst, ip.src, p.dst, p.src, ip.proto), p)),
         ),
         // No ports (another protocol, a later fragment, an ICMP error): nothing a reply
         // could be matched by.
-        Ok(None) => Action::Done(pass(packet::classify(ctx))),
-        Err(r) => Action::Done(pass(r)),
+        None => Action::Done(pass(packet::classify(ctx))),
     }
 }

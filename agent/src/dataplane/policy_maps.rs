@@ -1,0 +1,162 @@
+//! The NetworkPolicy maps: writing a [`Plan`] in its order and reading back what an
+//! earlier run applied, so that a restarted agent diffs against the pinned maps instead
+//! of rewriting them (the programs keep enforcing throughout).
+
+use std::collections::BTreeMap;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, MapError, lpm_trie::Key},
+};
+use ipnet::Ipv4Net;
+use vpc_ebpf_common::{
+    maps,
+    policy::{PolicedPod, PortRules, REVISION_INDEX, RulePeer, SET_NONE, direction},
+};
+
+use super::{
+    DataplaneError,
+    spec::{be, from_be},
+};
+use crate::policy::{
+    compile::RuleSet,
+    sets::{Applied, Plan},
+};
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+fn rules_map(
+    ebpf: &mut Ebpf,
+) -> Result<LpmTrie<&mut aya::maps::MapData, RulePeer, PortRules>, DataplaneError> {
+    let m = ebpf
+        .map_mut(maps::POLICY_RULES)
+        .ok_or(DataplaneError::MissingMap(maps::POLICY_RULES))?;
+    LpmTrie::try_from(m).map_err(map_err(maps::POLICY_RULES))
+}
+
+fn policed_map(
+    ebpf: &mut Ebpf,
+) -> Result<HashMap<&mut aya::maps::MapData, u32, PolicedPod>, DataplaneError> {
+    let m = ebpf
+        .map_mut(maps::POLICED)
+        .ok_or(DataplaneError::MissingMap(maps::POLICED))?;
+    HashMap::try_from(m).map_err(map_err(maps::POLICED))
+}
+
+fn key(set: u32, dir: u32, net: Ipv4Net) -> Key<RulePeer> {
+    Key::new(
+        RulePeer::FIXED_BITS + u32::from(net.prefix_len()),
+        RulePeer::new(set, dir, be(net.network())),
+    )
+}
+
+fn value(ranges: &[vpc_ebpf_common::policy::PortRange]) -> PortRules {
+    let mut v = PortRules {
+        count: u32::try_from(ranges.len()).expect("the compiler keeps at most PORT_RANGES_MAX"),
+        ..Default::default()
+    };
+    v.ranges[..ranges.len()].copy_from_slice(ranges);
+    v
+}
+
+/// Writes `plan`: new sets, then pod pointers, then removals, then a new revision so
+/// that tracked connections are judged again under the new rules.
+pub fn apply(ebpf: &mut Ebpf, plan: &Plan) -> Result<(), DataplaneError> {
+    if plan.is_empty() {
+        return Ok(());
+    }
+    {
+        let mut rules = rules_map(ebpf)?;
+        for (id, dir, set) in &plan.new_sets {
+            for (net, ranges) in set {
+                rules
+                    .insert(&key(*id, *dir, *net), value(ranges), 0)
+                    .map_err(map_err(maps::POLICY_RULES))?;
+            }
+        }
+    }
+    {
+        let mut pods = policed_map(ebpf)?;
+        for (ip, p) in &plan.pods_set {
+            pods.insert(be(*ip), p, 0).map_err(map_err(maps::POLICED))?;
+        }
+        for ip in &plan.pods_removed {
+            match pods.remove(&be(*ip)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(map_err(maps::POLICED)(e)),
+            }
+        }
+    }
+    {
+        let mut rules = rules_map(ebpf)?;
+        for (id, dir, set) in &plan.dead_sets {
+            for net in set.keys() {
+                match rules.remove(&key(*id, *dir, *net)) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(map_err(maps::POLICY_RULES)(e)),
+                }
+            }
+        }
+    }
+    bump_revision(ebpf)
+}
+
+fn bump_revision(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+    let m = ebpf
+        .map_mut(maps::POLICY_REVISION)
+        .ok_or(DataplaneError::MissingMap(maps::POLICY_REVISION))?;
+    let mut rev: Array<_, u64> = Array::try_from(m).map_err(map_err(maps::POLICY_REVISION))?;
+    let now = rev
+        .get(&REVISION_INDEX, 0)
+        .map_err(map_err(maps::POLICY_REVISION))?;
+    rev.set(REVISION_INDEX, now.wrapping_add(1), 0)
+        .map_err(map_err(maps::POLICY_REVISION))
+}
+
+/// What the maps enforce now (an earlier run's work, kept by the pins).
+pub fn read(ebpf: &mut Ebpf) -> Result<Applied, DataplaneError> {
+    let mut sets: BTreeMap<u32, (u32, RuleSet)> = BTreeMap::new();
+    {
+        let rules = rules_map(ebpf)?;
+        for entry in &rules {
+            let (k, v) = entry.map_err(map_err(maps::POLICY_RULES))?;
+            let data = k.data();
+            let len = k.prefix_len().saturating_sub(RulePeer::FIXED_BITS);
+            let Some(net) = u8::try_from(len)
+                .ok()
+                .and_then(|len| Ipv4Net::new(from_be(data.peer), len).ok())
+            else {
+                continue;
+            };
+            let n = (v.count as usize).min(v.ranges.len());
+            sets.entry(data.set())
+                .or_insert_with(|| (data.direction(), RuleSet::new()))
+                .1
+                .insert(net, v.ranges[..n].to_vec());
+        }
+    }
+    let pods: BTreeMap<_, PolicedPod> = policed_map(ebpf)?
+        .iter()
+        .map(|r| r.map(|(ip, p)| (from_be(ip), p)))
+        .collect::<Result<_, _>>()
+        .map_err(map_err(maps::POLICED))?;
+    // A set that admits nothing has no entries: only the pods pointing to it tell it is
+    // there (and taken).
+    for p in pods.values() {
+        for (id, dir) in [
+            (p.ingress_set, direction::INGRESS),
+            (p.egress_set, direction::EGRESS),
+        ] {
+            if id != SET_NONE {
+                sets.entry(id).or_insert_with(|| (dir, RuleSet::new()));
+            }
+        }
+    }
+    Ok(Applied { sets, pods })
+}

@@ -1,0 +1,484 @@
+//! Compiler tests on Kubernetes' own e2e topology (namespaces x, y, z; pods a, b, c in
+//! each; TCP and UDP servers on 80 and 81 with named ports), each checked as a
+//! reachability truth table through the flattened rules, looked up as the kernel does
+//! (longest prefix, then the ranges).
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use vpc_ebpf_common::policy::PortRules;
+
+use super::*;
+use crate::policy::model::{TCP, UDP};
+
+const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+const PODS: [&str; 3] = ["a", "b", "c"];
+
+fn ip_of(ns: u8, pod: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 1 + ns, 10 + pod)
+}
+
+fn world(policies: &[serde_json::Value]) -> World {
+    let mut w = World::default();
+    for (i, ns) in (0u8..).zip(NAMESPACES) {
+        w.namespaces.insert(
+            (*ns).to_owned(),
+            BTreeMap::from([("ns".to_owned(), (*ns).to_owned())]),
+        );
+        for (j, pod) in (0u8..).zip(PODS) {
+            w.pods.push(PodView {
+                namespace: (*ns).to_owned(),
+                name: (*pod).to_owned(),
+                ip: Some(ip_of(i, j)),
+                labels: BTreeMap::from([("pod".to_owned(), (*pod).to_owned())]),
+                named_ports: vec![
+                    ("serve-80-tcp".into(), TCP, 80),
+                    ("serve-80-udp".into(), UDP, 80),
+                    ("serve-81-tcp".into(), TCP, 81),
+                    ("serve-81-udp".into(), UDP, 81),
+                ],
+                host_network: false,
+            });
+        }
+    }
+    for p in policies {
+        let np: NetworkPolicy = serde_json::from_value(p.clone()).expect("a valid policy");
+        let (pol, err) = Policy::from_api(&np);
+        assert_eq!(err, None);
+        w.policies.push(pol);
+    }
+    w
+}
+
+/// The kernel's lookup: the longest prefix containing `peer`, then its ranges.
+fn admits(set: &RuleSet, peer: Ipv4Addr, proto: u8, port: u16) -> bool {
+    let Some((_, ranges)) = set
+        .iter()
+        .filter(|(net, _)| net.contains(&peer))
+        .max_by_key(|(net, _)| net.prefix_len())
+    else {
+        return false;
+    };
+    let mut r = PortRules {
+        count: u32::try_from(ranges.len()).expect("a short list"),
+        ..Default::default()
+    };
+    r.ranges[..ranges.len()].copy_from_slice(ranges);
+    r.admits(proto, Some(port))
+}
+
+/// Whether `from` may open a connection to `to` on (proto, port), under the rules both
+/// compile to: the source's egress and the destination's ingress.
+fn reach(w: &World, from: (usize, usize), to: (usize, usize), proto: u8, port: u16) -> bool {
+    if from == to {
+        // A pod reaching its own address never leaves its namespace (loopback), as the
+        // upstream e2e allows.
+        return true;
+    }
+    let pod = |(n, p): (usize, usize)| &w.pods[n * 3 + p];
+    let (src, dst) = (pod(from), pod(to));
+    let (src_rules, _) = w.compile(src);
+    let (dst_rules, _) = w.compile(dst);
+    let ok_out = src_rules
+        .egress
+        .as_ref()
+        .is_none_or(|s| admits(s, dst.ip.unwrap(), proto, port));
+    let ok_in = dst_rules
+        .ingress
+        .as_ref()
+        .is_none_or(|s| admits(s, src.ip.unwrap(), proto, port));
+    ok_out && ok_in
+}
+
+/// The truth table over the 9 pods for (proto, port): a string of 81 '.'/'X'
+/// (reachable/not), rows = sources x/a..z/c, columns = destinations.
+fn table(w: &World, proto: u8, port: u16) -> Vec<String> {
+    let all: Vec<(usize, usize)> = (0..3).flat_map(|n| (0..3).map(move |p| (n, p))).collect();
+    all.iter()
+        .map(|&from| {
+            all.iter()
+                .map(|&to| {
+                    if reach(w, from, to, proto, port) {
+                        '.'
+                    } else {
+                        'X'
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Expected table where `ok(from, to)` says which pairs are reachable.
+fn expect(ok: impl Fn((usize, usize), (usize, usize)) -> bool) -> Vec<String> {
+    let ok = |from, to| from == to || ok(from, to);
+    let all: Vec<(usize, usize)> = (0..3).flat_map(|n| (0..3).map(move |p| (n, p))).collect();
+    all.iter()
+        .map(|&from| {
+            all.iter()
+                .map(|&to| if ok(from, to) { '.' } else { 'X' })
+                .collect()
+        })
+        .collect()
+}
+
+fn np(name: &str, ns: &str, spec: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": spec,
+    })
+}
+
+const X: usize = 0;
+const Y: usize = 1;
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
+
+#[test]
+fn no_policy_everything_reaches_everything() {
+    let w = world(&[]);
+    assert_eq!(table(&w, TCP, 80), expect(|_, _| true));
+}
+
+#[test]
+fn deny_all_ingress_in_x() {
+    let w = world(&[np("deny", "x", &serde_json::json!({"podSelector": {}}))]);
+    // No ingress rules: x's pods isolated, admitting nothing.
+    assert_eq!(
+        table(&w, TCP, 80),
+        expect(|from, to| to.0 != X || from == to)
+    );
+}
+
+#[test]
+fn allow_all_ingress_with_an_empty_rule() {
+    let w = world(&[np(
+        "allow",
+        "x",
+        &serde_json::json!({"podSelector": {}, "ingress": [{}]}),
+    )]);
+    assert_eq!(table(&w, TCP, 80), expect(|_, _| true));
+}
+
+#[test]
+fn deny_all_egress_in_x() {
+    let w = world(&[np(
+        "deny",
+        "x",
+        &serde_json::json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+    )]);
+    assert_eq!(table(&w, TCP, 80), expect(|from, _| from.0 != X));
+}
+
+#[test]
+fn egress_rules_default_the_egress_type() {
+    // No policyTypes, egress rules given: Ingress and Egress both isolate.
+    let w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                           "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+    )]);
+    assert_eq!(
+        table(&w, TCP, 80),
+        expect(|from, to| {
+            if from == (X, A) {
+                to == (X, B)
+            } else {
+                to != (X, A)
+            }
+        })
+    );
+}
+
+#[test]
+fn ingress_from_pods_of_the_same_namespace() {
+    let w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                           "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+    )]);
+    assert_eq!(
+        table(&w, TCP, 80),
+        expect(|from, to| to != (X, A) || from == (X, B))
+    );
+}
+
+#[test]
+fn ingress_from_namespaces_by_label() {
+    let w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                           "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}),
+    )]);
+    assert_eq!(
+        table(&w, TCP, 80),
+        expect(|from, to| to != (X, A) || from.0 == Y)
+    );
+}
+
+#[test]
+fn namespace_and_pod_selector_in_one_peer_is_and() {
+    let w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                           "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}},
+                                                  "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+    )]);
+    assert_eq!(
+        table(&w, TCP, 80),
+        expect(|from, to| to != (X, A) || from == (Y, B))
+    );
+}
+
+#[test]
+fn namespace_and_pod_selector_in_two_peers_is_or() {
+    let w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                           "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}},
+                                                 {"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+    )]);
+    assert_eq!(
+        table(&w, TCP, 80),
+        expect(|from, to| to != (X, A) || from.0 == Y || from == (X, B))
+    );
+}
+
+#[test]
+fn empty_namespace_selector_is_every_namespace() {
+    let w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                           "ingress": [{"from": [{"namespaceSelector": {},
+                                                  "podSelector": {"matchLabels": {"pod": "c"}}}]}]}),
+    )]);
+    assert_eq!(
+        table(&w, TCP, 80),
+        expect(|from, to| to != (X, A) || from.1 == C)
+    );
+}
+
+#[test]
+fn match_expressions() {
+    let w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {"matchExpressions": [{"key": "pod", "operator": "In", "values": ["a", "b"]}]},
+                           "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [{"key": "ns", "operator": "NotIn", "values": ["x"]}]}}]}]}),
+    )]);
+    assert_eq!(
+        table(&w, TCP, 80),
+        expect(|from, to| !(to == (X, A) || to == (X, B)) || from.0 != X)
+    );
+}
+
+#[test]
+fn ports_numbered_and_named_per_protocol() {
+    let w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                           "ingress": [{"ports": [{"port": 80}, {"protocol": "UDP", "port": "serve-81-udp"}]}]}),
+    )]);
+    let open = |from: (usize, usize), to| from == from && to != (X, A);
+    assert_eq!(table(&w, TCP, 80), expect(|_, _| true));
+    assert_eq!(table(&w, TCP, 81), expect(open));
+    assert_eq!(table(&w, UDP, 80), expect(open));
+    assert_eq!(table(&w, UDP, 81), expect(|_, _| true));
+}
+
+#[test]
+fn named_egress_ports_resolve_on_each_destination() {
+    let mut w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                           "egress": [{"ports": [{"port": "web"}]}]}),
+    )]);
+    // Only y/b serves "web", on 81.
+    w.pods[Y * 3 + B].named_ports.push(("web".into(), TCP, 81));
+    assert_eq!(
+        table(&w, TCP, 81),
+        expect(|from, to| from != (X, A) || to == (Y, B))
+    );
+    assert_eq!(table(&w, TCP, 80), expect(|from, _| from != (X, A)));
+}
+
+#[test]
+fn end_port_ranges() {
+    let w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {}, "ingress": [{"ports": [{"port": 81, "endPort": 90}]}]}),
+    )]);
+    assert_eq!(table(&w, TCP, 80), expect(|_, to| to.0 != X));
+    assert_eq!(table(&w, TCP, 81), expect(|_, _| true));
+}
+
+#[test]
+fn ip_block_with_except_also_matches_pods() {
+    // 10.0.0.0/16 except y's /24: every pod but y's.
+    let w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                           "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.2.0/24"]}}]}]}),
+    )]);
+    assert_eq!(
+        table(&w, TCP, 80),
+        expect(|from, to| to != (X, A) || from.0 != Y)
+    );
+}
+
+#[test]
+fn an_except_hole_is_filled_by_another_rule_for_its_ports_only() {
+    let w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                           "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.2.0/24"]}}]},
+                                       {"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}},
+                                                  "podSelector": {"matchLabels": {"pod": "c"}}}],
+                                        "ports": [{"port": 81}]}]}),
+    )]);
+    assert_eq!(
+        table(&w, TCP, 80),
+        expect(|from, to| to != (X, A) || from.0 != Y)
+    );
+    assert_eq!(
+        table(&w, TCP, 81),
+        expect(|from, to| to != (X, A) || from.0 != Y || from == (Y, C))
+    );
+}
+
+#[test]
+fn policies_add_up() {
+    let w = world(&[
+        np(
+            "deny",
+            "x",
+            &serde_json::json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+        ),
+        np(
+            "a-from-b",
+            "x",
+            &serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                               "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        ),
+        np(
+            "b-to-a",
+            "x",
+            &serde_json::json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Egress"],
+                               "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "a"}}}]}]}),
+        ),
+    ]);
+    // Everything into or out of x is denied but x/b → x/a.
+    assert_eq!(
+        table(&w, TCP, 80),
+        expect(|from, to| (from.0 != X && to.0 != X) || (from == (X, B) && to == (X, A)))
+    );
+}
+
+#[test]
+fn policy_is_per_pod_labels_not_name_prefix() {
+    let mut w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}}),
+    )]);
+    w.pods.push(PodView {
+        namespace: "x".into(),
+        name: "web-1".into(),
+        ip: Some(Ipv4Addr::new(10, 0, 1, 50)),
+        labels: BTreeMap::from([("app".into(), "web".into())]),
+        ..Default::default()
+    });
+    w.pods.push(PodView {
+        namespace: "x".into(),
+        name: "web-1-canary".into(),
+        ip: Some(Ipv4Addr::new(10, 0, 1, 51)),
+        labels: BTreeMap::from([("app".into(), "web-canary".into())]),
+        ..Default::default()
+    });
+    assert!(w.compile(&w.pods[9]).0.ingress.is_some());
+    assert!(w.compile(&w.pods[10]).0.ingress.is_none());
+}
+
+#[test]
+fn host_network_pods_and_pods_without_address_are_no_peers() {
+    let mut w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                           "ingress": [{"from": [{"podSelector": {}}]}]}),
+    )]);
+    w.pods[B].host_network = true;
+    w.pods[C].ip = None;
+    let (rules, _) = w.compile(&w.pods[A]);
+    let ingress = rules.ingress.expect("isolated");
+    assert!(ingress.keys().all(|n| n.prefix_len() == 32));
+    assert_eq!(ingress.len(), 1, "x/a itself only: {ingress:?}");
+}
+
+#[test]
+fn other_namespaces_policies_do_not_select() {
+    let w = world(&[np("deny", "y", &serde_json::json!({"podSelector": {}}))]);
+    assert!(w.compile(&w.pods[0]).0.ingress.is_none());
+    assert_eq!(w.compile(&w.pods[3]).0.policies, vec!["y/deny".to_owned()]);
+}
+
+#[test]
+fn a_policy_that_does_not_parse_isolates_and_admits_nothing() {
+    let bad: NetworkPolicy = serde_json::from_value(np(
+        "bad",
+        "x",
+        &serde_json::json!({"podSelector": {},
+                           "ingress": [{"from": [{"ipBlock": {"cidr": "not-a-cidr"}}]}]}),
+    ))
+    .unwrap();
+    let (pol, err) = Policy::from_api(&bad);
+    assert_eq!(
+        err,
+        Some(crate::policy::model::ModelError::Cidr("not-a-cidr".into()))
+    );
+    assert_eq!(pol.ingress, Some(Vec::new()));
+}
+
+#[test]
+fn ranges_merge_and_a_wildcard_absorbs() {
+    assert_eq!(
+        normalize(vec![
+            range(TCP, 90, 100),
+            range(TCP, 80, 85),
+            range(TCP, 86, 89),
+            range(UDP, 53, 53),
+        ]),
+        vec![range(TCP, 80, 100), range(UDP, 53, 53)]
+    );
+    assert_eq!(normalize(vec![range(TCP, 1, 2), ANY]), vec![ANY]);
+}
+
+#[test]
+fn too_many_ranges_are_cut_and_reported() {
+    let ports: Vec<_> = (0..20)
+        .map(|i| serde_json::json!({"port": 1000 + 2 * i}))
+        .collect();
+    let w = world(&[np(
+        "p",
+        "x",
+        &serde_json::json!({"podSelector": {}, "ingress": [{"ports": ports}]}),
+    )]);
+    let (rules, cut) = w.compile(&w.pods[0]);
+    assert_eq!(cut.len(), 1);
+    assert_eq!(cut[0].ranges, 20);
+    assert_eq!(rules.ingress.unwrap()[&EVERYWHERE].len(), PORT_RANGES_MAX);
+}

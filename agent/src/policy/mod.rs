@@ -1,0 +1,9 @@
+//! Kubernetes NetworkPolicy, layered as Cilium does: the API model ([`model`]), a pure
+//! compiler from policies, pods and namespaces to each local pod's rules ([`compile`]),
+//! rule sets shared by pods with the same rules and the plan that changes the maps
+//! without a window ([`sets`]); the dataplane writes the plan
+//! (`dataplane::policy_maps`).
+
+pub mod compile;
+pub mod model;
+pub mod sets;

@@ -1,0 +1,183 @@
+//! Rule sets: pods whose rules compile the same share one set in the maps. A set is never
+//! changed in place: new content gets a new set, written before any pod points to it, and
+//! a set is removed only once no pod points to it, so a pod never sees half a change.
+//! Pure: the plan of what to write, which [`super::apply`] carries out.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use vpc_ebpf_common::policy::{PolicedPod, SET_NONE, direction};
+
+use super::compile::{PodRules, RuleSet};
+
+/// What the maps hold (or will once a plan is applied).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Set id → (direction, rules).
+    pub sets: BTreeMap<u32, (u32, RuleSet)>,
+    /// Pod → its sets; pods isolated in neither direction are absent.
+    pub pods: BTreeMap<Ipv4Addr, PolicedPod>,
+}
+
+/// The changes that take the maps from one [`Applied`] to the next, in the order they
+/// must be made.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// 1. Sets to write.
+    pub new_sets: Vec<(u32, u32, RuleSet)>,
+    /// 2. Pods to point at (other) sets.
+    pub pods_set: Vec<(Ipv4Addr, PolicedPod)>,
+    /// 3. Pods no longer isolated.
+    pub pods_removed: Vec<Ipv4Addr>,
+    /// 4. Sets no pod points to any more.
+    pub dead_sets: Vec<(u32, u32, RuleSet)>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.new_sets.is_empty()
+            && self.pods_set.is_empty()
+            && self.pods_removed.is_empty()
+            && self.dead_sets.is_empty()
+    }
+}
+
+impl Applied {
+    /// The plan that makes the maps enforce `desired` (every local pod's rules), and the
+    /// state once it is applied.
+    pub fn plan(&self, desired: &BTreeMap<Ipv4Addr, PodRules>) -> (Plan, Applied) {
+        let mut by_content: BTreeMap<(u32, &RuleSet), u32> = self
+            .sets
+            .iter()
+            .map(|(id, (dir, rules))| ((*dir, rules), *id))
+            .collect();
+        let mut next = Applied::default();
+        let mut plan = Plan::default();
+        let mut used: BTreeSet<u32> = self.sets.keys().copied().collect();
+        for (ip, rules) in desired {
+            let mut pod = PolicedPod::default();
+            for (dir, set, slot) in [
+                (direction::INGRESS, &rules.ingress, &mut pod.ingress_set),
+                (direction::EGRESS, &rules.egress, &mut pod.egress_set),
+            ] {
+                let Some(set) = set else { continue };
+                let id = *by_content.entry((dir, set)).or_insert_with(|| {
+                    let id = (1..=u32::MAX)
+                        .find(|i| !used.contains(i))
+                        .expect("fewer sets than ids");
+                    used.insert(id);
+                    plan.new_sets.push((id, dir, set.clone()));
+                    id
+                });
+                next.sets.insert(id, (dir, set.clone()));
+                *slot = id;
+            }
+            if pod.ingress_set == SET_NONE && pod.egress_set == SET_NONE {
+                continue;
+            }
+            if self.pods.get(ip) != Some(&pod) {
+                plan.pods_set.push((*ip, pod));
+            }
+            next.pods.insert(*ip, pod);
+        }
+        plan.pods_removed = self
+            .pods
+            .keys()
+            .filter(|ip| !next.pods.contains_key(ip))
+            .copied()
+            .collect();
+        plan.dead_sets = self
+            .sets
+            .iter()
+            .filter(|(id, _)| !next.sets.contains_key(id))
+            .map(|(id, (dir, rules))| (*id, *dir, rules.clone()))
+            .collect();
+        (plan, next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ipnet::Ipv4Net;
+    use vpc_ebpf_common::policy::PortRange;
+
+    use super::*;
+
+    fn rules(peer: &str) -> RuleSet {
+        BTreeMap::from([(
+            peer.parse::<Ipv4Net>().unwrap(),
+            vec![PortRange {
+                proto: 6,
+                pad: 0,
+                first: 80,
+                last: 80,
+            }],
+        )])
+    }
+
+    fn pod(ingress: Option<&str>, egress: Option<&str>) -> PodRules {
+        PodRules {
+            ingress: ingress.map(rules),
+            egress: egress.map(rules),
+            policies: Vec::new(),
+        }
+    }
+
+    const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+    const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+
+    #[test]
+    fn pods_with_the_same_rules_share_a_set() {
+        let desired = BTreeMap::from([
+            (A, pod(Some("10.0.0.0/8"), None)),
+            (B, pod(Some("10.0.0.0/8"), None)),
+        ]);
+        let (plan, next) = Applied::default().plan(&desired);
+        assert_eq!(plan.new_sets.len(), 1);
+        assert_eq!(next.pods[&A], next.pods[&B]);
+        assert_eq!(next.pods[&A].egress_set, SET_NONE);
+        // Nothing to do the second time.
+        let (again, same) = next.plan(&desired);
+        assert!(again.is_empty(), "{again:?}");
+        assert_eq!(same, next);
+    }
+
+    #[test]
+    fn a_change_writes_a_new_set_before_the_old_one_goes() {
+        let (_, before) = Applied::default().plan(&BTreeMap::from([
+            (A, pod(Some("10.0.0.0/8"), None)),
+            (B, pod(Some("10.0.0.0/8"), None)),
+        ]));
+        let old = before.pods[&A].ingress_set;
+        let (plan, after) = before.plan(&BTreeMap::from([
+            (A, pod(Some("10.1.0.0/16"), None)),
+            (B, pod(Some("10.0.0.0/8"), None)),
+        ]));
+        assert_eq!(plan.new_sets.len(), 1);
+        assert_ne!(plan.new_sets[0].0, old);
+        assert_eq!(plan.pods_set, vec![(A, after.pods[&A])]);
+        assert!(plan.dead_sets.is_empty(), "B still uses the old set");
+        // B leaves policy: its pointer goes and the set with it.
+        let (plan, _) = after.plan(&BTreeMap::from([
+            (A, pod(Some("10.1.0.0/16"), None)),
+            (B, pod(None, None)),
+        ]));
+        assert_eq!(plan.pods_removed, vec![B]);
+        assert_eq!(
+            plan.dead_sets.iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![old]
+        );
+    }
+
+    #[test]
+    fn the_same_rules_in_two_directions_are_two_sets() {
+        let (plan, next) = Applied::default().plan(&BTreeMap::from([(
+            A,
+            pod(Some("10.0.0.0/8"), Some("10.0.0.0/8")),
+        )]));
+        assert_eq!(plan.new_sets.len(), 2);
+        assert_ne!(next.pods[&A].ingress_set, next.pods[&A].egress_set);
+    }
+}

@@ -1,0 +1,337 @@
+//! NetworkPolicy in the programs, over hand-built frames: policies go through the agent's
+//! compiler and set planner into the maps, as the agent writes them, and every branch of
+//! the policy point is checked by its verdict and counted reason.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use vpc_ebpf_agent::policy::{
+    compile::World,
+    model::{PodView, Policy, TCP},
+    sets::Applied,
+};
+
+use super::*;
+
+const REMOTE: Ipv4Addr = ip(10, 0, 3, 3);
+const OTHER: Ipv4Addr = ip(10, 0, 4, 4);
+
+/// Pods of the test: A and B on this node (labelled `pod=a`/`pod=b`, namespace `x`, B
+/// serving the named port `http` on 8080), and a remote pod `pod=r` at [`REMOTE`].
+fn world(policies: &[serde_json::Value]) -> World {
+    let pod = |name: &str, ip| PodView {
+        namespace: "x".into(),
+        name: name.into(),
+        ip: Some(ip),
+        labels: BTreeMap::from([("pod".to_owned(), name.to_owned())]),
+        named_ports: if name == "b" {
+            vec![("http".into(), TCP, 8080)]
+        } else {
+            Vec::new()
+        },
+        host_network: false,
+    };
+    let mut w = World {
+        pods: vec![pod("a", POD_A), pod("b", POD_B), pod("r", REMOTE)],
+        ..World::default()
+    };
+    w.namespaces.insert("x".into(), BTreeMap::new());
+    for (i, spec) in policies.iter().enumerate() {
+        let np: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("p{i}"), "namespace": "x"},
+            "spec": spec,
+        }))
+        .expect("a valid policy");
+        let (p, err) = Policy::from_api(&np);
+        assert_eq!(err, None);
+        w.policies.push(p);
+    }
+    w
+}
+
+/// Compiles `policies` for the node's pods and writes them as the agent does.
+fn enforce(n: &mut Node, policies: &[serde_json::Value]) {
+    let w = world(policies);
+    let desired = w.pods[..2]
+        .iter()
+        .map(|p| (p.ip.unwrap(), w.compile(p).0))
+        .collect();
+    let applied = n.dp.policy_applied().expect("read the policy maps");
+    let (plan, next) = applied.plan(&desired);
+    n.dp.apply_policy(&plan).expect("apply");
+    assert_eq!(
+        n.dp.policy_applied().expect("read back"),
+        next,
+        "the maps hold what was planned"
+    );
+}
+
+fn policy_node(ns: &NetNs, pins: &PinRoot) -> Node {
+    let mut n = node(ns, pins);
+    ns.run(|| {
+        n.dp.set_node(&NodeSpec {
+            network_policy: true,
+            ..node_spec(n.eni0)
+        })
+        .expect("set_node");
+    });
+    n
+}
+
+fn tcp_from_vpc(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    from_vpc(&v4(src, dst, 6, &packets::tcp(sport, dport, flags)))
+}
+
+fn tcp_from_a(dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    from_a(&v4(POD_A, dst, 6, &packets::tcp(sport, dport, flags)))
+}
+
+#[test]
+fn without_the_flag_policies_are_not_judged() {
+    let pins = PinRoot::new("pol-off");
+    let ns = NetNs::new("pol-off");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        enforce(
+            &mut n,
+            &[serde_json::json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})],
+        );
+        let (v, _, r) = run(&mut n.dp, FROM_POD, &tcp_from_a(POD_B, 4000, 80, SYN));
+        assert_eq!((v, r), (REDIRECT, reason::FWD_LOCAL_POD));
+    });
+}
+
+#[test]
+fn ingress_admits_by_peer_and_port_and_drops_the_rest() {
+    let pins = PinRoot::new("pol-in");
+    let ns = NetNs::new("pol-in");
+    let mut n = policy_node(&ns, &pins);
+    ns.run(|| {
+        // B admits the remote pod on its named port and 10.0.3.0/24 but .3 on 9000-9100.
+        enforce(
+            &mut n,
+            &[serde_json::json!({
+                "podSelector": {"matchLabels": {"pod": "b"}},
+                "ingress": [
+                    {"from": [{"podSelector": {"matchLabels": {"pod": "r"}}}], "ports": [{"port": "http"}]},
+                    {"from": [{"ipBlock": {"cidr": "10.0.3.0/24", "except": ["10.0.3.3/32"]}}],
+                     "ports": [{"port": 9000, "endPort": 9100}]},
+                ],
+            })],
+        );
+        for (src, dport, want) in [
+            (REMOTE, 8080, reason::FWD_LOCAL_POD),
+            (REMOTE, 80, reason::DROP_POLICY_INGRESS),
+            (REMOTE, 9000, reason::DROP_POLICY_INGRESS),
+            (ip(10, 0, 3, 4), 9050, reason::FWD_LOCAL_POD),
+            (ip(10, 0, 3, 4), 9101, reason::DROP_POLICY_INGRESS),
+            (ip(10, 0, 3, 4), 8080, reason::DROP_POLICY_INGRESS),
+            (OTHER, 8080, reason::DROP_POLICY_INGRESS),
+        ] {
+            let (v, _, r) = run(&mut n.dp, FROM_ENI, &tcp_from_vpc(src, POD_B, 5000, dport, SYN));
+            assert_eq!(r, want, "{src} -> B:{dport}");
+            assert_eq!(v, if want == reason::FWD_LOCAL_POD { REDIRECT } else { DROP });
+        }
+        // A (same node) is no admitted peer of B; A itself is not isolated.
+        let (v, _, r) = run(&mut n.dp, FROM_POD, &tcp_from_a(POD_B, 4000, 8080, SYN));
+        assert_eq!((v, r), (DROP, reason::DROP_POLICY_INGRESS));
+        let (v, _, r) = run(&mut n.dp, FROM_ENI, &tcp_from_vpc(OTHER, POD_A, 5000, 22, SYN));
+        assert_eq!((v, r), (REDIRECT, reason::FWD_LOCAL_POD));
+        // UDP to the named TCP port is not admitted.
+        let u = from_vpc(&v4(REMOTE, POD_B, 17, &packets::udp(5000, 8080, b"x")));
+        assert_eq!(run(&mut n.dp, FROM_ENI, &u).2, reason::DROP_POLICY_INGRESS);
+    });
+}
+
+#[test]
+fn replies_of_admitted_connections_pass_both_ways() {
+    let pins = PinRoot::new("pol-reply");
+    let ns = NetNs::new("pol-reply");
+    let mut n = policy_node(&ns, &pins);
+    ns.run(|| {
+        // A: nothing in; out only to the remote pod on 80.
+        enforce(
+            &mut n,
+            &[serde_json::json!({
+                "podSelector": {"matchLabels": {"pod": "a"}},
+                "policyTypes": ["Ingress", "Egress"],
+                "egress": [{"to": [{"ipBlock": {"cidr": "10.0.3.3/32"}}], "ports": [{"port": 80}]}],
+            })],
+        );
+        let (v, _, r) = run(&mut n.dp, FROM_POD, &tcp_from_a(REMOTE, 4000, 80, SYN));
+        assert_eq!((v, r), (REDIRECT, reason::FWD_ENI));
+        // Its reply comes in through the ENI: admitted although A admits nothing in.
+        let reply = tcp_from_vpc(REMOTE, POD_A, 80, 4000, SYN_ACK);
+        assert_eq!(run(&mut n.dp, FROM_ENI, &reply).2, reason::FWD_LOCAL_POD);
+        assert_eq!(
+            run(&mut n.dp, FROM_POD, &tcp_from_a(REMOTE, 4000, 80, ACK)).2,
+            reason::FWD_ENI
+        );
+        // The remote pod opening its own connection to A is denied, as is A reaching
+        // another port or peer.
+        let syn = tcp_from_vpc(REMOTE, POD_A, 80, 4001, SYN);
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &syn).2,
+            reason::DROP_POLICY_INGRESS
+        );
+        for (dst, port) in [(REMOTE, 81), (OTHER, 80)] {
+            assert_eq!(
+                run(&mut n.dp, FROM_POD, &tcp_from_a(dst, 4002, port, SYN)).2,
+                reason::DROP_POLICY_EGRESS,
+                "{dst}:{port}"
+            );
+        }
+        // ICMP echo: a rule with ports does not admit it; its errors always pass.
+        let echo = from_a(&v4(POD_A, REMOTE, 1, &packets::icmp_echo(9, 1)));
+        assert_eq!(
+            run(&mut n.dp, FROM_POD, &echo).2,
+            reason::DROP_POLICY_EGRESS
+        );
+        let quoted = v4(POD_A, REMOTE, 17, &packets::udp(4000, 53, b""));
+        let err = from_vpc(&v4(REMOTE, POD_A, 1, &packets::icmp_error(3, 3, &quoted)));
+        assert_eq!(run(&mut n.dp, FROM_ENI, &err).2, reason::FWD_LOCAL_POD);
+    });
+}
+
+#[test]
+fn a_policy_change_cuts_the_flows_it_now_denies_and_keeps_the_others() {
+    let pins = PinRoot::new("pol-change");
+    let ns = NetNs::new("pol-change");
+    let mut n = policy_node(&ns, &pins);
+    ns.run(|| {
+        // Two flows into B, opened with no policy at all.
+        for sport in [5000, 5001] {
+            let src = if sport == 5000 { REMOTE } else { OTHER };
+            let syn = tcp_from_vpc(src, POD_B, sport, 8080, SYN);
+            assert_eq!(run(&mut n.dp, FROM_ENI, &syn).2, reason::FWD_LOCAL_POD);
+        }
+        // Now B admits the remote pod only.
+        enforce(
+            &mut n,
+            &[serde_json::json!({
+                "podSelector": {"matchLabels": {"pod": "b"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "r"}}}]}],
+            })],
+        );
+        let kept = tcp_from_vpc(REMOTE, POD_B, 5000, 8080, ACK);
+        assert_eq!(run(&mut n.dp, FROM_ENI, &kept).2, reason::FWD_LOCAL_POD);
+        let cut = tcp_from_vpc(OTHER, POD_B, 5001, 8080, ACK);
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &cut).2,
+            reason::DROP_POLICY_REVOKED
+        );
+        // Cut for good: its later segments are not taken for replies of a connection
+        // B opened (B may send anywhere).
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &cut).2,
+            reason::DROP_POLICY_REVOKED
+        );
+        // Back to no policy: the flow is admitted again.
+        enforce(&mut n, &[]);
+        assert_eq!(run(&mut n.dp, FROM_ENI, &cut).2, reason::FWD_LOCAL_POD);
+        assert_eq!(
+            n.dp.policy_applied().unwrap(),
+            Applied::default(),
+            "no sets or pods left in the maps"
+        );
+    });
+}
+
+#[test]
+fn mid_stream_segments_are_admitted_only_as_replies_of_admitted_openings() {
+    let pins = PinRoot::new("pol-mid");
+    let ns = NetNs::new("pol-mid");
+    let mut n = policy_node(&ns, &pins);
+    ns.run(|| {
+        // A admits nothing in and may send to the remote pod (its egress not isolated
+        // but for nothing else: a flow opened before tracking comes back mid-stream).
+        enforce(
+            &mut n,
+            &[serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}}})],
+        );
+        let ack = tcp_from_vpc(REMOTE, POD_A, 80, 4100, ACK);
+        assert_eq!(run(&mut n.dp, FROM_ENI, &ack).2, reason::FWD_LOCAL_POD);
+        let syn = tcp_from_vpc(REMOTE, POD_A, 80, 4101, SYN);
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &syn).2,
+            reason::DROP_POLICY_INGRESS
+        );
+        // UDP has no such thing.
+        let u = from_vpc(&v4(REMOTE, POD_A, 17, &packets::udp(53, 4102, b"x")));
+        assert_eq!(run(&mut n.dp, FROM_ENI, &u).2, reason::DROP_POLICY_INGRESS);
+    });
+}
+
+#[test]
+fn the_node_always_reaches_its_pods_and_services_are_judged_after_translation() {
+    let pins = PinRoot::new("pol-node");
+    let ns = NetNs::new("pol-node");
+    let mut n = policy_node(&ns, &pins);
+    ns.run(|| {
+        // A admits nothing in; B may send nowhere.
+        enforce(
+            &mut n,
+            &[
+                serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}}}),
+                serde_json::json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Egress"]}),
+            ],
+        );
+        // A kubelet probe from the node address, through the host stack.
+        let probe = to_a(&v4(NODE_IP, POD_A, 6, &packets::tcp(6000, 8080, SYN)));
+        assert_eq!(run_egress(&mut n.dp, &probe).2, reason::PASS_KERNEL_TO_POD);
+        // A NodePort client from the internet after kube-proxy's DNAT: A's ingress.
+        let ext = to_a(&v4(Ipv4Addr::from(INTERNET), POD_A, 6, &packets::tcp(6001, 8080, SYN)));
+        assert_eq!(run_egress(&mut n.dp, &ext).2, reason::DROP_POLICY_INGRESS);
+        // B reaching a Service whose backend is A: after DNAT, B's egress and A's
+        // ingress are both judged against A.
+        let via_service = to_a(&v4(POD_B, POD_A, 6, &packets::tcp(6002, 8080, SYN)));
+        assert_eq!(run_egress(&mut n.dp, &via_service).2, reason::DROP_POLICY_EGRESS);
+        // A itself reaching a ClusterIP is left to the host stack, judged after it.
+        let to_service = tcp_from_a(ip(172, 20, 0, 10), 4200, 80, SYN);
+        assert_eq!(run(&mut n.dp, FROM_POD, &to_service).2, reason::PASS_PASSTHROUGH_CIDR);
+        // The Service's answer reaches A after un-DNAT (from the ClusterIP): a reply.
+        let answer = to_a(&v4(ip(172, 20, 0, 10), POD_A, 6, &packets::tcp(80, 4200, SYN_ACK)));
+        assert_eq!(run_egress(&mut n.dp, &answer).2, reason::PASS_KERNEL_TO_POD);
+    });
+}
+
+#[test]
+fn later_fragments_and_portless_protocols_are_judged_by_protocol() {
+    let pins = PinRoot::new("pol-frag");
+    let ns = NetNs::new("pol-frag");
+    let mut n = policy_node(&ns, &pins);
+    ns.run(|| {
+        // B admits UDP (every port) and TCP 80 from anyone.
+        enforce(
+            &mut n,
+            &[serde_json::json!({
+                "podSelector": {"matchLabels": {"pod": "b"}},
+                "ingress": [{"ports": [{"protocol": "UDP"}, {"port": 80}]}],
+            })],
+        );
+        let frag = |proto| {
+            let mut p = packets::ipv4(
+                &Ipv4 {
+                    frag: 0x0010,
+                    proto,
+                    src: REMOTE.octets(),
+                    dst: POD_B.octets(),
+                    ..Ipv4::default()
+                },
+                &[0u8; 24],
+            );
+            p[8] = 64;
+            from_vpc(&p)
+        };
+        assert_eq!(run(&mut n.dp, FROM_ENI, &frag(17)).2, reason::FWD_LOCAL_POD);
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &frag(6)).2,
+            reason::DROP_POLICY_INGRESS
+        );
+        let gre = from_vpc(&v4(REMOTE, POD_B, 47, &[0u8; 8]));
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &gre).2,
+            reason::DROP_POLICY_INGRESS
+        );
+    });
+}
