@@ -35,6 +35,11 @@ pub struct Config {
     /// AWS_EC2_METADATA_SERVICE_ENDPOINT, as the AWS SDKs name it.
     pub imds_endpoint: String,
     pub external_snat: bool,
+    /// ENABLE_NETWORK_POLICY: enforce Kubernetes NetworkPolicy (aws-vpc-cni's chart
+    /// value `enableNetworkPolicy`).
+    pub network_policy: bool,
+    /// NETWORK_POLICY_ENFORCING_MODE: what a pod whose policies are not known yet gets.
+    pub policy_mode: crate::policy::engine::EnforcingMode,
     pub exclude_snat_cidrs: Vec<Ipv4Net>,
     /// VPC_EBPF_SNAT_PORT_RANGE: source ports SNAT may use on the node address; the
     /// node's own ephemeral range (`net.ipv4.ip_local_port_range`) is skipped inside it.
@@ -142,6 +147,19 @@ impl Reader<'_> {
     }
 
     /// A boolean of VPC CNI's: Go's `strconv.ParseBool`, the default otherwise.
+    /// NETWORK_POLICY_ENFORCING_MODE: `standard` or `strict`, as aws-node.
+    fn policy_mode(&mut self) -> crate::policy::engine::EnforcingMode {
+        use crate::policy::engine::EnforcingMode;
+        let key = "NETWORK_POLICY_ENFORCING_MODE";
+        let Some(v) = self.raw(key) else {
+            return EnforcingMode::default();
+        };
+        EnforcingMode::parse(&v).unwrap_or_else(|| {
+            self.fallback(key, &v, "is not standard or strict", "standard");
+            EnforcingMode::default()
+        })
+    }
+
     fn cni_flag(&mut self, key: &str, default: bool) -> bool {
         let Some(v) = self.raw(key) else {
             return default;
@@ -310,11 +328,7 @@ fn parse_bool(v: &str) -> Option<bool> {
 
 /// VPC CNI features vpc-ebpf does not have: on, they are reported (the node still gets
 /// pod networking from its own subnet), never silently ignored.
-const UNSUPPORTED_FEATURES: [(&str, &str); 4] = [
-    (
-        "ENABLE_NETWORK_POLICY",
-        "NetworkPolicy enforcement is not available yet (the dataplane and the compiler are, the agent does not feed them from the API server): policies are not enforced",
-    ),
+const UNSUPPORTED_FEATURES: [(&str, &str); 3] = [
     (
         "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
         "custom networking (ENIConfig) is not supported yet: pods get addresses from the node's subnet",
@@ -439,6 +453,8 @@ impl Config {
                 .raw("AWS_EC2_METADATA_SERVICE_ENDPOINT")
                 .unwrap_or_else(|| crate::aws::imds::DEFAULT_ENDPOINT.into()),
             external_snat: r.cni_flag("AWS_VPC_K8S_CNI_EXTERNALSNAT", false),
+            network_policy: r.cni_flag("ENABLE_NETWORK_POLICY", false),
+            policy_mode: r.policy_mode(),
             exclude_snat_cidrs,
             snat_ports: r.port_range("VPC_EBPF_SNAT_PORT_RANGE", DEFAULT_SNAT_PORTS),
             veth_prefix,
@@ -505,6 +521,8 @@ impl Config {
             "VPC_EBPF_LEAKED_ENI_AGE": self.leaked_eni_age.as_secs(),
             "VPC_EBPF_SUBNET_FULL_PAUSE": self.subnet_full_pause.as_secs(),
             "AWS_VPC_K8S_CNI_EXTERNALSNAT": self.external_snat,
+            "ENABLE_NETWORK_POLICY": self.network_policy,
+            "NETWORK_POLICY_ENFORCING_MODE": self.policy_mode.as_str(),
             "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS": self.exclude_snat_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "VPC_EBPF_SNAT_PORT_RANGE": format!("{}-{}", self.snat_ports.0, self.snat_ports.1),
             "AWS_VPC_K8S_CNI_VETHPREFIX": self.veth_prefix,

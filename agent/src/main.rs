@@ -126,6 +126,10 @@ fn install_cni(args: &[String]) -> std::process::ExitCode {
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "the start-up sequence, in the order it must happen, reads best in one place"
+)]
 async fn run(config: Config) -> anyhow::Result<()> {
     info!(config = %config.to_json(), "starting");
     let metrics = Arc::new(Metrics::new());
@@ -151,6 +155,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         pending_dir: restart::pending_dir(&config),
         pods: k8s.pods.clone(),
         annotate: k8s.annotate.clone(),
+        policy: Arc::new(OnceLock::new()),
     };
     let (node_tx, node_rx) = watch::channel(None);
     let (health, mut tasks) = serve_early(&config, &services, node_rx, &stop).await?;
@@ -175,6 +180,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
             ipam.enis(),
             stop.clone(),
         )));
+        if config.network_policy {
+            tasks.extend(start_policy(
+                &config,
+                k8s.kube.as_ref(),
+                &services,
+                &dp,
+                &stop,
+            ));
+        }
         let _ = dataplane.set(dp);
         dataplane_thread = Some(thread);
     } else {
@@ -256,6 +270,33 @@ async fn identify(
         .await
         .context("saving the checkpoint after discovery")?;
     Ok(Some((d.node.clone(), Some(d))))
+}
+
+/// NetworkPolicy: the engine (set in `services` before the agent is ready, so no pod
+/// starts without its policy) and its watches.
+fn start_policy(
+    config: &Config,
+    kube: Option<&k8s::Kube>,
+    services: &Services,
+    dp: &owner::DataplaneHandle,
+    stop: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let Some(kube) = kube else {
+        warn!("ENABLE_NETWORK_POLICY=true off Kubernetes: there are no policies to enforce");
+        return Vec::new();
+    };
+    let engine = vpc_ebpf_agent::policy::engine::Engine::new(
+        services.endpoints.clone(),
+        dp.clone(),
+        config.policy_mode,
+    );
+    let tasks = k8s::policy_watch::start(&kube.watch_client, &engine, stop);
+    let _ = services.policy.set(engine);
+    info!(
+        mode = config.policy_mode.as_str(),
+        "NetworkPolicy is enforced"
+    );
+    tasks
 }
 
 /// Loads (or re-opens) the dataplane and makes it hold exactly the node's pods.

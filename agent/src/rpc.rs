@@ -63,6 +63,9 @@ pub struct Services {
     pub pods: PodCache,
     /// Pods to annotate with their address (`ANNOTATE_POD_IP`).
     pub annotate: Option<mpsc::Sender<Annotation>>,
+    /// Set before the agent is ready when NetworkPolicy is enforced: a new pod's policy
+    /// is programmed before its endpoint, so its first packet is judged.
+    pub policy: Arc<OnceLock<Arc<crate::policy::engine::Engine>>>,
 }
 
 pub struct Backend {
@@ -156,6 +159,9 @@ impl Services {
             && let Err(e) = dp.remove(ip).await
         {
             warn!(%ip, error = %Chain(&e), "removing the pod from the dataplane failed");
+        }
+        if let Some(engine) = self.policy.get() {
+            engine.endpoints_changed();
         }
     }
 
@@ -261,6 +267,20 @@ impl Services {
                 "the agent restarted since {ip} was given; the runtime retries the ADD"
             )));
         };
+        if let Some(engine) = self.policy.get() {
+            engine
+                .program_pod(ip, &reserved.pod.namespace, &reserved.pod.name)
+                .await
+                .map_err(|e| {
+                    with_reason(
+                        Status::unavailable(format!(
+                            "the NetworkPolicy of {ip} could not be programmed: {}",
+                            Chain(&e)
+                        )),
+                        reason::NOT_READY,
+                    )
+                })?;
+        }
         if let Some(dp) = self.dataplane() {
             let desc = EndpointDesc {
                 ip,

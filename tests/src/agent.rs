@@ -83,6 +83,7 @@ impl TestAgent {
             pending_dir: pending_dir(&socket),
             pods: vpc_ebpf_agent::k8s::pods::PodCache::default(),
             annotate: None,
+            policy: Arc::new(OnceLock::new()),
         };
         let rt = Arc::new(
             tokio::runtime::Builder::new_multi_thread()

@@ -63,6 +63,7 @@ enum Command {
     ExportCounters(Reply<()>),
     ApplyPolicy(
         BTreeMap<Ipv4Addr, crate::policy::compile::PodRules>,
+        bool,
         Reply<PolicyApplied>,
     ),
 }
@@ -143,7 +144,16 @@ impl DataplaneHandle {
         &self,
         desired: BTreeMap<Ipv4Addr, crate::policy::compile::PodRules>,
     ) -> Result<PolicyApplied, DataplaneError> {
-        self.ask(|r| Command::ApplyPolicy(desired, r)).await
+        self.ask(|r| Command::ApplyPolicy(desired, false, r)).await
+    }
+
+    /// Changes the policy of the pods in `changes` only; the others keep what the maps
+    /// hold (a new pod's policy before the watches have listed).
+    pub async fn amend_policy(
+        &self,
+        changes: BTreeMap<Ipv4Addr, crate::policy::compile::PodRules>,
+    ) -> Result<PolicyApplied, DataplaneError> {
+        self.ask(|r| Command::ApplyPolicy(changes, true, r)).await
     }
 
     /// Adds what the programs counted since the last export to the packet metrics.
@@ -285,21 +295,27 @@ impl Owner {
                 self.export_counters();
                 let _ = r.send(Ok(()));
             }
-            Command::ApplyPolicy(desired, r) => {
-                let _ = r.send(self.apply_policy(&desired));
+            Command::ApplyPolicy(desired, amend, r) => {
+                let _ = r.send(self.apply_policy(desired, amend));
             }
         }
     }
 
     fn apply_policy(
         &mut self,
-        desired: &BTreeMap<Ipv4Addr, crate::policy::compile::PodRules>,
+        mut desired: BTreeMap<Ipv4Addr, crate::policy::compile::PodRules>,
+        amend: bool,
     ) -> Result<PolicyApplied, DataplaneError> {
         let applied = match self.policy.take() {
             Some(a) => a,
             None => self.dp.policy_applied()?,
         };
-        let (plan, next) = applied.plan(desired);
+        if amend {
+            let mut all = applied.current();
+            all.append(&mut desired);
+            desired = all;
+        }
+        let (plan, next) = applied.plan(&desired);
         // On an error the maps may be half changed: `self.policy` stays empty, so the
         // next apply reads them again.
         self.dp.apply_policy(&plan)?;

@@ -76,9 +76,7 @@ pub fn node_settings(
             .clone()
             .unwrap_or_else(|| vec![default_service_cidr(&node.vpc_cidrs)]),
         external_snat: config.external_snat,
-        // Off until the agent feeds the policy maps from the API server: tracking flows
-        // for policies nobody writes would cost without enforcing anything.
-        network_policy: false,
+        network_policy: config.network_policy,
         snat_ports: config.snat_ports,
         snat_skip: ephemeral,
     })

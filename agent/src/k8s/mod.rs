@@ -9,6 +9,7 @@
 pub mod annotate;
 pub mod events;
 pub mod pods;
+pub mod policy_watch;
 
 use std::{sync::Arc, time::Duration};
 
@@ -121,6 +122,8 @@ pub struct Started {
     /// Pods to annotate with their address, when `ANNOTATE_POD_IP` is on.
     pub annotate: Option<mpsc::Sender<annotate::Annotation>>,
     pub tasks: Vec<JoinHandle<()>>,
+    /// The clients, on Kubernetes.
+    pub kube: Option<Kube>,
 }
 
 /// Connects (when on Kubernetes) and starts the pod watcher, the Event publisher and the
@@ -136,6 +139,7 @@ pub async fn start(
             notices: Notices::log_only(),
             annotate: None,
             tasks: Vec::new(),
+            kube: None,
         });
     };
     info!(node = %kube.node_name, "on Kubernetes");
@@ -166,5 +170,6 @@ pub async fn start(
         notices,
         annotate,
         tasks,
+        kube: Some(kube),
     })
 }

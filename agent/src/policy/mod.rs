@@ -5,5 +5,6 @@
 //! (`dataplane::policy_maps`).
 
 pub mod compile;
+pub mod engine;
 pub mod model;
 pub mod sets;

@@ -98,6 +98,29 @@ impl Applied {
     }
 }
 
+impl Applied {
+    /// What every pod enforces now, as compiled rules: the start of an amendment.
+    pub fn current(&self) -> BTreeMap<Ipv4Addr, PodRules> {
+        self.pods
+            .iter()
+            .map(|(ip, p)| {
+                let set = |id: u32| {
+                    (id != SET_NONE)
+                        .then(|| self.sets.get(&id).map(|s| s.1.clone()).unwrap_or_default())
+                };
+                (
+                    *ip,
+                    PodRules {
+                        ingress: set(p.ingress_set),
+                        egress: set(p.egress_set),
+                        policies: Vec::new(),
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use ipnet::Ipv4Net;
@@ -169,6 +192,20 @@ mod tests {
             plan.dead_sets.iter().map(|s| s.0).collect::<Vec<_>>(),
             vec![old]
         );
+    }
+
+    #[test]
+    fn an_amendment_keeps_the_other_pods_as_they_are() {
+        let (_, before) = Applied::default().plan(&BTreeMap::from([(
+            A,
+            pod(Some("10.0.0.0/8"), Some("10.1.0.0/16")),
+        )]));
+        let mut desired = before.current();
+        desired.insert(B, pod(Some("0.0.0.0/0"), None));
+        let (plan, after) = before.plan(&desired);
+        assert_eq!(plan.pods_set.len(), 1, "{plan:?}");
+        assert!(plan.pods_removed.is_empty() && plan.dead_sets.is_empty());
+        assert_eq!(after.pods[&A], before.pods[&A]);
     }
 
     #[test]

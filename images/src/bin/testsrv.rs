@@ -12,7 +12,9 @@
 //! - `rr ADDR:PORT SECS`: one-byte request/response on one connection for SECS seconds:
 //!   transactions, errors, the longest stall;
 //! - `stream ADDR:PORT SECS`: a continuous stream through the echo port: bytes, the
-//!   longest gap, whether the connection was reset.
+//!   longest gap, whether the connection was reset;
+//! - `probe tcp|udp TIMEOUT_MS ADDR:PORT...`: every target at once, which answered (the
+//!   NetworkPolicy truth tables).
 
 use std::{
     io::{Read as _, Write as _},
@@ -35,7 +37,8 @@ fn main() -> ExitCode {
         ["udp", addr] => addr_of(addr).and_then(udp_hello),
         ["rr", addr, secs] => addr_of(addr).and_then(|a| rr(a, secs_of(secs)?)),
         ["stream", addr, secs] => addr_of(addr).and_then(|a| stream(a, secs_of(secs)?)),
-        _ => Err("usage: vpc-ebpf-testsrv serve | tcp ADDR:PORT | udp ADDR:PORT | rr ADDR:PORT SECS | stream ADDR:PORT SECS".into()),
+        ["probe", proto, timeout_ms, targets @ ..] => probe(proto, timeout_ms, targets),
+        _ => Err("usage: vpc-ebpf-testsrv serve | tcp ADDR:PORT | udp ADDR:PORT | rr ADDR:PORT SECS | stream ADDR:PORT SECS | probe tcp|udp TIMEOUT_MS ADDR:PORT...".into()),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -213,4 +216,51 @@ fn stream(addr: SocketAddr, secs: Duration) -> Result<(), String> {
     } else {
         Err(format!("{addr}: the stream broke"))
     }
+}
+
+/// `probe tcp|udp TIMEOUT_MS ADDR:PORT...`: tries every target at once (a TCP connect, or
+/// a UDP hello), and prints which answered; exits 0 either way (the answer is the data).
+fn probe(proto: &str, timeout_ms: &str, targets: &[&str]) -> Result<(), String> {
+    let timeout = Duration::from_millis(timeout_ms.parse::<u64>().map_err(|e| e.to_string())?);
+    let addrs = targets
+        .iter()
+        .map(|t| addr_of(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let udp = match proto {
+        "tcp" => false,
+        "udp" => true,
+        other => return Err(format!("{other}: not tcp or udp")),
+    };
+    let handles: Vec<_> = addrs
+        .into_iter()
+        .map(|a| {
+            std::thread::spawn(move || {
+                let ok = if udp {
+                    udp_answers(a, timeout)
+                } else {
+                    TcpStream::connect_timeout(&a, timeout).is_ok()
+                };
+                (a, ok)
+            })
+        })
+        .collect();
+    let results: Vec<String> = handles
+        .into_iter()
+        .filter_map(|h| h.join().ok())
+        .map(|(a, ok)| format!("{:?}:{ok}", a.to_string()))
+        .collect();
+    println!("{{\"ok\":true,\"results\":{{{}}}}}", results.join(","));
+    Ok(())
+}
+
+fn udp_answers(addr: SocketAddr, timeout: Duration) -> bool {
+    let Ok(s) = UdpSocket::bind(("0.0.0.0", 0)) else {
+        return false;
+    };
+    let tries = 3u32;
+    if s.set_read_timeout(Some(timeout / tries)).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 256];
+    (0..tries).any(|_| s.send_to(b"hi", addr).is_ok() && s.recv_from(&mut buf).is_ok())
 }

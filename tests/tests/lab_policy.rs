@@ -1,0 +1,413 @@
+//! NetworkPolicy on the lab cluster, as Kubernetes' own e2e checks it: namespaces x, y
+//! and z with pods a, b and c in each (spread over both nodes), and for every case the
+//! whole reachability truth table, probed from every pod to every pod. The agents run
+//! with `ENABLE_NETWORK_POLICY=true` and learn policies, pods and namespaces from the API
+//! server; nothing here writes the maps.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use vpc_ebpf_tests::cluster::{Cluster, pod_ip};
+
+const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+const PODS: [&str; 3] = ["a", "b", "c"];
+
+/// (namespace, pod) by index into the 9 pods: x/a, x/b, x/c, y/a, ...
+type P = (usize, usize);
+
+/// Which (source, destination) pairs connect.
+type Want<'a> = &'a dyn Fn(P, P) -> bool;
+
+/// One truth table to check: protocol, port, the expected reachability.
+type Check<'a> = (&'a str, u16, Want<'a>);
+
+fn all() -> Vec<P> {
+    (0..3).flat_map(|n| (0..3).map(move |p| (n, p))).collect()
+}
+
+struct Topology {
+    ips: BTreeMap<P, String>,
+}
+
+fn topology(c: &Cluster) -> Topology {
+    let nodes = c.node_names();
+    let mut yaml = String::new();
+    for (n, ns) in NAMESPACES.iter().enumerate() {
+        let _ = write!(
+            yaml,
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n---\n"
+        );
+        for (p, pod) in PODS.iter().enumerate() {
+            let node = &nodes[(n * 3 + p) % nodes.len()];
+            let _ = write!(
+                yaml,
+                r"apiVersion: v1
+kind: Pod
+metadata: {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}}}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: srv
+    image: {image}
+    ports:
+    - {{name: serve-8080-tcp, containerPort: 8080}}
+    - {{name: serve-8081-udp, containerPort: 8081, protocol: UDP}}
+    - {{name: serve-8082-tcp, containerPort: 8082}}
+---
+",
+                image = c.workload_image()
+            );
+        }
+    }
+    c.apply(&yaml);
+    let mut ips = BTreeMap::new();
+    for (n, ns) in NAMESPACES.iter().enumerate() {
+        let pods = c.wait_ready(ns, "pod", 3, Duration::from_mins(2));
+        for pod in &pods {
+            let name = pod["metadata"]["name"].as_str().unwrap();
+            let p = PODS.iter().position(|x| *x == name).unwrap();
+            ips.insert((n, p), pod_ip(pod).to_owned());
+        }
+    }
+    Topology { ips }
+}
+
+fn label(p: P) -> String {
+    format!("{}/{}", NAMESPACES[p.0], PODS[p.1])
+}
+
+/// Which pods each pod reaches on `proto`/`port`: one probe per source, to all nine at once.
+fn probe(c: &Cluster, t: &Topology, proto: &str, port: u16) -> BTreeMap<(P, P), bool> {
+    let targets: Vec<String> = all()
+        .iter()
+        .map(|p| format!("{}:{port}", t.ips[p]))
+        .collect();
+    let mut out = BTreeMap::new();
+    for from in all() {
+        let mut argv = vec!["vpc-ebpf-testsrv", "probe", proto, "1000"];
+        argv.extend(targets.iter().map(String::as_str));
+        let r = c.exec(NAMESPACES[from.0], PODS[from.1], &argv);
+        let v: Value = serde_json::from_str(r.stdout.lines().last().unwrap_or(""))
+            .unwrap_or_else(|_| panic!("probe from {}: {} {}", label(from), r.stdout, r.stderr));
+        for to in all() {
+            let key = format!("{}:{port}", t.ips[&to]);
+            out.insert((from, to), v["results"][&key].as_bool().unwrap_or(false));
+        }
+    }
+    out
+}
+
+fn render(table: &BTreeMap<(P, P), bool>, want: &dyn Fn(P, P) -> bool) -> String {
+    let mut s = String::from("       ");
+    for to in all() {
+        let _ = write!(s, "{:>4}", label(to));
+    }
+    for from in all() {
+        let _ = write!(s, "\n{:>6} ", label(from));
+        for to in all() {
+            let got = table[&(from, to)];
+            let mark = match (got, from == to || want(from, to)) {
+                (true, true) => " .",
+                (false, false) => " X",
+                (true, false) => " !.",
+                (false, true) => " !X",
+            };
+            let _ = write!(s, "{mark:>4}");
+        }
+    }
+    s
+}
+
+/// Applies `policies` (after removing every earlier one) and waits until the truth table
+/// on `proto`/`port` is `want` (pods always reach themselves); returns how long that took.
+fn case(c: &Cluster, t: &Topology, name: &str, policies: &str, checks: &[Check]) {
+    for ns in NAMESPACES {
+        c.kubectl(&["-n", ns, "delete", "networkpolicy", "--all", "--wait=true"]);
+    }
+    if !policies.trim().is_empty() {
+        c.apply(policies);
+    }
+    let t0 = Instant::now();
+    for (proto, port, want) in checks {
+        let mut tries = 0;
+        loop {
+            let table = probe(c, t, proto, *port);
+            let ok = table
+                .iter()
+                .all(|((from, to), got)| *got == (from == to || want(*from, *to)));
+            if ok {
+                eprintln!(
+                    "np: {name}: {proto}/{port} as expected ({:?})",
+                    t0.elapsed()
+                );
+                break;
+            }
+            tries += 1;
+            assert!(
+                tries < 3,
+                "{name}: {proto}/{port} reachability (. reaches, X does not, ! unexpected):\n{}",
+                render(&table, want)
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+fn np(ns: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n---\n"
+    )
+}
+
+const X: usize = 0;
+const Y: usize = 1;
+const Z: usize = 2;
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
+
+#[test]
+fn network_policies_follow_the_upstream_e2e_truth_tables() {
+    let c = Cluster::up("np");
+    c.install(&c.inputs.tag, &[("ENABLE_NETWORK_POLICY", "true")]);
+    let t = topology(&c);
+    selectors(&c, &t);
+    ports_and_blocks(&c, &t);
+    combinations(&c, &t);
+    relabelling(&c, &t);
+}
+
+const TCP: &str = "tcp";
+
+fn every(_: P, _: P) -> bool {
+    true
+}
+
+/// Isolation, and peers by pod and namespace selectors.
+fn selectors(c: &Cluster, t: &Topology) {
+    let (c, t, tcp, every) = (c, t, TCP, &every);
+
+    case(
+        c,
+        t,
+        "no policy",
+        "",
+        &[(tcp, 8080, &every), ("udp", 8081, &every)],
+    );
+    case(
+        c,
+        t,
+        "default-deny-ingress",
+        &np("x", "deny", "{podSelector: {}}"),
+        &[(tcp, 8080, &|_, to: P| to.0 != X)],
+    );
+    case(
+        c,
+        t,
+        "default-deny-all",
+        &np(
+            "x",
+            "deny",
+            "{podSelector: {}, policyTypes: [Ingress, Egress]}",
+        ),
+        &[(tcp, 8080, &|from: P, to: P| from.0 != X && to.0 != X)],
+    );
+    case(
+        c,
+        t,
+        "allow-all ingress with an empty rule",
+        &np("x", "allow", "{podSelector: {}, ingress: [{}]}"),
+        &[(tcp, 8080, &every)],
+    );
+    case(
+        c,
+        t,
+        "ingress from pods of the same namespace by pod selector",
+        &np(
+            "x",
+            "a-from-b",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]}",
+        ),
+        &[(tcp, 8080, &|from: P, to: P| to != (X, A) || from == (X, B))],
+    );
+    case(
+        c,
+        t,
+        "ingress from another namespace by namespace selector",
+        &np(
+            "x",
+            "a-from-y",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]}",
+        ),
+        &[(tcp, 8080, &|from: P, to: P| to != (X, A) || from.0 == Y)],
+    );
+    case(
+        c,
+        t,
+        "namespace and pod selector in one peer (AND)",
+        &np(
+            "x",
+            "and",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: b}}}]}]}",
+        ),
+        &[(tcp, 8080, &|from: P, to: P| to != (X, A) || from == (Y, B))],
+    );
+    case(
+        c,
+        t,
+        "namespace and pod selector in two peers (OR)",
+        &np(
+            "x",
+            "or",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}, {podSelector: {matchLabels: {pod: b}}}]}]}",
+        ),
+        &[(tcp, 8080, &|from: P, to: P| {
+            to != (X, A) || from.0 == Y || from == (X, B)
+        })],
+    );
+    case(
+        c,
+        t,
+        "match expressions",
+        &np(
+            "x",
+            "expr",
+            "{podSelector: {matchExpressions: [{key: pod, operator: In, values: [a, b]}]}, ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: ns, operator: NotIn, values: [x]}]}}]}]}",
+        ),
+        &[(tcp, 8080, &|from: P, to: P| {
+            !(to == (X, A) || to == (X, B)) || from.0 != X
+        })],
+    );
+}
+
+/// Ports (numbered, named, whole protocol), egress peers, ipBlocks.
+fn ports_and_blocks(c: &Cluster, t: &Topology) {
+    let (c, t, tcp, every) = (c, t, TCP, &every);
+    case(
+        c,
+        t,
+        "ingress on a numbered port only",
+        &np(
+            "x",
+            "port",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{ports: [{port: 8082}]}]}",
+        ),
+        &[(tcp, 8080, &|_, to: P| to != (X, A)), (tcp, 8082, &every)],
+    );
+    case(
+        c,
+        t,
+        "ingress on a named port only",
+        &np(
+            "x",
+            "named",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{ports: [{port: serve-8082-tcp}]}]}",
+        ),
+        &[(tcp, 8080, &|_, to: P| to != (X, A)), (tcp, 8082, &every)],
+    );
+    case(
+        c,
+        t,
+        "ingress on any port of UDP",
+        &np(
+            "x",
+            "udp",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{ports: [{protocol: UDP}]}]}",
+        ),
+        &[(tcp, 8080, &|_, to: P| to != (X, A)), ("udp", 8081, &every)],
+    );
+    case(
+        c,
+        t,
+        "egress to one pod of another namespace",
+        &np(
+            "x",
+            "a-to-yb",
+            "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{to: [{namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: b}}}]}]}",
+        ),
+        &[(tcp, 8080, &|from: P, to: P| from != (X, A) || to == (Y, B))],
+    );
+    let c_ip = t.ips[&(Z, C)].clone();
+    case(
+        c,
+        t,
+        "ipBlock with except",
+        &np(
+            "x",
+            "block",
+            &format!(
+                "{{podSelector: {{matchLabels: {{pod: a}}}}, ingress: [{{from: [{{ipBlock: {{cidr: 10.0.0.0/16, except: [{c_ip}/32]}}}}]}}]}}"
+            ),
+        ),
+        &[(tcp, 8080, &|from: P, to: P| to != (X, A) || from != (Z, C))],
+    );
+}
+
+/// Several policies together, and the replies of admitted connections.
+fn combinations(c: &Cluster, t: &Topology) {
+    let (c, t, tcp) = (c, t, TCP);
+    case(
+        c,
+        t,
+        "policies add up",
+        &[
+            np("x", "deny", "{podSelector: {}, policyTypes: [Ingress, Egress]}"),
+            np("x", "a-from-b", "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]}"),
+            np("x", "b-to-a", "{podSelector: {matchLabels: {pod: b}}, policyTypes: [Egress], egress: [{to: [{podSelector: {matchLabels: {pod: a}}}]}]}"),
+        ]
+        .concat(),
+        &[(tcp, 8080, &|from: P, to: P| (from.0 != X && to.0 != X) || (from == (X, B) && to == (X, A)))],
+    );
+    case(
+        c,
+        t,
+        "replies pass: the server may send nothing, the client nothing but to it",
+        &[
+            np("x", "server", "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress, Egress], ingress: [{}]}"),
+            np("y", "client", "{podSelector: {matchLabels: {pod: b}}, policyTypes: [Ingress, Egress], egress: [{to: [{namespaceSelector: {matchLabels: {ns: x}}, podSelector: {matchLabels: {pod: a}}}]}]}"),
+        ]
+        .concat(),
+        &[(tcp, 8080, &|from: P, to: P| from != (X, A) && to != (Y, B) && (from != (Y, B) || to == (X, A)))],
+    );
+}
+
+/// A pod relabelled into a policy's peers is admitted.
+fn relabelling(c: &Cluster, t: &Topology) {
+    let (c, t, tcp) = (c, t, TCP);
+    case(
+        c,
+        t,
+        "ingress from a relabelled pod",
+        &np(
+            "x",
+            "a-from-green",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {color: green}}}]}]}",
+        ),
+        &[(tcp, 8080, &|_, to: P| to != (X, A))],
+    );
+    c.kubectl(&["-n", "z", "label", "pod", "c", "color=green"]);
+    let t0 = Instant::now();
+    let mut tries = 0;
+    loop {
+        let table = probe(c, t, tcp, 8080);
+        let want = |from: P, to: P| to != (X, A) || from == (Z, C);
+        if table
+            .iter()
+            .all(|((f, to), got)| *got == (f == to || want(*f, *to)))
+        {
+            eprintln!("np: relabel took effect within {:?}", t0.elapsed());
+            break;
+        }
+        tries += 1;
+        assert!(
+            tries < 3,
+            "after relabelling z/c:\n{}",
+            render(&table, &want)
+        );
+    }
+}
