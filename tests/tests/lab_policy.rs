@@ -39,15 +39,15 @@ fn topology(c: &Cluster) -> Topology {
     for (n, ns) in NAMESPACES.iter().enumerate() {
         let _ = write!(
             yaml,
-            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n---\n"
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: \"{ns}\", labels: {{ns: \"{ns}\"}}}}\n---\n"
         );
         for (p, pod) in PODS.iter().enumerate() {
             let node = &nodes[(n * 3 + p) % nodes.len()];
             let _ = write!(
                 yaml,
-                r"apiVersion: v1
+                r#"apiVersion: v1
 kind: Pod
-metadata: {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}}}
+metadata: {{name: {pod}, namespace: "{ns}", labels: {{pod: {pod}}}}}
 spec:
   nodeName: {node}
   terminationGracePeriodSeconds: 1
@@ -59,7 +59,7 @@ spec:
     - {{name: serve-8081-udp, containerPort: 8081, protocol: UDP}}
     - {{name: serve-8082-tcp, containerPort: 8082}}
 ---
-",
+"#,
                 image = c.workload_image()
             );
         }
@@ -160,7 +160,7 @@ fn case(c: &Cluster, t: &Topology, name: &str, policies: &str, checks: &[Check])
 
 fn np(ns: &str, name: &str, spec: &str) -> String {
     format!(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n---\n"
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: \"{ns}\"}}\nspec: {spec}\n---\n"
     )
 }
 
@@ -242,7 +242,7 @@ fn selectors(c: &Cluster, t: &Topology) {
         &np(
             "x",
             "a-from-y",
-            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]}",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: \"y\"}}}]}]}",
         ),
         &[(tcp, 8080, &|from: P, to: P| to != (X, A) || from.0 == Y)],
     );
@@ -253,7 +253,7 @@ fn selectors(c: &Cluster, t: &Topology) {
         &np(
             "x",
             "and",
-            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: b}}}]}]}",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: \"y\"}}, podSelector: {matchLabels: {pod: b}}}]}]}",
         ),
         &[(tcp, 8080, &|from: P, to: P| to != (X, A) || from == (Y, B))],
     );
@@ -264,7 +264,7 @@ fn selectors(c: &Cluster, t: &Topology) {
         &np(
             "x",
             "or",
-            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}, {podSelector: {matchLabels: {pod: b}}}]}]}",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: \"y\"}}}, {podSelector: {matchLabels: {pod: b}}}]}]}",
         ),
         &[(tcp, 8080, &|from: P, to: P| {
             to != (X, A) || from.0 == Y || from == (X, B)
@@ -328,7 +328,7 @@ fn ports_and_blocks(c: &Cluster, t: &Topology) {
         &np(
             "x",
             "a-to-yb",
-            "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{to: [{namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: b}}}]}]}",
+            "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{to: [{namespaceSelector: {matchLabels: {ns: \"y\"}}, podSelector: {matchLabels: {pod: b}}}]}]}",
         ),
         &[(tcp, 8080, &|from: P, to: P| from != (X, A) || to == (Y, B))],
     );
