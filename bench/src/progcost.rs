@@ -15,7 +15,8 @@ use vpc_ebpf_common::programs::{COUNT_INGRESS, FROM_ENI, FROM_POD, TO_POD};
 use vpc_ebpf_rpc::types::MacAddr;
 use vpc_ebpf_tests::{netns::NetNs, packets};
 
-const USAGE: &str = "usage: vpc-ebpf-bench progcost [--runs N] [--object FILE] [--json FILE]";
+const USAGE: &str =
+    "usage: vpc-ebpf-bench progcost [--runs N] [--object FILE] [--json FILE] [--policy]";
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 const GW: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -37,7 +38,11 @@ pub fn main(args: &[String]) -> i32 {
     // Another build of the programs (e.g. the object of an earlier commit) instead of
     // the one this binary embeds.
     let mut object = None;
-    let mut it = args.iter();
+    // NetworkPolicy on, pod A's egress and pod B's ingress isolated (admitting every path
+    // measured): what judging and tracking connections add per packet.
+    let policy = args.iter().any(|a| a == "--policy");
+    let args: Vec<&String> = args.iter().filter(|a| *a != "--policy").collect();
+    let mut it = args.into_iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
             ("--runs", Some(v)) => match v.parse() {
@@ -68,7 +73,7 @@ pub fn main(args: &[String]) -> i32 {
         ns.ip(&["link", "set", name, "up"]);
     }
     let pin_root = PathBuf::from(format!("/sys/fs/bpf/vpc-ebpf-bench-{}", std::process::id()));
-    let rows = ns.run(|| measure(&pin_root, object.as_deref(), runs));
+    let rows = ns.run(|| measure(&pin_root, object.as_deref(), runs, policy));
     let _ = std::fs::remove_dir_all(&pin_root);
     let (rows, load_times) = match rows {
         Ok(r) => r,
@@ -119,6 +124,46 @@ struct Row {
     median: u64,
     p90: u64,
     mean: f64,
+}
+
+/// Pod A may send anywhere (any protocol), pod B receive TCP 80 from the VPC: both
+/// isolated, every measured path admitted.
+fn isolate(dp: &mut Dataplane) -> Result<(), String> {
+    use std::collections::BTreeMap;
+
+    use vpc_ebpf_agent::policy::compile::PodRules;
+    use vpc_ebpf_common::policy::PortRange;
+    let range = |proto, first, last| PortRange {
+        proto,
+        pad: 0,
+        first,
+        last,
+    };
+    let desired = BTreeMap::from([
+        (
+            POD_A,
+            PodRules {
+                egress: Some(BTreeMap::from([(
+                    Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0),
+                    vec![range(0, 0, 0)],
+                )])),
+                ..PodRules::default()
+            },
+        ),
+        (
+            POD_B,
+            PodRules {
+                ingress: Some(BTreeMap::from([(
+                    Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 0, 0), 16),
+                    vec![range(6, 80, 80)],
+                )])),
+                ..PodRules::default()
+            },
+        ),
+    ]);
+    let applied = dp.policy_applied().map_err(|e| e.to_string())?;
+    let (plan, _) = applied.plan(&desired);
+    dp.apply_policy(&plan).map_err(|e| e.to_string())
 }
 
 fn ifindex(name: &str) -> Result<u32, String> {
@@ -195,6 +240,7 @@ fn measure(
     pin_root: &std::path::Path,
     object: Option<&[u8]>,
     runs: u32,
+    policy: bool,
 ) -> Result<(Vec<Row>, LoadTimes), String> {
     let (eni0, eni1, b_host) = (ifindex("eni0")?, ifindex("eni1")?, ifindex("hvb")?);
     let config = DataplaneConfig {
@@ -215,7 +261,7 @@ fn measure(
         snat_exclusions: vec![],
         passthrough_cidrs: vec![],
         external_snat: false,
-        network_policy: false,
+        network_policy: policy,
         snat_ports: (1024, 65_535),
         snat_skip: Some((32_768, 60_999)),
     })
@@ -244,6 +290,7 @@ fn measure(
         })
         .map_err(err)?;
     }
+    policy.then(|| isolate(&mut dp)).transpose()?;
     // An established SNAT flow: its SYN allocates the port, the reply shows which.
     let syn = from_a(&ip_packet(
         POD_A,

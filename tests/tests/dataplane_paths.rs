@@ -16,7 +16,7 @@ use vpc_ebpf_agent::dataplane::{Dataplane, EndpointSpec, EniSpec, NodeSpec, mono
 use vpc_ebpf_common::{
     counters::{direction, reason},
     nat::{NatKey, nat_kind, nat_origin},
-    programs::{FROM_ENI, FROM_POD, TO_POD},
+    programs::{FROM_ENI, FROM_POD, TO_ENI, TO_POD},
 };
 use vpc_ebpf_rpc::types::MacAddr;
 use vpc_ebpf_tests::dataplane::{

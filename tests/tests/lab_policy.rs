@@ -180,6 +180,7 @@ fn network_policies_follow_the_upstream_e2e_truth_tables() {
     ports_and_blocks(&c, &t);
     combinations(&c, &t);
     relabelling(&c, &t);
+    services(&c);
 }
 
 const TCP: &str = "tcp";
@@ -410,4 +411,79 @@ fn relabelling(c: &Cluster, t: &Topology) {
             render(&table, &want)
         );
     }
+}
+
+/// Which of `targets` pod `from` reaches (one probe, all at once).
+fn reaches(c: &Cluster, from: P, targets: &[String]) -> Vec<bool> {
+    let mut argv = vec!["vpc-ebpf-testsrv", "probe", "tcp", "1000"];
+    argv.extend(targets.iter().map(String::as_str));
+    let r = c.exec(NAMESPACES[from.0], PODS[from.1], &argv);
+    let v: Value = serde_json::from_str(r.stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|_| panic!("probe from {}: {} {}", label(from), r.stdout, r.stderr));
+    targets
+        .iter()
+        .map(|t| v["results"][t].as_bool().unwrap_or(false))
+        .collect()
+}
+
+/// Egress to a Service is judged against the backend kube-proxy picked, on this node
+/// (y/b, next to x/a) and on the other (y/c).
+fn services(c: &Cluster) {
+    for ns in NAMESPACES {
+        c.kubectl(&["-n", ns, "delete", "networkpolicy", "--all", "--wait=true"]);
+    }
+    let svc = |name: &str, pod: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: \"y\"}}\nspec: {{selector: {{pod: {pod}}}, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n"
+        )
+    };
+    c.apply(&[svc("svc-b", "b"), svc("svc-c", "c")].concat());
+    let ip = |name: &str| {
+        let v = c.kubectl_json(&["-n", "y", "get", "service", name]);
+        format!("{}:80", v["spec"]["clusterIP"].as_str().unwrap())
+    };
+    let targets = [ip("svc-b"), ip("svc-c")];
+    let within = |want: [bool; 2], what: &str| {
+        let t0 = Instant::now();
+        loop {
+            let got = reaches(c, (X, A), &targets);
+            if got == want {
+                eprintln!("np: {what}: {got:?} ({:?})", t0.elapsed());
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "{what}: x/a reaches [svc-b, svc-c] = {got:?}, expected {want:?}"
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    };
+    // kube-proxy programs new Services within a few seconds.
+    within([true, true], "Services without policy");
+    c.apply(&np(
+        "x",
+        "a-to-yb",
+        "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{to: [{namespaceSelector: {matchLabels: {ns: \"y\"}}, podSelector: {matchLabels: {pod: b}}}], ports: [{port: 8080}]}]}",
+    ));
+    within(
+        [true, false],
+        "egress to y/b only: its Service (same node) only",
+    );
+    c.kubectl(&[
+        "-n",
+        "x",
+        "delete",
+        "networkpolicy",
+        "a-to-yb",
+        "--wait=true",
+    ]);
+    c.apply(&np(
+        "x",
+        "a-to-yc",
+        "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{to: [{namespaceSelector: {matchLabels: {ns: \"y\"}}, podSelector: {matchLabels: {pod: c}}}], ports: [{port: 8080}]}]}",
+    ));
+    within(
+        [false, true],
+        "egress to y/c only: its Service (other node) only",
+    );
 }

@@ -15,7 +15,7 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
             "usage: cargo xtask bench cni [--pods N] [--rounds N] [--json FILE]\n       \
              cargo xtask bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE]\n       \
              cargo xtask bench ipam [--modes secondary|prefix|both] [--pods N] [--restarts N] [--json FILE]\n       \
-             cargo xtask bench progcost [--runs N] [--object FILE] [--json FILE]\n       \
+             cargo xtask bench progcost [--runs N] [--object FILE] [--json FILE] [--policy]\n       \
              cargo xtask bench pods [--pods N] [--rounds N] [--json FILE]"
         );
     };

@@ -48,17 +48,29 @@ use vpc_ebpf_common::{
 use vpc_ebpf_rpc::types::{HostPort, MacAddr, Protocol};
 
 /// Every program in the object, loaded at start.
-const PROGRAMS: [&str; 5] = [
+const PROGRAMS: [&str; 6] = [
     programs::COUNT_INGRESS,
     programs::COUNT_EGRESS,
     programs::FROM_POD,
     programs::FROM_ENI,
     programs::TO_POD,
+    programs::TO_ENI,
 ];
 
 /// The programs attached through pinned links (the counters are diagnostics and are
 /// attached for the life of the process only).
-const PINNED_PROGRAMS: [&str; 3] = [programs::FROM_POD, programs::FROM_ENI, programs::TO_POD];
+const PINNED_PROGRAMS: [&str; 4] = [
+    programs::FROM_POD,
+    programs::FROM_ENI,
+    programs::TO_POD,
+    programs::TO_ENI,
+];
+
+/// What runs on an ENI: traffic from the VPC, and what the host stack sends out.
+const ENI_HOOKS: [(Hook, &str); 2] = [
+    (Hook::Ingress, programs::FROM_ENI),
+    (Hook::Egress, programs::TO_ENI),
+];
 
 /// What runs on a pod's host veth: traffic from the pod, and what the host stack hands it.
 const POD_HOOKS: [(Hook, &str); 2] = [
@@ -268,14 +280,18 @@ impl Dataplane {
     /// Records the ENI and attaches the ENI program to it. Idempotent.
     pub fn upsert_eni(&mut self, e: &EniSpec) -> Result<(), DataplaneError> {
         maps::put_eni(&mut self.ebpf, e.ifindex, &e.value())?;
-        self.links
-            .attach(&mut self.ebpf, e.ifindex, Hook::Ingress, programs::FROM_ENI)
+        for (hook, program) in ENI_HOOKS {
+            self.links
+                .attach(&mut self.ebpf, e.ifindex, hook, program)?;
+        }
+        Ok(())
     }
 
-    /// Detaches the ENI program and forgets the ENI. An unknown ENI is success.
+    /// Detaches the ENI programs and forgets the ENI. An unknown ENI is success.
     pub fn remove_eni(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
-        self.links
-            .detach(ifindex, Hook::Ingress, programs::FROM_ENI)?;
+        for (hook, program) in ENI_HOOKS {
+            self.links.detach(ifindex, hook, program)?;
+        }
         maps::remove_eni(&mut self.ebpf, ifindex)
     }
 

@@ -195,6 +195,8 @@ pub mod reason {
         /// An ICMP error whose quoted packet belongs to no flow translated here, or is cut
         /// too short to tell: the kernel's.
         PASS_ICMP_ERROR_UNKNOWN = 40, "pass_icmp_error_unknown";
+        /// ENI egress: leaves for the VPC as the host stack sent it.
+        PASS_TO_VPC = 41, "pass_to_vpc";
         /// NetworkPolicy: the sending pod's egress rules do not admit this new flow.
         DROP_POLICY_EGRESS = 64, "drop_policy_egress";
         /// NetworkPolicy: the receiving pod's ingress rules do not admit this new flow.

@@ -26,6 +26,8 @@ pub mod programs {
     pub const FROM_ENI: &str = "from_eni";
     /// TC egress of a pod's host veth: what the host stack delivers to the pod.
     pub const TO_POD: &str = "to_pod";
+    /// TC egress of an ENI: what the host stack sends out for a pod.
+    pub const TO_ENI: &str = "to_eni";
 }
 
 /// Names of the maps in the eBPF object (also their pin file names).

@@ -19,6 +19,7 @@ mod nat;
 mod packet;
 mod policy;
 mod rewrite;
+mod to_eni;
 mod to_pod;
 mod verdict;
 
@@ -65,6 +66,14 @@ pub fn from_eni(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     let (reason, verdict) = to_pod::handle(&ctx);
+    counters::count(&ctx, reason, direction::EGRESS);
+    verdict
+}
+
+/// ENI egress: what a pod handed to the host stack, judged by policy once translated.
+#[classifier]
+pub fn to_eni(ctx: TcContext) -> i32 {
+    let (reason, verdict) = to_eni::handle(&ctx);
     counters::count(&ctx, reason, direction::EGRESS);
     verdict
 }

@@ -335,3 +335,61 @@ fn later_fragments_and_portless_protocols_are_judged_by_protocol() {
         );
     });
 }
+
+/// Runs the ENI egress program: the verdict and the one reason counted (egress).
+fn run_to_eni(dp: &mut Dataplane, frame: &[u8]) -> (i32, u16) {
+    let before = dp.counters().unwrap();
+    let (verdict, _) = dp.test_run_frame(TO_ENI, frame).expect("test run");
+    let after = dp.counters().unwrap();
+    let c = |rows: &[_], r| counter_dir(rows, 1, r, direction::EGRESS).packets;
+    let grew: Vec<u16> = reason::ALL
+        .iter()
+        .copied()
+        .filter(|r| c(&after, *r) != c(&before, *r))
+        .collect();
+    assert_eq!(grew.len(), 1, "exactly one reason counted, got {grew:?}");
+    (verdict, grew[0])
+}
+
+#[test]
+fn a_service_backend_on_another_node_is_judged_as_the_senders_egress_on_the_way_out() {
+    let pins = PinRoot::new("pol-svc");
+    let ns = NetNs::new("pol-svc");
+    let mut n = policy_node(&ns, &pins);
+    ns.run(|| {
+        // A may send to the remote pod only.
+        enforce(
+            &mut n,
+            &[serde_json::json!({
+                "podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "r"}}}]}],
+            })],
+        );
+        // A asks two ClusterIPs; the host stack takes both flows.
+        for sport in [4300, 4301] {
+            let to_service = tcp_from_a(ip(172, 20, 0, 10), sport, 80, SYN);
+            assert_eq!(
+                run(&mut n.dp, FROM_POD, &to_service).2,
+                reason::PASS_PASSTHROUGH_CIDR
+            );
+        }
+        // kube-proxy picked backends on other nodes: the remote pod is admitted, another
+        // address is not.
+        let to_remote = from_a(&v4(POD_A, REMOTE, 6, &packets::tcp(4300, 8080, SYN)));
+        assert_eq!(
+            run_to_eni(&mut n.dp, &to_remote),
+            (PASS, reason::PASS_TO_VPC)
+        );
+        let to_other = from_a(&v4(POD_A, OTHER, 6, &packets::tcp(4301, 8080, SYN)));
+        assert_eq!(
+            run_to_eni(&mut n.dp, &to_other),
+            (DROP, reason::DROP_POLICY_EGRESS)
+        );
+        // What the programs sent on themselves (no kernel flow) is not judged again, and
+        // neither is the node's own traffic.
+        let direct = from_a(&v4(POD_A, OTHER, 6, &packets::tcp(4302, 8080, SYN)));
+        assert_eq!(run_to_eni(&mut n.dp, &direct), (PASS, reason::PASS_TO_VPC));
+        let node = from_a(&v4(NODE_IP, OTHER, 6, &packets::tcp(4300, 8080, SYN)));
+        assert_eq!(run_to_eni(&mut n.dp, &node), (PASS, reason::PASS_TO_VPC));
+    });
+}
