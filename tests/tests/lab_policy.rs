@@ -181,6 +181,8 @@ fn network_policies_follow_the_upstream_e2e_truth_tables() {
     combinations(&c, &t);
     relabelling(&c, &t);
     services(&c);
+    first_packet(&c, &t);
+    report_apply_times(&c);
 }
 
 const TCP: &str = "tcp";
@@ -485,5 +487,119 @@ fn services(c: &Cluster) {
     within(
         [false, true],
         "egress to y/c only: its Service (other node) only",
+    );
+}
+
+/// A new pod's first packet is judged: pods whose first act is a connection attempt to an
+/// admitted peer and to a denied one, created under an egress policy, one on each node.
+fn first_packet(c: &Cluster, t: &Topology) {
+    for ns in NAMESPACES {
+        c.kubectl(&["-n", ns, "delete", "networkpolicy", "--all", "--wait=true"]);
+    }
+    c.apply(&np(
+        "x",
+        "starters",
+        "{podSelector: {matchLabels: {role: starter}}, policyTypes: [Egress], egress: [{to: [{namespaceSelector: {matchLabels: {ns: \"y\"}}, podSelector: {matchLabels: {pod: b}}}]}]}",
+    ));
+    let admitted = format!("{}:8080", t.ips[&(Y, B)]);
+    let denied = format!("{}:8080", t.ips[&(Y, C)]);
+    let nodes = c.node_names();
+    for (i, node) in nodes.iter().enumerate() {
+        c.apply(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: starter-{i}, namespace: "x", labels: {{role: starter}}}}
+spec:
+  nodeName: {node}
+  restartPolicy: Never
+  containers:
+  - name: probe
+    image: {image}
+    command: [vpc-ebpf-testsrv, probe, tcp, "1000", "{admitted}", "{denied}"]
+"#,
+            image = c.workload_image()
+        ));
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        let name = format!("starter-{i}");
+        let t0 = Instant::now();
+        loop {
+            let phase = c.kubectl_json(&["-n", "x", "get", "pod", &name])["status"]["phase"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            if phase == "Succeeded" || phase == "Failed" {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_mins(1),
+                "{name} still {phase}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let out = c.kubectl(&["-n", "x", "logs", &name]);
+        let v: Value = serde_json::from_str(out.lines().last().unwrap_or(""))
+            .unwrap_or_else(|_| panic!("{name}: {out}"));
+        assert_eq!(
+            (
+                v["results"][&admitted].as_bool(),
+                v["results"][&denied].as_bool()
+            ),
+            (Some(true), Some(false)),
+            "{name} on {node}: its first connections: {out}"
+        );
+    }
+    eprintln!(
+        "np: a new pod's first connections are judged (admitted one passes, denied one does not), on both nodes"
+    );
+}
+
+/// How long the agents took to compile and apply each change (their log's `took=`).
+fn report_apply_times(c: &Cluster) {
+    let mut took: Vec<f64> = Vec::new();
+    for n in 1..=2 {
+        let log = c.on_node(
+            n,
+            &[
+                "sh",
+                "-c",
+                "cat /var/log/pods/kube-system_vpc-ebpf-*/vpc-ebpf/*.log",
+            ],
+        );
+        for line in log
+            .stdout
+            .lines()
+            .filter(|l| l.contains("NetworkPolicy applied"))
+        {
+            let Some(v) = line
+                .split("took=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+            else {
+                continue;
+            };
+            let (num, scale) = if let Some(x) = v.strip_suffix("ms") {
+                (x, 1.0)
+            } else if let Some(x) = v.strip_suffix("µs") {
+                (x, 1e-3)
+            } else if let Some(x) = v.strip_suffix("ns") {
+                (x, 1e-6)
+            } else if let Some(x) = v.strip_suffix('s') {
+                (x, 1e3)
+            } else {
+                continue;
+            };
+            if let Ok(x) = num.parse::<f64>() {
+                took.push(x * scale);
+            }
+        }
+    }
+    assert!(!took.is_empty(), "the agents logged no policy change");
+    took.sort_by(f64::total_cmp);
+    eprintln!(
+        "np: policy changes applied by the agents: {} changes, median {:.2} ms, max {:.2} ms (compile + maps)",
+        took.len(),
+        took[took.len() / 2],
+        took[took.len() - 1]
     );
 }
