@@ -1124,8 +1124,14 @@ fn icmp_errors_about_unknown_flows_or_cut_short_pass_unchanged() {
 
 /// [`run`] for the egress program: the one reason counted is an egress one.
 fn run_egress(dp: &mut Dataplane, frame: &[u8]) -> (i32, Vec<u8>, u16) {
+    run_egress_of(dp, TO_POD, frame)
+}
+
+/// Runs the egress program `program` on `frame`: the verdict, the frame as left, and the
+/// one reason counted (egress, on ifindex 1).
+fn run_egress_of(dp: &mut Dataplane, program: &'static str, frame: &[u8]) -> (i32, Vec<u8>, u16) {
     let before = dp.counters().unwrap();
-    let (verdict, out) = dp.test_run_frame(TO_POD, frame).expect("test run");
+    let (verdict, out) = dp.test_run_frame(program, frame).expect("test run");
     let after = dp.counters().unwrap();
     let c = |rows: &[_], r| counter_dir(rows, 1, r, direction::EGRESS).packets;
     let grew: Vec<u16> = reason::ALL

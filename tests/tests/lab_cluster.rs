@@ -518,14 +518,18 @@ fn the_api_server_down_for_a_minute_stops_nothing() {
     );
     // The watch retries with client-go's backoff, as kube-rs has it: 0.8 s doubling to
     // 30 s, with jitter up to as much again; gentle on an API server that just came back.
-    wait_for("the pod watch is back", Duration::from_secs(90), || {
-        let log = agent_log(&c, 1);
-        if log.contains("the pod watch is back") {
-            Ok(())
-        } else {
-            Err(log)
-        }
-    });
+    wait_for(
+        "watching this node's pods again",
+        Duration::from_secs(90),
+        || {
+            let log = agent_log(&c, 1);
+            if log.contains("watching this node's pods again") {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        },
+    );
     for a in c.pods("kube-system", "app.kubernetes.io/name=vpc-ebpf") {
         assert_eq!(
             a["status"]["containerStatuses"][0]["restartCount"], 0,

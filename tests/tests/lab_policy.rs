@@ -182,6 +182,7 @@ fn network_policies_follow_the_upstream_e2e_truth_tables() {
     relabelling(&c, &t);
     services(&c);
     first_packet(&c, &t);
+    agents_restart(&c, &t);
     report_apply_times(&c);
 }
 
@@ -601,5 +602,73 @@ fn report_apply_times(c: &Cluster) {
         took.len(),
         took[took.len() / 2],
         took[took.len() - 1]
+    );
+}
+
+/// Policy stays in force while the agents restart: the programs and maps are pinned, and
+/// a new agent changes nothing until it has listed the cluster's policies.
+fn agents_restart(c: &Cluster, t: &Topology) {
+    for ns in NAMESPACES {
+        c.kubectl(&["-n", ns, "delete", "networkpolicy", "--all", "--wait=true"]);
+    }
+    c.apply(&np("x", "deny", "{podSelector: {}}"));
+    let targets = [
+        format!("{}:8080", t.ips[&(X, A)]),
+        format!("{}:8080", t.ips[&(Y, B)]),
+    ];
+    let want = vec![false, true];
+    let t0 = Instant::now();
+    while reaches(c, (Y, A), &targets) != want {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the deny policy never applied"
+        );
+    }
+    let selector = "app.kubernetes.io/name=vpc-ebpf";
+    let before: Vec<String> = c
+        .pods("kube-system", selector)
+        .iter()
+        .map(|p| p["metadata"]["uid"].as_str().unwrap_or("").to_owned())
+        .collect();
+    c.kubectl(&[
+        "-n",
+        "kube-system",
+        "delete",
+        "pod",
+        "-l",
+        selector,
+        "--wait=false",
+    ]);
+    let t0 = Instant::now();
+    let mut probes = 0;
+    loop {
+        let got = reaches(c, (Y, A), &targets);
+        probes += 1;
+        assert_eq!(
+            got,
+            want,
+            "{:?} into the agents' restart, y/a reaches [x/a, y/b] = {got:?}",
+            t0.elapsed()
+        );
+        let pods = c.pods("kube-system", selector);
+        let replaced = pods.len() == before.len()
+            && pods.iter().all(|p| {
+                !before.contains(&p["metadata"]["uid"].as_str().unwrap_or("").to_owned())
+                    && vpc_ebpf_tests::cluster::is_ready(p)
+            });
+        if replaced {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_mins(3),
+            "the agents did not come back"
+        );
+    }
+    // And once the new agents have listed everything and applied it.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(reaches(c, (Y, A), &targets), want, "after the restart");
+    eprintln!(
+        "np: policy held through the agents' restart ({probes} probes over {:?})",
+        t0.elapsed()
     );
 }

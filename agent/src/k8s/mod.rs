@@ -8,6 +8,7 @@
 
 pub mod annotate;
 pub mod events;
+pub mod follow;
 pub mod pods;
 pub mod policy_watch;
 

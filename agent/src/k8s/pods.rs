@@ -7,16 +7,11 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
-use kube::{
-    Api,
-    runtime::{WatchStreamExt as _, watcher},
-};
+use kube::{Api, runtime::watcher};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
-use vpc_ebpf_rpc::report::Chain;
 
+use super::follow::{Names, Sink, follow};
 use crate::endpoints::{NamedPort, Registry};
 
 /// What the agent keeps of a pod.
@@ -132,6 +127,26 @@ impl PodCache {
     }
 }
 
+/// The node's pods into the cache and the registry.
+struct NodePods {
+    cache: PodCache,
+    registry: Arc<Registry>,
+}
+
+impl Sink<Pod> for NodePods {
+    fn listed(&mut self, all: Vec<Pod>) {
+        self.cache.replace(&all, &self.registry);
+    }
+
+    fn applied(&mut self, p: Pod) {
+        self.cache.apply(&p, &self.registry);
+    }
+
+    fn deleted(&mut self, p: &Pod) {
+        self.cache.delete(p);
+    }
+}
+
 /// Watches the pods on `node_name` until `stop`, keeping `cache` and the registry's pod
 /// information current. Errors (the API server down, a watch expired) are retried with
 /// backoff, forever.
@@ -140,51 +155,19 @@ pub async fn watch_pods(
     node_name: String,
     cache: PodCache,
     registry: Arc<Registry>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let api: Api<Pod> = Api::all(client);
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
-    let stream = watcher(api, config).default_backoff();
-    tokio::pin!(stream);
-    let mut buffer: Vec<Pod> = Vec::new();
-    let mut failing_since: Option<tokio::time::Instant> = None;
-    loop {
-        let next = tokio::select! {
-            _ = stop.changed() => return,
-            n = stream.next() => n,
-        };
-        let Some(event) = next else {
-            // kube's backoff never gives up, so the stream does not end; if it ever
-            // did, polling it again would spin on `None`.
-            warn!("the pod watch ended; pods are served from what is known");
-            let _ = stop.changed().await;
-            return;
-        };
-        match event {
-            Ok(ev) => {
-                if let Some(since) = failing_since.take() {
-                    info!(after = ?since.elapsed(), "the pod watch is back");
-                }
-                match ev {
-                    watcher::Event::Init => buffer.clear(),
-                    watcher::Event::InitApply(p) => buffer.push(p),
-                    watcher::Event::InitDone => {
-                        let n = buffer.len();
-                        cache.replace(&std::mem::take(&mut buffer), &registry);
-                        debug!(pods = n, "pod cache synced");
-                    }
-                    watcher::Event::Apply(p) => cache.apply(&p, &registry),
-                    watcher::Event::Delete(p) => cache.delete(&p),
-                }
-            }
-            Err(e) => {
-                if failing_since.is_none() {
-                    warn!(error = %Chain(&e), "watching this node's pods failed; retrying with backoff, pods are served meanwhile");
-                    failing_since = Some(tokio::time::Instant::now());
-                }
-            }
-        }
-    }
+    follow(
+        Api::all(client),
+        watcher::Config::default().fields(&format!("spec.nodeName={node_name}")),
+        Names {
+            what: "this node's pods",
+            meanwhile: "pods are served meanwhile",
+        },
+        NodePods { cache, registry },
+        stop,
+    )
+    .await;
 }
 
 #[cfg(test)]

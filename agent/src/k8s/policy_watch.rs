@@ -3,22 +3,17 @@
 //! NetworkPolicies, each feeding the [`Engine`]. Like the pod watch of this node, they
 //! retry with backoff forever and never stop the agent.
 
-use std::{collections::BTreeMap, fmt::Debug, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc};
 
-use futures_util::StreamExt;
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod},
     networking::v1::NetworkPolicy,
 };
-use kube::{
-    Api, Resource,
-    runtime::{WatchStreamExt, watcher},
-};
-use serde::de::DeserializeOwned;
+use kube::{Api, runtime::watcher};
 use tokio::sync::watch;
-use tracing::{info, warn};
-use vpc_ebpf_rpc::report::Chain;
+use tracing::warn;
 
+use super::follow::{Names, Sink, follow};
 use crate::policy::{
     engine::Engine,
     model::{PodView, Policy, proto_number},
@@ -68,22 +63,15 @@ fn policy(np: &NetworkPolicy) -> Policy {
     p
 }
 
-/// What a watch reports, in the engine's terms.
-trait Sink<K>: Send + Sync + 'static {
-    fn listed(&self, all: Vec<K>);
-    fn applied(&self, k: K);
-    fn deleted(&self, k: &K);
-}
-
 struct Pods(Arc<Engine>);
 impl Sink<Pod> for Pods {
-    fn listed(&self, all: Vec<Pod>) {
+    fn listed(&mut self, all: Vec<Pod>) {
         self.0.pods_listed(all.iter().map(pod_view).collect());
     }
-    fn applied(&self, k: Pod) {
+    fn applied(&mut self, k: Pod) {
         self.0.pod_applied(pod_view(&k));
     }
-    fn deleted(&self, k: &Pod) {
+    fn deleted(&mut self, k: &Pod) {
         let v = pod_view(k);
         self.0.pod_deleted(&v.namespace, &v.name);
     }
@@ -91,20 +79,20 @@ impl Sink<Pod> for Pods {
 
 struct Namespaces(Arc<Engine>);
 impl Sink<Namespace> for Namespaces {
-    fn listed(&self, all: Vec<Namespace>) {
+    fn listed(&mut self, all: Vec<Namespace>) {
         self.0.namespaces_listed(
             all.into_iter()
                 .filter_map(|n| Some((n.metadata.name?, n.metadata.labels.unwrap_or_default())))
                 .collect::<BTreeMap<_, _>>(),
         );
     }
-    fn applied(&self, n: Namespace) {
+    fn applied(&mut self, n: Namespace) {
         if let Some(name) = n.metadata.name {
             self.0
                 .namespace_applied(name, n.metadata.labels.unwrap_or_default());
         }
     }
-    fn deleted(&self, n: &Namespace) {
+    fn deleted(&mut self, n: &Namespace) {
         if let Some(name) = &n.metadata.name {
             self.0.namespace_deleted(name);
         }
@@ -113,66 +101,19 @@ impl Sink<Namespace> for Namespaces {
 
 struct Policies(Arc<Engine>);
 impl Sink<NetworkPolicy> for Policies {
-    fn listed(&self, all: Vec<NetworkPolicy>) {
+    fn listed(&mut self, all: Vec<NetworkPolicy>) {
         self.0.policies_listed(all.iter().map(policy).collect());
     }
-    fn applied(&self, k: NetworkPolicy) {
+    fn applied(&mut self, k: NetworkPolicy) {
         self.0.policy_applied(policy(&k));
     }
-    fn deleted(&self, k: &NetworkPolicy) {
+    fn deleted(&mut self, k: &NetworkPolicy) {
         let p = policy(k);
         self.0.policy_deleted(&p.namespace, &p.name);
     }
 }
 
-async fn follow<K, S>(api: Api<K>, what: &'static str, sink: S, mut stop: watch::Receiver<bool>)
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-    S: Sink<K>,
-{
-    let stream = watcher(api, watcher::Config::default()).default_backoff();
-    tokio::pin!(stream);
-    let mut buffer: Vec<K> = Vec::new();
-    let mut failing_since: Option<tokio::time::Instant> = None;
-    loop {
-        let next = tokio::select! {
-            _ = stop.changed() => return,
-            n = stream.next() => n,
-        };
-        let Some(event) = next else {
-            warn!(
-                what,
-                "the watch ended; policy is enforced from what is known"
-            );
-            let _ = stop.changed().await;
-            return;
-        };
-        match event {
-            Ok(ev) => {
-                if let Some(since) = failing_since.take() {
-                    info!(what, after = ?since.elapsed(), "the watch is back");
-                }
-                match ev {
-                    watcher::Event::Init => buffer.clear(),
-                    watcher::Event::InitApply(k) => buffer.push(k),
-                    watcher::Event::InitDone => {
-                        let n = buffer.len();
-                        sink.listed(std::mem::take(&mut buffer));
-                        info!(what, n, "listed");
-                    }
-                    watcher::Event::Apply(k) => sink.applied(k),
-                    watcher::Event::Delete(k) => sink.deleted(&k),
-                }
-            }
-            Err(e) => {
-                if failing_since.is_none() {
-                    warn!(what, error = %Chain(&e), "the watch failed; retrying with backoff, policy is enforced from what is known meanwhile");
-                    failing_since = Some(tokio::time::Instant::now());
-                }
-            }
-        }
-    }
-}
+const POLICY_MEANWHILE: &str = "policy is enforced from what is known meanwhile";
 
 /// Starts the three watches and the engine's apply loop, until `stop`.
 pub fn start(
@@ -183,19 +124,31 @@ pub fn start(
     vec![
         tokio::spawn(follow(
             Api::<Pod>::all(client.clone()),
-            "pods",
+            watcher::Config::default(),
+            Names {
+                what: "the cluster's pods",
+                meanwhile: POLICY_MEANWHILE,
+            },
             Pods(engine.clone()),
             stop.clone(),
         )),
         tokio::spawn(follow(
             Api::<Namespace>::all(client.clone()),
-            "namespaces",
+            watcher::Config::default(),
+            Names {
+                what: "namespaces",
+                meanwhile: POLICY_MEANWHILE,
+            },
             Namespaces(engine.clone()),
             stop.clone(),
         )),
         tokio::spawn(follow(
             Api::<NetworkPolicy>::all(client.clone()),
-            "networkpolicies",
+            watcher::Config::default(),
+            Names {
+                what: "NetworkPolicies",
+                meanwhile: POLICY_MEANWHILE,
+            },
             Policies(engine.clone()),
             stop.clone(),
         )),

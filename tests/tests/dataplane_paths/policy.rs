@@ -78,6 +78,14 @@ fn policy_node(ns: &NetNs, pins: &PinRoot) -> Node {
     n
 }
 
+/// Runs `f` on a node with NetworkPolicy on, in a namespace and pin root of its own.
+fn on_policy_node(tag: &str, f: impl FnOnce(&mut Node) + Send) {
+    let pins = PinRoot::new(tag);
+    let ns = NetNs::new(tag);
+    let mut n = policy_node(&ns, &pins);
+    ns.run(|| f(&mut n));
+}
+
 fn tcp_from_vpc(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     from_vpc(&v4(src, dst, 6, &packets::tcp(sport, dport, flags)))
 }
@@ -103,13 +111,10 @@ fn without_the_flag_policies_are_not_judged() {
 
 #[test]
 fn ingress_admits_by_peer_and_port_and_drops_the_rest() {
-    let pins = PinRoot::new("pol-in");
-    let ns = NetNs::new("pol-in");
-    let mut n = policy_node(&ns, &pins);
-    ns.run(|| {
+    on_policy_node("pol-in", |n| {
         // B admits the remote pod on its named port and 10.0.3.0/24 but .3 on 9000-9100.
         enforce(
-            &mut n,
+            n,
             &[serde_json::json!({
                 "podSelector": {"matchLabels": {"pod": "b"}},
                 "ingress": [
@@ -128,14 +133,29 @@ fn ingress_admits_by_peer_and_port_and_drops_the_rest() {
             (ip(10, 0, 3, 4), 8080, reason::DROP_POLICY_INGRESS),
             (OTHER, 8080, reason::DROP_POLICY_INGRESS),
         ] {
-            let (v, _, r) = run(&mut n.dp, FROM_ENI, &tcp_from_vpc(src, POD_B, 5000, dport, SYN));
+            let (v, _, r) = run(
+                &mut n.dp,
+                FROM_ENI,
+                &tcp_from_vpc(src, POD_B, 5000, dport, SYN),
+            );
             assert_eq!(r, want, "{src} -> B:{dport}");
-            assert_eq!(v, if want == reason::FWD_LOCAL_POD { REDIRECT } else { DROP });
+            assert_eq!(
+                v,
+                if want == reason::FWD_LOCAL_POD {
+                    REDIRECT
+                } else {
+                    DROP
+                }
+            );
         }
         // A (same node) is no admitted peer of B; A itself is not isolated.
         let (v, _, r) = run(&mut n.dp, FROM_POD, &tcp_from_a(POD_B, 4000, 8080, SYN));
         assert_eq!((v, r), (DROP, reason::DROP_POLICY_INGRESS));
-        let (v, _, r) = run(&mut n.dp, FROM_ENI, &tcp_from_vpc(OTHER, POD_A, 5000, 22, SYN));
+        let (v, _, r) = run(
+            &mut n.dp,
+            FROM_ENI,
+            &tcp_from_vpc(OTHER, POD_A, 5000, 22, SYN),
+        );
         assert_eq!((v, r), (REDIRECT, reason::FWD_LOCAL_POD));
         // UDP to the named TCP port is not admitted.
         let u = from_vpc(&v4(REMOTE, POD_B, 17, &packets::udp(5000, 8080, b"x")));
@@ -145,13 +165,10 @@ fn ingress_admits_by_peer_and_port_and_drops_the_rest() {
 
 #[test]
 fn replies_of_admitted_connections_pass_both_ways() {
-    let pins = PinRoot::new("pol-reply");
-    let ns = NetNs::new("pol-reply");
-    let mut n = policy_node(&ns, &pins);
-    ns.run(|| {
+    on_policy_node("pol-reply", |n| {
         // A: nothing in; out only to the remote pod on 80.
         enforce(
-            &mut n,
+            n,
             &[serde_json::json!({
                 "podSelector": {"matchLabels": {"pod": "a"}},
                 "policyTypes": ["Ingress", "Egress"],
@@ -195,10 +212,7 @@ fn replies_of_admitted_connections_pass_both_ways() {
 
 #[test]
 fn a_policy_change_cuts_the_flows_it_now_denies_and_keeps_the_others() {
-    let pins = PinRoot::new("pol-change");
-    let ns = NetNs::new("pol-change");
-    let mut n = policy_node(&ns, &pins);
-    ns.run(|| {
+    on_policy_node("pol-change", |n| {
         // Two flows into B, opened with no policy at all.
         for sport in [5000, 5001] {
             let src = if sport == 5000 { REMOTE } else { OTHER };
@@ -207,7 +221,7 @@ fn a_policy_change_cuts_the_flows_it_now_denies_and_keeps_the_others() {
         }
         // Now B admits the remote pod only.
         enforce(
-            &mut n,
+            n,
             &[serde_json::json!({
                 "podSelector": {"matchLabels": {"pod": "b"}},
                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "r"}}}]}],
@@ -227,7 +241,7 @@ fn a_policy_change_cuts_the_flows_it_now_denies_and_keeps_the_others() {
             reason::DROP_POLICY_REVOKED
         );
         // Back to no policy: the flow is admitted again.
-        enforce(&mut n, &[]);
+        enforce(n, &[]);
         assert_eq!(run(&mut n.dp, FROM_ENI, &cut).2, reason::FWD_LOCAL_POD);
         assert_eq!(
             n.dp.policy_applied().unwrap(),
@@ -239,14 +253,11 @@ fn a_policy_change_cuts_the_flows_it_now_denies_and_keeps_the_others() {
 
 #[test]
 fn mid_stream_segments_are_admitted_only_as_replies_of_admitted_openings() {
-    let pins = PinRoot::new("pol-mid");
-    let ns = NetNs::new("pol-mid");
-    let mut n = policy_node(&ns, &pins);
-    ns.run(|| {
+    on_policy_node("pol-mid", |n| {
         // A admits nothing in and may send to the remote pod (its egress not isolated
         // but for nothing else: a flow opened before tracking comes back mid-stream).
         enforce(
-            &mut n,
+            n,
             &[serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}}})],
         );
         let ack = tcp_from_vpc(REMOTE, POD_A, 80, 4100, ACK);
@@ -264,13 +275,10 @@ fn mid_stream_segments_are_admitted_only_as_replies_of_admitted_openings() {
 
 #[test]
 fn the_node_always_reaches_its_pods_and_services_are_judged_after_translation() {
-    let pins = PinRoot::new("pol-node");
-    let ns = NetNs::new("pol-node");
-    let mut n = policy_node(&ns, &pins);
-    ns.run(|| {
+    on_policy_node("pol-node", |n| {
         // A admits nothing in; B may send nowhere.
         enforce(
-            &mut n,
+            n,
             &[
                 serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}}}),
                 serde_json::json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Egress"]}),
@@ -280,30 +288,43 @@ fn the_node_always_reaches_its_pods_and_services_are_judged_after_translation() 
         let probe = to_a(&v4(NODE_IP, POD_A, 6, &packets::tcp(6000, 8080, SYN)));
         assert_eq!(run_egress(&mut n.dp, &probe).2, reason::PASS_KERNEL_TO_POD);
         // A NodePort client from the internet after kube-proxy's DNAT: A's ingress.
-        let ext = to_a(&v4(Ipv4Addr::from(INTERNET), POD_A, 6, &packets::tcp(6001, 8080, SYN)));
+        let ext = to_a(&v4(
+            Ipv4Addr::from(INTERNET),
+            POD_A,
+            6,
+            &packets::tcp(6001, 8080, SYN),
+        ));
         assert_eq!(run_egress(&mut n.dp, &ext).2, reason::DROP_POLICY_INGRESS);
         // B reaching a Service whose backend is A: after DNAT, B's egress and A's
         // ingress are both judged against A.
         let via_service = to_a(&v4(POD_B, POD_A, 6, &packets::tcp(6002, 8080, SYN)));
-        assert_eq!(run_egress(&mut n.dp, &via_service).2, reason::DROP_POLICY_EGRESS);
+        assert_eq!(
+            run_egress(&mut n.dp, &via_service).2,
+            reason::DROP_POLICY_EGRESS
+        );
         // A itself reaching a ClusterIP is left to the host stack, judged after it.
         let to_service = tcp_from_a(ip(172, 20, 0, 10), 4200, 80, SYN);
-        assert_eq!(run(&mut n.dp, FROM_POD, &to_service).2, reason::PASS_PASSTHROUGH_CIDR);
+        assert_eq!(
+            run(&mut n.dp, FROM_POD, &to_service).2,
+            reason::PASS_PASSTHROUGH_CIDR
+        );
         // The Service's answer reaches A after un-DNAT (from the ClusterIP): a reply.
-        let answer = to_a(&v4(ip(172, 20, 0, 10), POD_A, 6, &packets::tcp(80, 4200, SYN_ACK)));
+        let answer = to_a(&v4(
+            ip(172, 20, 0, 10),
+            POD_A,
+            6,
+            &packets::tcp(80, 4200, SYN_ACK),
+        ));
         assert_eq!(run_egress(&mut n.dp, &answer).2, reason::PASS_KERNEL_TO_POD);
     });
 }
 
 #[test]
 fn later_fragments_and_portless_protocols_are_judged_by_protocol() {
-    let pins = PinRoot::new("pol-frag");
-    let ns = NetNs::new("pol-frag");
-    let mut n = policy_node(&ns, &pins);
-    ns.run(|| {
+    on_policy_node("pol-frag", |n| {
         // B admits UDP (every port) and TCP 80 from anyone.
         enforce(
-            &mut n,
+            n,
             &[serde_json::json!({
                 "podSelector": {"matchLabels": {"pod": "b"}},
                 "ingress": [{"ports": [{"protocol": "UDP"}, {"port": 80}]}],
@@ -336,30 +357,18 @@ fn later_fragments_and_portless_protocols_are_judged_by_protocol() {
     });
 }
 
-/// Runs the ENI egress program: the verdict and the one reason counted (egress).
+/// Runs the ENI egress program: the verdict and the one reason counted.
 fn run_to_eni(dp: &mut Dataplane, frame: &[u8]) -> (i32, u16) {
-    let before = dp.counters().unwrap();
-    let (verdict, _) = dp.test_run_frame(TO_ENI, frame).expect("test run");
-    let after = dp.counters().unwrap();
-    let c = |rows: &[_], r| counter_dir(rows, 1, r, direction::EGRESS).packets;
-    let grew: Vec<u16> = reason::ALL
-        .iter()
-        .copied()
-        .filter(|r| c(&after, *r) != c(&before, *r))
-        .collect();
-    assert_eq!(grew.len(), 1, "exactly one reason counted, got {grew:?}");
-    (verdict, grew[0])
+    let (verdict, _, r) = run_egress_of(dp, TO_ENI, frame);
+    (verdict, r)
 }
 
 #[test]
 fn a_service_backend_on_another_node_is_judged_as_the_senders_egress_on_the_way_out() {
-    let pins = PinRoot::new("pol-svc");
-    let ns = NetNs::new("pol-svc");
-    let mut n = policy_node(&ns, &pins);
-    ns.run(|| {
+    on_policy_node("pol-svc", |n| {
         // A may send to the remote pod only.
         enforce(
-            &mut n,
+            n,
             &[serde_json::json!({
                 "podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
                 "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "r"}}}]}],
