@@ -182,8 +182,9 @@ fn network_policies_follow_the_upstream_e2e_truth_tables() {
     relabelling(&c, &t);
     services(&c);
     first_packet(&c, &t);
-    agents_restart(&c, &t);
+    // Before the restart: the agents' logs go with their pods.
     report_apply_times(&c);
+    agents_restart(&c, &t);
 }
 
 const TCP: &str = "tcp";
@@ -644,12 +645,32 @@ fn agents_restart(c: &Cluster, t: &Topology) {
     loop {
         let got = reaches(c, (Y, A), &targets);
         probes += 1;
-        assert_eq!(
-            got,
-            want,
-            "{:?} into the agents' restart, y/a reaches [x/a, y/b] = {got:?}",
-            t0.elapsed()
-        );
+        if got != want {
+            // Which drops grew, and what the agents said.
+            let again = reaches(c, (Y, A), &targets);
+            for n in 1..=2 {
+                let m = c.agent_get(n, 61678, "/metrics").unwrap_or_default();
+                for l in m
+                    .lines()
+                    .filter(|l| l.contains("drop_") && !l.ends_with(" 0"))
+                {
+                    eprintln!("node{n} metric: {l}");
+                }
+                let log = c.on_node(
+                    n,
+                    &[
+                        "sh",
+                        "-c",
+                        "tail -n 40 /var/log/pods/kube-system_vpc-ebpf-*/vpc-ebpf/*.log",
+                    ],
+                );
+                eprintln!("node{n} agent log:\n{}", log.stdout);
+            }
+            panic!(
+                "{:?} into the agents' restart, y/a reaches [x/a, y/b] = {got:?} (then {again:?})",
+                t0.elapsed()
+            );
+        }
         let pods = c.pods("kube-system", selector);
         let replaced = pods.len() == before.len()
             && pods.iter().all(|p| {
