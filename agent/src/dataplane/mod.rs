@@ -263,6 +263,9 @@ impl Dataplane {
             map_names::PASSTHROUGH_CIDRS,
             &n.passthrough_cidrs,
         )?;
+        if n.network_policy {
+            policy_maps::open_mid_stream_window(&mut self.ebpf, monotonic_now_ns())?;
+        }
         // Last: the programs start acting on the flag only once the tables are in place.
         maps::set_config(&mut self.ebpf, &value)
     }
@@ -270,6 +273,12 @@ impl Dataplane {
     /// Makes the policy maps enforce what `plan` leads to (see [`crate::policy::sets`]).
     pub fn apply_policy(&mut self, plan: &crate::policy::sets::Plan) -> Result<(), DataplaneError> {
         policy_maps::apply(&mut self.ebpf, plan)
+    }
+
+    /// Sets the end of the window in which untracked TCP segments may pass as replies
+    /// (monotonic ns; 0 closes it).
+    pub fn set_mid_stream_until(&mut self, until_ns: u64) -> Result<(), DataplaneError> {
+        policy_maps::set_mid_stream_until(&mut self.ebpf, until_ns)
     }
 
     /// What the policy maps enforce now.

@@ -11,7 +11,10 @@ use aya::{
 use ipnet::Ipv4Net;
 use vpc_ebpf_common::{
     maps,
-    policy::{PolicedPod, PortRules, REVISION_INDEX, RulePeer, SET_NONE, direction},
+    policy::{
+        MID_STREAM_GRACE_NS, MID_STREAM_UNTIL_INDEX, PolicedPod, PortRules, REVISION_INDEX,
+        RulePeer, SET_NONE, direction,
+    },
 };
 
 use super::{
@@ -105,6 +108,33 @@ pub fn apply(ebpf: &mut Ebpf, plan: &Plan) -> Result<(), DataplaneError> {
         }
     }
     bump_revision(ebpf)
+}
+
+/// Opens the mid-stream window (see [`MID_STREAM_UNTIL_INDEX`]) unless it was opened
+/// before: a restarted agent finds the connections of the earlier run tracked.
+pub fn open_mid_stream_window(ebpf: &mut Ebpf, now_ns: u64) -> Result<(), DataplaneError> {
+    let m = ebpf
+        .map_mut(maps::POLICY_REVISION)
+        .ok_or(DataplaneError::MissingMap(maps::POLICY_REVISION))?;
+    let mut rev: Array<_, u64> = Array::try_from(m).map_err(map_err(maps::POLICY_REVISION))?;
+    let until = rev
+        .get(&MID_STREAM_UNTIL_INDEX, 0)
+        .map_err(map_err(maps::POLICY_REVISION))?;
+    if until == 0 {
+        rev.set(MID_STREAM_UNTIL_INDEX, now_ns + MID_STREAM_GRACE_NS, 0)
+            .map_err(map_err(maps::POLICY_REVISION))?;
+    }
+    Ok(())
+}
+
+/// Sets the end of the mid-stream window outright (tests close it).
+pub fn set_mid_stream_until(ebpf: &mut Ebpf, until_ns: u64) -> Result<(), DataplaneError> {
+    let m = ebpf
+        .map_mut(maps::POLICY_REVISION)
+        .ok_or(DataplaneError::MissingMap(maps::POLICY_REVISION))?;
+    let mut rev: Array<_, u64> = Array::try_from(m).map_err(map_err(maps::POLICY_REVISION))?;
+    rev.set(MID_STREAM_UNTIL_INDEX, until_ns, 0)
+        .map_err(map_err(maps::POLICY_REVISION))
 }
 
 fn bump_revision(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {

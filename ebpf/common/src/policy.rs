@@ -163,9 +163,20 @@ pub struct FlowState {
     pub revoked: u32,
 }
 
-/// The only entry of the revision array: user space bumps it after every change to the
-/// policy maps.
+/// Entry of the revision array that user space bumps after every change to the policy
+/// maps.
 pub const REVISION_INDEX: u32 = 0;
+
+/// Entry of the revision array holding until when (monotonic ns) a TCP segment without
+/// a tracked connection may be admitted as the reply of one opened before tracking began.
+/// User space sets it once, when it first switches policy on for the node: connections
+/// opened earlier are not tracked, and their replies must not be cut. Later, an untracked
+/// segment is judged in its own direction, so no one can slip segments into a pod whose
+/// ingress denies them just because the pod may send the other way.
+pub const MID_STREAM_UNTIL_INDEX: u32 = 1;
+
+/// How long that window lasts.
+pub const MID_STREAM_GRACE_NS: u64 = 15 * 60 * 1_000_000_000;
 
 /// A tracked flow idle this long is forgotten: a packet on it is judged as new.
 pub const FLOW_IDLE_TCP_NS: u64 = 6 * 3600 * 1_000_000_000;

@@ -68,6 +68,7 @@ pub static VPC_POL_RULES: LpmTrie<RulePeer, PortRules> = LpmTrie::pinned(RULES_M
 pub static VPC_POL_FLOWS: LruHashMap<FlowKey, FlowState> =
     LruHashMap::pinned(FLOWS_DEFAULT_MAX_ENTRIES, 0);
 
-/// The policy revision (one entry), bumped by user space after every policy change.
+/// The policy revision, bumped by user space after every policy change, and the end of
+/// the mid-stream window (see [`vpc_ebpf_common::policy::MID_STREAM_UNTIL_INDEX`]).
 #[map]
-pub static VPC_POL_REV: Array<u64> = Array::pinned(1, 0);
+pub static VPC_POL_REV: Array<u64> = Array::pinned(2, 0);

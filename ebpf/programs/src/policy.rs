@@ -13,8 +13,8 @@ use vpc_ebpf_common::{
     counters::reason,
     node::{NodeConfig, config_flags},
     policy::{
-        FLOW_IDLE_OTHER_NS, FLOW_IDLE_TCP_NS, FlowKey, FlowState, REVISION_INDEX, RulePeer,
-        SET_NONE, direction,
+        FLOW_IDLE_OTHER_NS, FLOW_IDLE_TCP_NS, FlowKey, FlowState, MID_STREAM_UNTIL_INDEX,
+        REVISION_INDEX, RulePeer, SET_NONE, direction,
     },
 };
 
@@ -118,15 +118,20 @@ pub fn judge(cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option<u16> {
     }
     let mut as_reply = 0;
     if let Err(r) = admitted(ip.src, ip.dst, ip.proto, port_of(ip.proto, p.dst), ends) {
-        // A TCP segment other than a bare SYN may belong to a connection opened the
-        // other way before it was tracked (the table filled up, or policy was switched
-        // on): admitted as that connection's reply if its opening would be.
+        // A TCP segment other than a bare SYN, soon after policy was switched on, may
+        // belong to a connection opened the other way before tracking began: admitted as
+        // that connection's reply if its opening would be.
         let back = Ends {
             src_local: ends.dst_local,
             dst_local: ends.src_local,
         };
+        let mid_stream_until = VPC_POL_REV
+            .get(MID_STREAM_UNTIL_INDEX)
+            .copied()
+            .unwrap_or(0);
         if ip.proto != IPPROTO_TCP
             || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+            || now >= mid_stream_until
             || admitted(ip.dst, ip.src, ip.proto, port_of(ip.proto, p.src), back).is_err()
         {
             return Some(r);

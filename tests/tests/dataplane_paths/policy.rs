@@ -270,6 +270,14 @@ fn mid_stream_segments_are_admitted_only_as_replies_of_admitted_openings() {
         // UDP has no such thing.
         let u = from_vpc(&v4(REMOTE, POD_A, 17, &packets::udp(53, 4102, b"x")));
         assert_eq!(run(&mut n.dp, FROM_ENI, &u).2, reason::DROP_POLICY_INGRESS);
+        // Once the window after policy was switched on has passed, an untracked segment
+        // is judged in its own direction: A admits nothing in, whatever it may send.
+        n.dp.set_mid_stream_until(0).expect("close the window");
+        let ack = tcp_from_vpc(REMOTE, POD_A, 80, 4103, ACK);
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &ack).2,
+            reason::DROP_POLICY_INGRESS
+        );
     });
 }
 
@@ -400,5 +408,32 @@ fn a_service_backend_on_another_node_is_judged_as_the_senders_egress_on_the_way_
         assert_eq!(run_to_eni(&mut n.dp, &direct), (PASS, reason::PASS_TO_VPC));
         let node = from_a(&v4(NODE_IP, OTHER, 6, &packets::tcp(4300, 8080, SYN)));
         assert_eq!(run_to_eni(&mut n.dp, &node), (PASS, reason::PASS_TO_VPC));
+    });
+}
+
+#[test]
+fn a_pod_cannot_plant_a_connection_for_another_pod() {
+    on_policy_node("pol-spoof", |n| {
+        // B admits nothing in; the window for untracked replies has passed.
+        enforce(
+            n,
+            &[serde_json::json!({"podSelector": {"matchLabels": {"pod": "b"}}})],
+        );
+        n.dp.set_mid_stream_until(0).expect("close the window");
+        // A, claiming to be B, opens a connection to the remote pod...
+        let spoofed = from_a(&v4(POD_B, REMOTE, 6, &packets::tcp(80, 5000, SYN)));
+        assert_eq!(
+            run(&mut n.dp, FROM_POD, &spoofed).2,
+            reason::DROP_SPOOFED_IP
+        );
+        // ...so that the remote pod's "replies" would reach B: they do not.
+        for flags in [SYN_ACK, ACK] {
+            let f = tcp_from_vpc(REMOTE, POD_B, 5000, 80, flags);
+            assert_eq!(
+                run(&mut n.dp, FROM_ENI, &f).2,
+                reason::DROP_POLICY_INGRESS,
+                "flags {flags:#x}"
+            );
+        }
     });
 }
