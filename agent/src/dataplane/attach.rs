@@ -107,10 +107,13 @@ impl Attachments {
                 let pin = self.pin_path(ifindex, hook, program);
                 if pin.exists() {
                     // A link of an earlier attachment: take it over, or drop it if its
-                    // interface was replaced (same ifindex, new device).
-                    if update_pinned(ebpf, &pin, program).is_ok()
-                        && self.is_attached(ebpf, ifindex, hook, program)
-                    {
+                    // interface was replaced (same ifindex, new device: the update of a
+                    // link whose device is gone fails). A link that took the update is
+                    // kept whatever a query says: dropping it detaches the program that
+                    // carries the pod's traffic, and attaching the same program again
+                    // fails with EEXIST while the old link is being released (seen on
+                    // agent restarts: pods cut off until the next re-program).
+                    if update_pinned(ebpf, &pin, program).is_ok() {
                         self.known.insert((ifindex, hook, program));
                         return Ok(());
                     }

@@ -170,49 +170,53 @@ pub async fn watch_pods(
     .await;
 }
 
+/// A pod with labels and named ports (TCP and UDP) and an unnamed one, for tests.
+#[cfg(test)]
+pub(crate) fn sample_pod() -> Pod {
+    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec};
+    Pod {
+        metadata: kube::api::ObjectMeta {
+            name: Some("web".into()),
+            namespace: Some("x".into()),
+            uid: Some("u1".into()),
+            labels: Some(BTreeMap::from([("app".into(), "web".into())])),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "c".into(),
+                ports: Some(vec![
+                    ContainerPort {
+                        name: Some("serve-80-tcp".into()),
+                        container_port: 80,
+                        ..Default::default()
+                    },
+                    ContainerPort {
+                        name: Some("serve-81-udp".into()),
+                        container_port: 81,
+                        protocol: Some("UDP".into()),
+                        ..Default::default()
+                    },
+                    ContainerPort {
+                        container_port: 9000,
+                        ..Default::default()
+                    },
+                ]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec};
-
     use super::*;
 
     #[test]
     fn named_ports_and_labels_are_kept() {
-        let pod = Pod {
-            metadata: kube::api::ObjectMeta {
-                name: Some("web".into()),
-                namespace: Some("x".into()),
-                uid: Some("u1".into()),
-                labels: Some(BTreeMap::from([("app".into(), "web".into())])),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                containers: vec![Container {
-                    name: "c".into(),
-                    ports: Some(vec![
-                        ContainerPort {
-                            name: Some("serve-80-tcp".into()),
-                            container_port: 80,
-                            ..Default::default()
-                        },
-                        ContainerPort {
-                            name: Some("serve-81-udp".into()),
-                            container_port: 81,
-                            protocol: Some("UDP".into()),
-                            ..Default::default()
-                        },
-                        ContainerPort {
-                            container_port: 9000,
-                            ..Default::default()
-                        },
-                    ]),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let info = PodInfo::from_pod(&pod);
+        let info = PodInfo::from_pod(&sample_pod());
         assert_eq!(info.uid, "u1");
         assert_eq!(info.labels["app"], "web");
         assert_eq!(

@@ -13,16 +13,20 @@ use kube::{Api, runtime::watcher};
 use tokio::sync::watch;
 use tracing::warn;
 
-use super::follow::{Names, Sink, follow};
+use super::{
+    follow::{Names, Sink, follow},
+    pods::PodInfo,
+};
 use crate::policy::{
     engine::Engine,
     model::{PodView, Policy, proto_number},
 };
 
-/// A pod as policy sees it. Pods that have finished (Succeeded, Failed) hold no address
-/// any more: the address may already be another pod's.
+/// A pod as policy sees it (what the node's pod cache keeps, plus its address). Pods that
+/// have finished (Succeeded, Failed) hold no address any more: the address may already be
+/// another pod's.
 pub fn pod_view(p: &Pod) -> PodView {
-    let spec = p.spec.as_ref();
+    let info = PodInfo::from_pod(p);
     let status = p.status.as_ref();
     let finished = status
         .and_then(|s| s.phase.as_deref())
@@ -34,23 +38,13 @@ pub fn pod_view(p: &Pod) -> PodView {
             .and_then(|s| s.pod_ip.as_deref())
             .and_then(|ip| ip.parse().ok())
             .filter(|_| !finished),
-        labels: p.metadata.labels.clone().unwrap_or_default(),
-        named_ports: spec
-            .map(|s| {
-                s.containers
-                    .iter()
-                    .flat_map(|c| c.ports.iter().flatten())
-                    .filter_map(|port| {
-                        Some((
-                            port.name.clone()?,
-                            proto_number(port.protocol.as_deref().unwrap_or("TCP"))?,
-                            u16::try_from(port.container_port).ok()?,
-                        ))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        labels: info.labels,
+        named_ports: info
+            .named_ports
+            .into_iter()
+            .filter_map(|n| Some((n.name, proto_number(&n.protocol)?, n.port)))
+            .collect(),
+        host_network: info.host_network,
     }
 }
 
@@ -158,48 +152,22 @@ pub fn start(
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec, PodStatus};
+    use k8s_openapi::api::core::v1::PodStatus;
 
     use super::*;
-    use crate::policy::model::{TCP, UDP};
+    use crate::{
+        k8s::pods::sample_pod,
+        policy::model::{TCP, UDP},
+    };
 
     fn pod(phase: &str) -> Pod {
         Pod {
-            metadata: kube::api::ObjectMeta {
-                name: Some("web".into()),
-                namespace: Some("x".into()),
-                labels: Some(BTreeMap::from([("app".into(), "web".into())])),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                containers: vec![Container {
-                    name: "c".into(),
-                    ports: Some(vec![
-                        ContainerPort {
-                            name: Some("http".into()),
-                            container_port: 8080,
-                            ..Default::default()
-                        },
-                        ContainerPort {
-                            name: Some("dns".into()),
-                            container_port: 53,
-                            protocol: Some("UDP".into()),
-                            ..Default::default()
-                        },
-                        ContainerPort {
-                            container_port: 9000,
-                            ..Default::default()
-                        },
-                    ]),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
             status: Some(PodStatus {
                 pod_ip: Some("10.0.1.5".into()),
                 phase: Some(phase.into()),
                 ..Default::default()
             }),
+            ..sample_pod()
         }
     }
 
@@ -207,11 +175,14 @@ mod tests {
     fn a_pod_view_keeps_what_policy_needs() {
         let v = pod_view(&pod("Running"));
         assert_eq!((v.namespace.as_str(), v.name.as_str()), ("x", "web"));
-        assert_eq!(v.ip, Some("10.0.1.5".parse().unwrap()));
+        assert_eq!(v.ip, Some(std::net::Ipv4Addr::new(10, 0, 1, 5)));
         assert_eq!(v.labels["app"], "web");
         assert_eq!(
             v.named_ports,
-            vec![("http".into(), TCP, 8080), ("dns".into(), UDP, 53)]
+            vec![
+                ("serve-80-tcp".into(), TCP, 80),
+                ("serve-81-udp".into(), UDP, 81)
+            ]
         );
         assert!(!v.host_network);
     }

@@ -113,7 +113,16 @@ def down(prefix: str) -> list[str]:
     spaces = netns.list_with_prefix(f"{prefix}-")
     for ns in spaces:
         pids += netns.pids(ns)
+    containers = _container_cgroups(cfg.run_dir)
+    for cg in containers:
+        pids += _cgroup_pids(cg)
     _kill(sorted(set(pids)))
+    for cg in containers:
+        try:
+            cg.rmdir()
+            removed.append(f"cgroup {cg}")
+        except OSError:
+            pass
     for ns in spaces:
         netns.delete(ns)
         removed.append(f"netns {ns}")
@@ -126,6 +135,26 @@ def down(prefix: str) -> list[str]:
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
         removed.append(f"dir {cfg.run_dir}")
     return removed
+
+
+def _container_cgroups(run_dir: Path) -> list[Path]:
+    """The cgroups of the lab nodes' containers. containerd puts them under `/k8s.io/<id>`
+    of every hierarchy (the kubelet gives no parent when it runs without QoS cgroups), out
+    of the lab's own cgroup, and their processes live in pod namespaces the node's mount
+    namespace hid: found by the ids in each node's containerd state, which stays readable
+    on the machine."""
+    ids = set()
+    for tasks in run_dir.glob("nodes/*/run-containerd/io.containerd.runtime.v2.task/k8s.io"):
+        ids.update(p.name for p in tasks.iterdir())
+    return [cg for hierarchy in Path("/sys/fs/cgroup").iterdir() for i in sorted(ids)
+            if (cg := hierarchy / "k8s.io" / i).is_dir()]
+
+
+def _cgroup_pids(cg: Path) -> list[int]:
+    try:
+        return [int(x) for x in (cg / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def _lab_cgroups(prefix: str) -> list[Path]:
