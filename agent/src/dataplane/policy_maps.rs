@@ -48,6 +48,13 @@ fn policed_map(
     HashMap::try_from(m).map_err(map_err(maps::POLICED))
 }
 
+fn revision_map(ebpf: &mut Ebpf) -> Result<Array<&mut aya::maps::MapData, u64>, DataplaneError> {
+    let m = ebpf
+        .map_mut(maps::POLICY_REVISION)
+        .ok_or(DataplaneError::MissingMap(maps::POLICY_REVISION))?;
+    Array::try_from(m).map_err(map_err(maps::POLICY_REVISION))
+}
+
 fn key(set: u32, dir: u32, net: Ipv4Net) -> Key<RulePeer> {
     Key::new(
         RulePeer::FIXED_BITS + u32::from(net.prefix_len()),
@@ -113,10 +120,7 @@ pub fn apply(ebpf: &mut Ebpf, plan: &Plan) -> Result<(), DataplaneError> {
 /// Opens the mid-stream window (see [`MID_STREAM_UNTIL_INDEX`]) unless it was opened
 /// before: a restarted agent finds the connections of the earlier run tracked.
 pub fn open_mid_stream_window(ebpf: &mut Ebpf, now_ns: u64) -> Result<(), DataplaneError> {
-    let m = ebpf
-        .map_mut(maps::POLICY_REVISION)
-        .ok_or(DataplaneError::MissingMap(maps::POLICY_REVISION))?;
-    let mut rev: Array<_, u64> = Array::try_from(m).map_err(map_err(maps::POLICY_REVISION))?;
+    let mut rev = revision_map(ebpf)?;
     let until = rev
         .get(&MID_STREAM_UNTIL_INDEX, 0)
         .map_err(map_err(maps::POLICY_REVISION))?;
@@ -129,19 +133,13 @@ pub fn open_mid_stream_window(ebpf: &mut Ebpf, now_ns: u64) -> Result<(), Datapl
 
 /// Sets the end of the mid-stream window outright (tests close it).
 pub fn set_mid_stream_until(ebpf: &mut Ebpf, until_ns: u64) -> Result<(), DataplaneError> {
-    let m = ebpf
-        .map_mut(maps::POLICY_REVISION)
-        .ok_or(DataplaneError::MissingMap(maps::POLICY_REVISION))?;
-    let mut rev: Array<_, u64> = Array::try_from(m).map_err(map_err(maps::POLICY_REVISION))?;
+    let mut rev = revision_map(ebpf)?;
     rev.set(MID_STREAM_UNTIL_INDEX, until_ns, 0)
         .map_err(map_err(maps::POLICY_REVISION))
 }
 
 fn bump_revision(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
-    let m = ebpf
-        .map_mut(maps::POLICY_REVISION)
-        .ok_or(DataplaneError::MissingMap(maps::POLICY_REVISION))?;
-    let mut rev: Array<_, u64> = Array::try_from(m).map_err(map_err(maps::POLICY_REVISION))?;
+    let mut rev = revision_map(ebpf)?;
     let now = rev
         .get(&REVISION_INDEX, 0)
         .map_err(map_err(maps::POLICY_REVISION))?;

@@ -71,7 +71,7 @@ type Key = (String, String);
 struct Cluster {
     pods: HashMap<Key, PodView>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    policies: BTreeMap<Key, Policy>,
+    policies: HashMap<Key, Policy>,
     synced: u8,
 }
 
@@ -91,6 +91,15 @@ impl std::fmt::Debug for Engine {
             .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
+}
+
+/// Inserts `v` unless the same value is there; whether anything changed.
+fn upsert<V: PartialEq>(m: &mut HashMap<Key, V>, k: Key, v: V) -> bool {
+    if m.get(&k) == Some(&v) {
+        return false;
+    }
+    m.insert(k, v);
+    true
 }
 
 /// Changes are applied this long after the first of a burst (a Deployment's pods, a
@@ -120,16 +129,8 @@ impl Engine {
     // -- what the watchers report ------------------------------------------------------
 
     pub fn pod_applied(&self, p: PodView) {
-        let changed = self.with(|c| {
-            let key = (p.namespace.clone(), p.name.clone());
-            match c.pods.get(&key) {
-                Some(old) if *old == p => false,
-                _ => {
-                    c.pods.insert(key, p);
-                    true
-                }
-            }
-        });
+        let key = (p.namespace.clone(), p.name.clone());
+        let changed = self.with(|c| upsert(&mut c.pods, key, p));
         if changed {
             self.changed.notify_one();
         }
@@ -174,16 +175,8 @@ impl Engine {
     }
 
     pub fn policy_applied(&self, p: Policy) {
-        let changed = self.with(|c| {
-            let key = (p.namespace.clone(), p.name.clone());
-            match c.policies.get(&key) {
-                Some(old) if *old == p => false,
-                _ => {
-                    c.policies.insert(key, p);
-                    true
-                }
-            }
-        });
+        let key = (p.namespace.clone(), p.name.clone());
+        let changed = self.with(|c| upsert(&mut c.policies, key, p));
         if changed {
             self.changed.notify_one();
         }

@@ -58,7 +58,7 @@ pub fn handle(ctx: &TcContext) -> Outcome {
         }),
         _ => None,
     };
-    if let Some(conn) = conn {
+    if let Some(conn) = conn.filter(|_| policy::enabled(cfg)) {
         let ends = Ends {
             src_local: false,
             dst_local: true,

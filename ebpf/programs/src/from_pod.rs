@@ -58,7 +58,7 @@ fn ipv4(ctx: &TcContext, ifindex: u32, src_mac: &[u8; 6]) -> Outcome {
         return drop(reason::DROP_SPOOFED_MAC);
     }
     let action = decide(ctx, cfg, &ip, me);
-    if action.judged_here() {
+    if action.judged_here() && policy::enabled(cfg) {
         let ends = Ends {
             src_local: true,
             dst_local: matches!(action, Action::ToPod(_)),

@@ -54,10 +54,17 @@ impl Conn {
     }
 }
 
+/// Whether `NetworkPolicy` is on: callers test it before gathering what [`judge`] needs,
+/// so that with policy off the policy point costs this test alone.
+#[inline(always)]
+pub fn enabled(cfg: &NodeConfig) -> bool {
+    cfg.flags & config_flags::NETWORK_POLICY != 0
+}
+
 /// `None`: the packet may go on; `Some(reason)`: drop it, counted under `reason`.
 #[inline(always)]
 pub fn judge(cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option<u16> {
-    if cfg.flags & config_flags::NETWORK_POLICY == 0 {
+    if !enabled(cfg) {
         return None;
     }
     // A pod and its own node always talk (kubelet probes, node-local agents).

@@ -6,7 +6,7 @@
 
 use aya_ebpf::programs::TcContext;
 use network_types::eth::EthHdr;
-use vpc_ebpf_common::{counters::reason, nat::NatKey, node::config_flags};
+use vpc_ebpf_common::{counters::reason, nat::NatKey};
 
 use crate::{
     from_pod::config,
@@ -22,7 +22,7 @@ pub fn handle(ctx: &TcContext) -> Outcome {
     let Some(cfg) = config() else {
         return pass(reason::PASS_NOT_CONFIGURED);
     };
-    if cfg.flags & config_flags::NETWORK_POLICY == 0 {
+    if !policy::enabled(cfg) {
         return pass(reason::PASS_TO_VPC);
     }
     packet::pull_headers(ctx);

@@ -53,10 +53,11 @@ pub fn handle(ctx: &TcContext) -> Outcome {
     // another node, the internet, or a pod of this node through a Service whose backend
     // is this pod, judged as that pod's egress too), unless it answers a connection the
     // pod itself sent into the host stack.
-    let answers_pod = ports.is_some_and(|p| {
-        !ip.fragment && kflow::touch(&NatKey::pod_port(ip.dst, p.dst, ip.proto), &p)
-    });
-    if !answers_pod {
+    let unjudged = !policy::enabled(cfg)
+        || ports.is_some_and(|p| {
+            !ip.fragment && kflow::touch(&NatKey::pod_port(ip.dst, p.dst, ip.proto), &p)
+        });
+    if !unjudged {
         let ends = Ends {
             // SAFETY: read-only access to a map value.
             src_local: unsafe { VPC_ENDPOINTS.get(ip.src) }.is_some(),
