@@ -40,6 +40,10 @@ pub struct Config {
     pub network_policy: bool,
     /// NETWORK_POLICY_ENFORCING_MODE: what a pod whose policies are not known yet gets.
     pub policy_mode: crate::policy::engine::EnforcingMode,
+    /// ENABLE_POLICY_EVENT_LOGS: log policy verdicts (denials at info, admissions at
+    /// debug), as aws-node's network policy agent's `enable-policy-event-logs`. The
+    /// counters and `vpc-ebpf-agent flows` have them either way.
+    pub policy_event_logs: bool,
     pub exclude_snat_cidrs: Vec<Ipv4Net>,
     /// VPC_EBPF_SNAT_PORT_RANGE: source ports SNAT may use on the node address; the
     /// node's own ephemeral range (`net.ipv4.ip_local_port_range`) is skipped inside it.
@@ -146,7 +150,6 @@ impl Reader<'_> {
         }
     }
 
-    /// A boolean of VPC CNI's: Go's `strconv.ParseBool`, the default otherwise.
     /// NETWORK_POLICY_ENFORCING_MODE: `standard` or `strict`, as aws-node.
     fn policy_mode(&mut self) -> crate::policy::engine::EnforcingMode {
         use crate::policy::engine::EnforcingMode;
@@ -160,6 +163,7 @@ impl Reader<'_> {
         })
     }
 
+    /// A boolean of VPC CNI's: Go's `strconv.ParseBool`, the default otherwise.
     fn cni_flag(&mut self, key: &str, default: bool) -> bool {
         let Some(v) = self.raw(key) else {
             return default;
@@ -455,6 +459,7 @@ impl Config {
             external_snat: r.cni_flag("AWS_VPC_K8S_CNI_EXTERNALSNAT", false),
             network_policy: r.cni_flag("ENABLE_NETWORK_POLICY", false),
             policy_mode: r.policy_mode(),
+            policy_event_logs: r.cni_flag("ENABLE_POLICY_EVENT_LOGS", false),
             exclude_snat_cidrs,
             snat_ports: r.port_range("VPC_EBPF_SNAT_PORT_RANGE", DEFAULT_SNAT_PORTS),
             veth_prefix,
@@ -523,6 +528,7 @@ impl Config {
             "AWS_VPC_K8S_CNI_EXTERNALSNAT": self.external_snat,
             "ENABLE_NETWORK_POLICY": self.network_policy,
             "NETWORK_POLICY_ENFORCING_MODE": self.policy_mode.as_str(),
+            "ENABLE_POLICY_EVENT_LOGS": self.policy_event_logs,
             "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS": self.exclude_snat_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "VPC_EBPF_SNAT_PORT_RANGE": format!("{}-{}", self.snat_ports.0, self.snat_ports.1),
             "AWS_VPC_K8S_CNI_VETHPREFIX": self.veth_prefix,

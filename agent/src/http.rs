@@ -1,12 +1,17 @@
 //! The agent's two local HTTP endpoints: Prometheus metrics (`/metrics`, default
 //! 127.0.0.1:61678) and read-only introspection JSON (default 127.0.0.1:61679: `/v1/enis`,
-//! `/v1/assignments`, `/v1/endpoints`, `/v1/config`). Both are GET-only and bound to loopback by default,
-//! as aws-node's are.
+//! `/v1/assignments`, `/v1/endpoints`, `/v1/config`, and the policy flow log
+//! `/v1/flows`). Both are GET-only and bound to loopback by default, as aws-node's are.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
-use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
+use futures_util::StreamExt as _;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Frame},
+    service::service_fn,
+};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::watch};
@@ -16,6 +21,7 @@ use crate::{
     clock::now_ms,
     ipam::{reconciler::refresh_gauges, store::AddrState},
     node::{Node, Settings},
+    policy::flows::Filter,
     rpc::Services,
 };
 
@@ -29,8 +35,10 @@ pub struct Context {
     pub node: watch::Receiver<Option<(Node, Settings)>>,
 }
 
-fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+type Body = BoxBody<Bytes, Infallible>;
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
     *r.status_mut() = status;
     if let Ok(v) = content_type.parse() {
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
@@ -38,7 +46,7 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
     r
 }
 
-fn json_reply(v: &Value) -> Response<Full<Bytes>> {
+fn json_reply(v: &Value) -> Response<Body> {
     reply(
         StatusCode::OK,
         "application/json",
@@ -46,7 +54,7 @@ fn json_reply(v: &Value) -> Response<Full<Bytes>> {
     )
 }
 
-async fn metrics(ctx: &Context) -> Response<Full<Bytes>> {
+async fn metrics(ctx: &Context) -> Response<Body> {
     let s = &ctx.services;
     let node = ctx.node.borrow().clone();
     if let Some((node, settings)) = node {
@@ -160,11 +168,92 @@ fn endpoints(ctx: &Context) -> Value {
     json!({ "endpoints": ctx.services.endpoints.all() })
 }
 
+/// `/v1/flows`: the policy flow log as JSON lines, the last `last` (default 100)
+/// records matching `namespace`, `pod` and `verdict`; with `follow=true`, then every new
+/// one as it comes, until the client goes. A viewer that falls behind gets a
+/// `{"skipped": n}` line.
+fn flows(ctx: &Context, query: &str) -> Response<Body> {
+    let Some(engine) = ctx.services.policy.get() else {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "NetworkPolicy is not enforced on this node (ENABLE_NETWORK_POLICY is not true, \
+             or its policies are not watched yet): there is no flow log\n"
+                .into(),
+        );
+    };
+    let pairs = || query.split('&').filter_map(|kv| kv.split_once('='));
+    let filter = match Filter::from_pairs(pairs()) {
+        Ok(f) => f,
+        Err(e) => return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+    };
+    let mut last = 100;
+    let mut follow = false;
+    for (k, v) in pairs() {
+        match k {
+            "last" => match v.parse() {
+                Ok(n) => last = n,
+                Err(_) => {
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        "text/plain",
+                        format!("last={v:?}: expected a number of records\n"),
+                    );
+                }
+            },
+            "follow" => follow = matches!(v, "true" | "1"),
+            _ => {}
+        }
+    }
+    let hub = engine.flows();
+    // Subscribed before the past is read, so that nothing falls between the two.
+    let live = follow.then(|| hub.subscribe());
+    let past: Vec<Bytes> = hub
+        .recent(&filter, last)
+        .iter()
+        .map(|r| json_line(&**r))
+        .collect();
+    let past = futures_util::stream::iter(past);
+    let body: Body = match live {
+        None => BodyExt::boxed(StreamBody::new(past.map(|b| Ok(Frame::data(b))))),
+        Some(rx) => {
+            let live = futures_util::stream::unfold((rx, filter), |(mut rx, filter)| async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(r) if filter.matches(&r) => {
+                            return Some((json_line(&*r), (rx, filter)));
+                        }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            return Some((json_line(&json!({ "skipped": n })), (rx, filter)));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            });
+            BodyExt::boxed(StreamBody::new(
+                past.chain(live).map(|b| Ok(Frame::data(b))),
+            ))
+        }
+    };
+    let mut r = Response::new(body);
+    if let Ok(v) = "application/x-ndjson".parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn json_line<T: serde::Serialize + ?Sized>(v: &T) -> Bytes {
+    let mut line = serde_json::to_vec(v).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
 async fn route(
     ctx: Context,
     req: Request<hyper::body::Incoming>,
     metrics_port: bool,
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     if req.method() != Method::GET {
         return reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -178,6 +267,7 @@ async fn route(
         (false, "/v1/assignments") => json_reply(&assignments(&ctx).await),
         (false, "/v1/config") => json_reply(&ctx.config),
         (false, "/v1/endpoints") => json_reply(&endpoints(&ctx)),
+        (false, "/v1/flows") => flows(&ctx, req.uri().query().unwrap_or("")),
         (_, path) => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -185,7 +275,7 @@ async fn route(
                 format!("{path}: not found; try /metrics\n")
             } else {
                 format!(
-                    "{path}: not found; try /v1/enis, /v1/assignments, /v1/endpoints or /v1/config\n"
+                    "{path}: not found; try /v1/enis, /v1/assignments, /v1/endpoints, /v1/config or /v1/flows\n"
                 )
             },
         ),

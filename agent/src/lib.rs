@@ -21,6 +21,7 @@ pub mod cni_config;
 pub mod config;
 pub mod dataplane;
 pub mod endpoints;
+pub mod flows_client;
 pub mod host;
 pub mod http;
 pub mod install;

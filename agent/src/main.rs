@@ -16,14 +16,16 @@ use tracing_subscriber::EnvFilter;
 use vpc_ebpf_agent::{
     cni_config,
     config::Config,
-    dataplane::{owner, settings},
+    dataplane::{events::PolicyEvents, owner, settings},
     endpoints::{self, Registry},
+    flows_client,
     host::Host,
     http, install,
     ipam::{Ipam, ec2_merge, reconciler},
     k8s,
     metrics::Metrics,
     node::{self, Node, Settings},
+    policy::flow_log,
     probe, restart,
     rpc::{Backend, Services},
 };
@@ -32,7 +34,9 @@ use vpc_ebpf_rpc::{report::Chain, server, v1::cni_backend_server::CniBackendServ
 const USAGE: &str = "usage: vpc-ebpf-agent                     run the agent (configured by its environment)
        vpc-ebpf-agent probe live|ready       the kubelet's health checks, through the agent's socket
        vpc-ebpf-agent install-cni PLUGIN BIN_DIR
-                                             install the plugin and the kernel settings (init container)";
+                                             install the plugin and the kernel settings (init container)
+       vpc-ebpf-agent flows [-f] [-n NS] [--pod NAME] [--verdict allow|deny|revoke]
+                                             the node's NetworkPolicy verdicts (flows --help)";
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,6 +44,7 @@ fn main() -> std::process::ExitCode {
         None => {}
         Some("probe") => return probe(&args[1..]),
         Some("install-cni") => return install_cni(&args[1..]),
+        Some("flows") => return flows(&args[1..]),
         Some(_) => {
             eprintln!("{USAGE}");
             return std::process::ExitCode::from(2);
@@ -102,6 +107,30 @@ fn probe(args: &[String]) -> std::process::ExitCode {
         Ok(rt) => std::process::ExitCode::from(rt.block_on(probe::run(socket.as_ref(), ready))),
         Err(e) => {
             eprintln!("probe: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn flows(args: &[String]) -> std::process::ExitCode {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{}", flows_client::USAGE);
+        return std::process::ExitCode::SUCCESS;
+    }
+    let args = match flows_client::parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("flows: {e}\n{}", flows_client::USAGE);
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    match rt {
+        Ok(rt) => std::process::ExitCode::from(rt.block_on(flows_client::run(&args))),
+        Err(e) => {
+            eprintln!("flows: {e}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -173,7 +202,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut dataplane_thread = None;
     if config.dataplane {
-        let (dp, thread) =
+        let (dp, thread, policy_events) =
             load_dataplane(&config, &node, &ipam, &registry, &host, &metrics).await?;
         tasks.push(tokio::spawn(owner::follow_enis(
             dp.clone(),
@@ -185,7 +214,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 &config,
                 k8s.kube.as_ref(),
                 &services,
-                &dp,
+                (&dp, policy_events),
                 &stop,
             ));
         }
@@ -278,7 +307,7 @@ fn start_policy(
     config: &Config,
     kube: Option<&k8s::Kube>,
     services: &Services,
-    dp: &owner::DataplaneHandle,
+    (dp, events): (&owner::DataplaneHandle, PolicyEvents),
     stop: &watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let Some(kube) = kube else {
@@ -290,11 +319,19 @@ fn start_policy(
         dp.clone(),
         config.policy_mode,
     );
-    let tasks = k8s::policy_watch::start(&kube.watch_client, &engine, stop);
+    let mut tasks = k8s::policy_watch::start(&kube.watch_client, &engine, stop);
+    tasks.push(tokio::spawn(flow_log::run(
+        events,
+        engine.clone(),
+        services.metrics.clone(),
+        config.policy_event_logs,
+        stop.clone(),
+    )));
     let _ = services.policy.set(engine);
     info!(
         mode = config.policy_mode.as_str(),
-        "NetworkPolicy is enforced"
+        event_logs = config.policy_event_logs,
+        "NetworkPolicy is enforced; `vpc-ebpf-agent flows` shows its verdicts"
     );
     tasks
 }
@@ -307,9 +344,17 @@ async fn load_dataplane(
     registry: &Registry,
     host: &Host,
     metrics: &Arc<Metrics>,
-) -> anyhow::Result<(owner::DataplaneHandle, std::thread::JoinHandle<()>)> {
+) -> anyhow::Result<(
+    owner::DataplaneHandle,
+    std::thread::JoinHandle<()>,
+    PolicyEvents,
+)> {
     ipam.set_not_ready("loading the eBPF dataplane");
-    let (dp, thread) = restart::start_dataplane(config, node, ipam, metrics.clone()).await?;
+    let restart::Started {
+        handle: dp,
+        thread,
+        policy_events,
+    } = restart::start_dataplane(config, node, ipam, metrics.clone()).await?;
     let adopted = restart::adopt_dataplane(&dp, ipam, registry, host).await?;
     info!(
         programmed = adopted.programmed,
@@ -318,7 +363,7 @@ async fn load_dataplane(
         unknown = adopted.unknown,
         "dataplane ready"
     );
-    Ok((dp, thread))
+    Ok((dp, thread, policy_events))
 }
 
 /// A node identity read from IMDS/EC2 after start (the first one, or one that changed: a

@@ -39,6 +39,15 @@ pub struct PacketLabels {
     pub reason: String,
 }
 
+/// A NetworkPolicy verdict, attributed to a policy (see `policy::flows`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub namespace: String,
+    pub policy: String,
+    pub direction: String,
+    pub verdict: String,
+}
+
 type HistogramFamily = Family<ApiLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -67,6 +76,8 @@ pub struct Metrics {
     pub leaked_enis_deleted: Counter,
     pub growth_blocked: Family<ReasonLabels, Gauge>,
     pub packets: Family<PacketLabels, Counter<u64, AtomicU64>>,
+    pub policy_verdicts: Family<PolicyLabels, Counter>,
+    pub policy_events_lost: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -105,6 +116,8 @@ impl Metrics {
             leaked_enis_deleted: Counter::default(),
             growth_blocked: Family::default(),
             packets: Family::default(),
+            policy_verdicts: Family::default(),
+            policy_events_lost: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -192,6 +205,18 @@ impl Metrics {
             "dataplane_packets",
             "Packets seen by the eBPF programs, by direction and verdict reason",
             m.packets.clone(),
+        );
+        registry.register(
+            "policy_verdicts",
+            "NetworkPolicy verdicts by policy: new connections a policy admitted, and packets \
+             and connections denied while a policy isolated the pod without admitting them",
+            m.policy_verdicts.clone(),
+        );
+        registry.register(
+            "policy_events_lost",
+            "Policy verdicts the flow log missed because its buffer was full (counters and \
+             logs undercount by this much)",
+            m.policy_events_lost.clone(),
         );
         Self { registry, ..m }
     }

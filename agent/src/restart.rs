@@ -438,7 +438,7 @@ pub async fn start_dataplane(
     node: &Node,
     ipam: &Ipam,
     metrics: Arc<Metrics>,
-) -> Result<(DataplaneHandle, std::thread::JoinHandle<()>), StartError> {
+) -> Result<Started, StartError> {
     let settings: NodeSettings =
         settings::node_settings(config, node, settings::host_ephemeral_ports())
             .map_err(StartError::Snat)?;
@@ -448,7 +448,7 @@ pub async fn start_dataplane(
         nat_max_entries: config.nat_max_entries,
     };
     // Loading programs takes a few hundred milliseconds of syscalls: off the workers.
-    let dp = tokio::task::spawn_blocking(move || Dataplane::load(&dp_config))
+    let mut dp = tokio::task::spawn_blocking(move || Dataplane::load(&dp_config))
         .await
         .map_err(|_| StartError::Dataplane(Box::new(DataplaneError::Stopped)))?
         .map_err(|e| StartError::Dataplane(Box::new(e)))?;
@@ -456,6 +456,9 @@ pub async fn start_dataplane(
         warn!(maps = ?dp.replaced_maps(), "pinned maps were re-created empty; re-programming every endpoint");
     }
     enable_ip_forward()?;
+    let policy_events = dp
+        .take_policy_events()
+        .map_err(|e| StartError::Dataplane(Box::new(e)))?;
     let (handle, thread) = owner::spawn(dp, node.gateway(), metrics).map_err(StartError::Thread)?;
     handle
         .set_node(settings)
@@ -467,7 +470,19 @@ pub async fn start_dataplane(
         .await
         .map_err(|e| StartError::Dataplane(Box::new(e)))?;
     info!(enis = programmed, "dataplane loaded");
-    Ok((handle, thread))
+    Ok(Started {
+        handle,
+        thread,
+        policy_events,
+    })
+}
+
+/// A loaded dataplane: its owner, the owner's thread, and the policy events' reader.
+#[derive(Debug)]
+pub struct Started {
+    pub handle: DataplaneHandle,
+    pub thread: std::thread::JoinHandle<()>,
+    pub policy_events: crate::dataplane::events::PolicyEvents,
 }
 
 /// What the programs hand to the kernel (Service traffic kube-proxy DNATs to another

@@ -92,6 +92,7 @@ fn pinned_maps_of_another_layout_are_re_created_not_reused() {
     pin_raw_map(&dir.join(maps::ENIS), HASH, 4, 20, 8); // fixed size
     pin_raw_map(&dir.join(maps::CONFIG), HASH, 8, 16, 1); // type and key size
     pin_raw_map(&dir.join(maps::NAT), LRU_HASH, 16, 24, 100); // only sized otherwise
+    pin_raw_map(&dir.join(maps::POLICY_REVISION), ARRAY, 4, 8, 1); // fixed size
     let nat_id = info(&pins, maps::NAT).id();
 
     let ns = NetNs::new("layout");
@@ -102,7 +103,13 @@ fn pinned_maps_of_another_layout_are_re_created_not_reused() {
         let mut dp = Dataplane::load(&pins.config(None)).expect("load over foreign pins");
         let mut replaced = dp.replaced_maps().to_vec();
         replaced.sort_unstable();
-        let mut want = vec![maps::CONFIG, maps::ENDPOINTS, maps::ENIS, maps::HOSTPORTS];
+        let mut want = vec![
+            maps::CONFIG,
+            maps::ENDPOINTS,
+            maps::ENIS,
+            maps::HOSTPORTS,
+            maps::POLICY_REVISION,
+        ];
         want.sort_unstable();
         assert_eq!(replaced, want);
         assert_eq!(info(&pins, maps::ENDPOINTS).value_size(), 28);

@@ -11,7 +11,7 @@ use std::{
 };
 
 use serde_json::Value;
-use vpc_ebpf_tests::cluster::{Cluster, pod_ip};
+use vpc_ebpf_tests::cluster::{Cluster, name, pod_ip};
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const PODS: [&str; 3] = ["a", "b", "c"];
@@ -182,6 +182,7 @@ fn network_policies_follow_the_upstream_e2e_truth_tables() {
     relabelling(&c, &t);
     services(&c);
     first_packet(&c, &t);
+    flow_log(&c, &t);
     // Before the restart: the agents' logs go with their pods.
     report_apply_times(&c);
     agents_restart(&c, &t);
@@ -553,6 +554,140 @@ spec:
     }
     eprintln!(
         "np: a new pod's first connections are judged (admitted one passes, denied one does not), on both nodes"
+    );
+}
+
+/// The flow log, as a user reads it on the node of a denied pod: `vpc-ebpf-agent flows`
+/// in the agent's container (past records and the live feed) names both pods and the
+/// policy, and the agent's metrics count the verdicts per policy.
+fn flow_log(c: &Cluster, t: &Topology) {
+    for ns in NAMESPACES {
+        c.kubectl(&["-n", ns, "delete", "networkpolicy", "--all", "--wait=true"]);
+    }
+    c.apply(&np(
+        "y",
+        "only-a",
+        "{podSelector: {matchLabels: {pod: b}}, ingress: [{from: [{podSelector: {matchLabels: {pod: a}}}]}]}",
+    ));
+    let target = [format!("{}:8080", t.ips[&(Y, B)])];
+    let t0 = Instant::now();
+    while reaches(c, (X, A), &target) != [false] || reaches(c, (Y, A), &target) != [true] {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "only-a never applied"
+        );
+    }
+    // The agent on y/b's node.
+    let node = c.kubectl_json(&["-n", "y", "get", "pod", "b"])["spec"]["nodeName"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let n = 1 + c.node_names().iter().position(|x| *x == node).unwrap();
+    let agent = c
+        .pods("kube-system", "app.kubernetes.io/name=vpc-ebpf")
+        .into_iter()
+        .find(|p| p["spec"]["nodeName"] == node.as_str())
+        .map(|p| name(&p).to_owned())
+        .expect("an agent on y/b's node");
+    let flows = |args: &[&str]| {
+        let mut argv = vec!["-n", "kube-system", "exec", &agent, "-c", "vpc-ebpf", "--"];
+        argv.extend(["vpc-ebpf-agent", "flows"]);
+        argv.extend(args);
+        c.kubectl(&argv)
+    };
+    let records: Vec<Value> = flows(&["-n", "y", "--pod", "b", "--last", "1000", "-o", "json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect();
+    let find = |verdict: &str, src: &str| {
+        records.iter().find(|r| {
+            r["verdict"] == verdict
+                && format!(
+                    "{}/{}",
+                    r["src"]["namespace"].as_str().unwrap_or(""),
+                    r["src"]["pod"].as_str().unwrap_or("")
+                ) == src
+                && r["dst"]["namespace"] == "y"
+                && r["dst"]["pod"] == "b"
+                && r["dst"]["port"] == 8080
+        })
+    };
+    let denied =
+        find("deny", "x/a").unwrap_or_else(|| panic!("no denial of x/a → y/b in {records:#?}"));
+    assert_eq!(denied["judged"][0]["direction"], "ingress");
+    assert_eq!(
+        denied["judged"][0]["policies"],
+        serde_json::json!(["y/only-a"])
+    );
+    let admitted =
+        find("allow", "y/a").unwrap_or_else(|| panic!("no admission of y/a → y/b in {records:#?}"));
+    assert_eq!(
+        admitted["judged"][0]["policies"],
+        serde_json::json!(["y/only-a"])
+    );
+    let text = flows(&["-n", "y", "--verdict", "deny", "--last", "1"]);
+    assert!(
+        text.contains("DENY")
+            && text.contains("x/a ")
+            && text.contains("y/b ")
+            && text.contains("by y/only-a"),
+        "{text}"
+    );
+    // The live feed: a viewer waiting for the next denial sees it as it happens.
+    std::thread::scope(|s| {
+        let viewer = s.spawn(|| {
+            flows(&[
+                "-f",
+                "--last",
+                "0",
+                "--verdict",
+                "deny",
+                "-n",
+                "x",
+                "--pod",
+                "c",
+                "--count",
+                "1",
+                "-o",
+                "json",
+            ])
+        });
+        let t0 = Instant::now();
+        while !viewer.is_finished() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the live view showed nothing"
+            );
+            let _ = reaches(c, (X, C), &target);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let line = viewer.join().unwrap();
+        let r: Value = serde_json::from_str(line.trim()).expect("a JSON record");
+        assert_eq!(
+            (r["src"]["pod"].as_str(), r["verdict"].as_str()),
+            (Some("c"), Some("deny")),
+            "{line}"
+        );
+    });
+    let metrics = c
+        .agent_get(u32::try_from(n).unwrap(), 61678, "/metrics")
+        .expect("the agent's metrics");
+    let count = |verdict: &str| {
+        let series = format!(
+            "vpc_ebpf_policy_verdicts_total{{namespace=\"y\",policy=\"only-a\",direction=\"ingress\",verdict=\"{verdict}\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("deny") >= 1 && count("allow") >= 1, "{metrics}");
+    eprintln!(
+        "np: flow log: {} records for y/b, a denial named x/a → y/b by y/only-a; live view saw x/c's; metrics: {} denied, {} admitted under y/only-a",
+        records.len(),
+        count("deny"),
+        count("allow")
     );
 }
 

@@ -16,6 +16,7 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
              cargo xtask bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE]\n       \
              cargo xtask bench ipam [--modes secondary|prefix|both] [--pods N] [--restarts N] [--json FILE]\n       \
              cargo xtask bench progcost [--runs N] [--object FILE] [--json FILE] [--policy]\n       \
+             cargo xtask bench policy-scale [--pods N] [--namespaces N] [--local N] [--changes N] [--json FILE]\n       \
              cargo xtask bench pods [--pods N] [--rounds N] [--json FILE]"
         );
     };
@@ -47,6 +48,17 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
         "dataplane" => dataplane(&args[1..]),
         "pods" => pods(&args[1..]),
         "ipam" => ipam(&args[1..]),
+        "policy-scale" => {
+            deps::ensure_system_packages(&[("ip", "iproute2")])?;
+            deps::ensure_ebpf_toolchain()?;
+            crate::ebpf::build(true)?;
+            run(Command::new(cargo())
+                .args(["build", "--release", "-p", "vpc-ebpf-bench"])
+                .current_dir(root()))?;
+            run(Command::new(target_dir()?.join("release/vpc-ebpf-bench"))
+                .arg("policy-scale")
+                .args(&args[1..]))
+        }
         "progcost" => {
             deps::ensure_system_packages(&[("ip", "iproute2")])?;
             deps::ensure_ebpf_toolchain()?;

@@ -20,6 +20,10 @@ use vpc_ebpf_common::{
         CIDRS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, ENIS_MAX_ENTRIES, Endpoint, Eni, Ipv4Prefix,
         NodeConfig,
     },
+    policy::{
+        EVENTS_BYTES, FLOWS_DEFAULT_MAX_ENTRIES, FlowKey, FlowState, POLICED_MAX_ENTRIES,
+        PolicedPod, PortRules, RULES_MAX_ENTRIES, RulePeer,
+    },
 };
 
 use super::DataplaneError;
@@ -58,7 +62,8 @@ const fn layout(map_type: MapType, key: u32, value: u32, max: Option<u32>, flags
 /// Every pinned map of the object, as `ebpf/programs/src/{maps,counters}.rs` define them.
 /// A root test loads the object into an empty pin directory and checks this table
 /// against what the kernel created, so the two cannot drift apart unnoticed.
-pub fn expected() -> [(&'static str, Layout); 11] {
+#[expect(clippy::too_many_lines, reason = "one entry per map, a table")]
+pub fn expected() -> [(&'static str, Layout); 17] {
     let cidrs = layout(
         MapType::LpmTrie,
         size::<Ipv4Prefix>(),
@@ -143,6 +148,49 @@ pub fn expected() -> [(&'static str, Layout); 11] {
                 None,
                 0,
             ),
+        ),
+        (
+            names::POLICED,
+            layout(
+                MapType::Hash,
+                size::<u32>(),
+                size::<PolicedPod>(),
+                Some(POLICED_MAX_ENTRIES),
+                0,
+            ),
+        ),
+        (
+            names::POLICY_RULES,
+            layout(
+                MapType::LpmTrie,
+                // The trie's key: the prefix length, then the data.
+                4 + size::<RulePeer>(),
+                size::<PortRules>(),
+                Some(RULES_MAX_ENTRIES),
+                NO_PREALLOC,
+            ),
+        ),
+        (
+            names::POLICY_FLOWS,
+            layout(
+                MapType::LruHash,
+                size::<FlowKey>(),
+                size::<FlowState>(),
+                Some(FLOWS_DEFAULT_MAX_ENTRIES),
+                0,
+            ),
+        ),
+        (
+            names::POLICY_REVISION,
+            layout(MapType::Array, 4, size::<u64>(), Some(2), 0),
+        ),
+        (
+            names::POLICY_EVENTS,
+            layout(MapType::RingBuf, 0, 0, Some(EVENTS_BYTES), 0),
+        ),
+        (
+            names::POLICY_EVENTS_LOST,
+            layout(MapType::PerCpuArray, 4, size::<u64>(), Some(1), 0),
         ),
     ]
 }

@@ -14,6 +14,7 @@ mod bpffs;
 mod conntrack;
 mod counters;
 mod error;
+pub mod events;
 mod layout;
 mod maps;
 pub mod owner;
@@ -279,6 +280,11 @@ impl Dataplane {
     /// (monotonic ns; 0 closes it).
     pub fn set_mid_stream_until(&mut self, until_ns: u64) -> Result<(), DataplaneError> {
         policy_maps::set_mid_stream_until(&mut self.ebpf, until_ns)
+    }
+
+    /// The policy events' ring buffer, for one reader; `MissingMap` when taken already.
+    pub fn take_policy_events(&mut self) -> Result<events::PolicyEvents, DataplaneError> {
+        events::PolicyEvents::take(&mut self.ebpf)
     }
 
     /// What the policy maps enforce now.

@@ -16,8 +16,12 @@ use vpc_ebpf_rpc::report::Chain;
 
 /// What a watch reports.
 pub trait Sink<K>: Send + 'static {
+    /// What a (re)list keeps of each object until the list is complete: a big cluster's
+    /// pods are reduced as they arrive, never all held whole at once.
+    type Kept: Send;
+    fn keep(&self, k: K) -> Self::Kept;
     /// Everything that exists, after a (re)list.
-    fn listed(&mut self, all: Vec<K>);
+    fn listed(&mut self, all: Vec<Self::Kept>);
     fn applied(&mut self, k: K);
     fn deleted(&mut self, k: &K);
 }
@@ -43,7 +47,7 @@ pub async fn follow<K, S>(
     let Names { what, meanwhile } = names;
     let stream = watcher(api, config).default_backoff();
     tokio::pin!(stream);
-    let mut buffer: Vec<K> = Vec::new();
+    let mut buffer: Vec<S::Kept> = Vec::new();
     let mut failing_since: Option<tokio::time::Instant> = None;
     loop {
         let next = tokio::select! {
@@ -64,7 +68,7 @@ pub async fn follow<K, S>(
                 }
                 match ev {
                     watcher::Event::Init => buffer.clear(),
-                    watcher::Event::InitApply(k) => buffer.push(k),
+                    watcher::Event::InitApply(k) => buffer.push(sink.keep(k)),
                     watcher::Event::InitDone => {
                         let n = buffer.len();
                         sink.listed(std::mem::take(&mut buffer));

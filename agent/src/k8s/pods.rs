@@ -134,6 +134,11 @@ struct NodePods {
 }
 
 impl Sink<Pod> for NodePods {
+    type Kept = Pod;
+    fn keep(&self, p: Pod) -> Pod {
+        p
+    }
+
     fn listed(&mut self, all: Vec<Pod>) {
         self.cache.replace(&all, &self.registry);
     }

@@ -59,8 +59,12 @@ fn policy(np: &NetworkPolicy) -> Policy {
 
 struct Pods(Arc<Engine>);
 impl Sink<Pod> for Pods {
-    fn listed(&mut self, all: Vec<Pod>) {
-        self.0.pods_listed(all.iter().map(pod_view).collect());
+    type Kept = PodView;
+    fn keep(&self, p: Pod) -> PodView {
+        pod_view(&p)
+    }
+    fn listed(&mut self, all: Vec<PodView>) {
+        self.0.pods_listed(all);
     }
     fn applied(&mut self, k: Pod) {
         self.0.pod_applied(pod_view(&k));
@@ -73,12 +77,13 @@ impl Sink<Pod> for Pods {
 
 struct Namespaces(Arc<Engine>);
 impl Sink<Namespace> for Namespaces {
-    fn listed(&mut self, all: Vec<Namespace>) {
-        self.0.namespaces_listed(
-            all.into_iter()
-                .filter_map(|n| Some((n.metadata.name?, n.metadata.labels.unwrap_or_default())))
-                .collect::<BTreeMap<_, _>>(),
-        );
+    type Kept = Option<(String, BTreeMap<String, String>)>;
+    fn keep(&self, n: Namespace) -> Self::Kept {
+        Some((n.metadata.name?, n.metadata.labels.unwrap_or_default()))
+    }
+    fn listed(&mut self, all: Vec<Self::Kept>) {
+        self.0
+            .namespaces_listed(all.into_iter().flatten().collect::<BTreeMap<_, _>>());
     }
     fn applied(&mut self, n: Namespace) {
         if let Some(name) = n.metadata.name {
@@ -95,8 +100,12 @@ impl Sink<Namespace> for Namespaces {
 
 struct Policies(Arc<Engine>);
 impl Sink<NetworkPolicy> for Policies {
-    fn listed(&mut self, all: Vec<NetworkPolicy>) {
-        self.0.policies_listed(all.iter().map(policy).collect());
+    type Kept = Policy;
+    fn keep(&self, k: NetworkPolicy) -> Policy {
+        policy(&k)
+    }
+    fn listed(&mut self, all: Vec<Policy>) {
+        self.0.policies_listed(all);
     }
     fn applied(&mut self, k: NetworkPolicy) {
         self.0.policy_applied(policy(&k));

@@ -2,7 +2,10 @@
 //! the programs look them up (an LPM trie of peer prefixes to port ranges per direction).
 //! Pure: table-tested here, applied to the maps by [`super::apply`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
 
 use ipnet::Ipv4Net;
 use vpc_ebpf_common::policy::{PORT_RANGES_MAX, PortRange};
@@ -29,13 +32,196 @@ pub struct Truncated {
     pub ranges: usize,
 }
 
-/// The cluster as policy sees it.
+type Key = (String, String);
+
+/// The cluster as policy sees it, indexed so that compiling a pod looks at its own
+/// namespace's policies and at the pods its peers can select, not at the whole cluster
+/// (a big cluster has 150k pods and 10k policies; a node compiles its ~100 pods at every
+/// change).
 #[derive(Clone, Debug, Default)]
 pub struct World {
-    pub policies: Vec<Policy>,
-    pub pods: Vec<PodView>,
+    /// Namespace → name → pod.
+    pods: HashMap<String, BTreeMap<String, PodView>>,
+    pod_count: usize,
+    /// Address → the pod holding it (routable pods only).
+    by_ip: HashMap<Ipv4Addr, Key>,
+    /// Namespace → name → policy (in name order, so `PodRules::policies` is too).
+    policies: HashMap<String, BTreeMap<String, Policy>>,
+    policy_count: usize,
     /// Namespace name → labels.
-    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+fn key_of(namespace: &str, name: &str) -> Key {
+    (namespace.to_owned(), name.to_owned())
+}
+
+/// Inserts `v` under `ns`/`name` unless the same value is there; whether anything
+/// changed, and whether it was new.
+fn upsert<V: PartialEq>(
+    m: &mut HashMap<String, BTreeMap<String, V>>,
+    ns: &str,
+    name: &str,
+    v: V,
+) -> (bool, bool) {
+    let names = m.entry(ns.to_owned()).or_default();
+    if names.get(name) == Some(&v) {
+        return (false, false);
+    }
+    let new = names.insert(name.to_owned(), v).is_none();
+    (true, new)
+}
+
+fn remove<V>(m: &mut HashMap<String, BTreeMap<String, V>>, ns: &str, name: &str) -> Option<V> {
+    let names = m.get_mut(ns)?;
+    let v = names.remove(name);
+    if names.is_empty() {
+        m.remove(ns);
+    }
+    v
+}
+
+impl World {
+    // -- keeping it current ------------------------------------------------------------
+
+    /// Adds or replaces a pod; whether anything changed.
+    pub fn upsert_pod(&mut self, p: PodView) -> bool {
+        if self.pod(&p.namespace, &p.name) == Some(&p) {
+            return false;
+        }
+        self.unindex_ip(&p.namespace, &p.name);
+        let key = key_of(&p.namespace, &p.name);
+        if routable(&p)
+            && let Some(ip) = p.ip
+        {
+            self.by_ip.insert(ip, key.clone());
+        }
+        let (_, new) = upsert(&mut self.pods, &key.0, &key.1, p);
+        self.pod_count += usize::from(new);
+        true
+    }
+
+    pub fn remove_pod(&mut self, namespace: &str, name: &str) -> bool {
+        self.unindex_ip(namespace, name);
+        let gone = remove(&mut self.pods, namespace, name).is_some();
+        self.pod_count -= usize::from(gone);
+        gone
+    }
+
+    fn unindex_ip(&mut self, namespace: &str, name: &str) {
+        if let Some(ip) = self.pod(namespace, name).and_then(|p| p.ip)
+            && self
+                .by_ip
+                .get(&ip)
+                .is_some_and(|(ns, n)| ns == namespace && n == name)
+        {
+            self.by_ip.remove(&ip);
+        }
+    }
+
+    pub fn replace_pods(&mut self, pods: impl IntoIterator<Item = PodView>) {
+        self.pods.clear();
+        self.by_ip.clear();
+        self.pod_count = 0;
+        for p in pods {
+            self.upsert_pod(p);
+        }
+    }
+
+    /// Gives a pod the address this node assigned it, before the API server has it.
+    pub fn set_pod_ip(&mut self, namespace: &str, name: &str, ip: Ipv4Addr) {
+        if let Some(p) = self.pod(namespace, name)
+            && p.ip != Some(ip)
+        {
+            let mut p = p.clone();
+            p.ip = Some(ip);
+            self.upsert_pod(p);
+        }
+    }
+
+    pub fn upsert_policy(&mut self, p: Policy) -> bool {
+        let (ns, name) = key_of(&p.namespace, &p.name);
+        let (changed, new) = upsert(&mut self.policies, &ns, &name, p);
+        self.policy_count += usize::from(new);
+        changed
+    }
+
+    pub fn remove_policy(&mut self, namespace: &str, name: &str) -> bool {
+        let gone = remove(&mut self.policies, namespace, name).is_some();
+        self.policy_count -= usize::from(gone);
+        gone
+    }
+
+    pub fn replace_policies(&mut self, policies: impl IntoIterator<Item = Policy>) {
+        self.policies.clear();
+        self.policy_count = 0;
+        for p in policies {
+            self.upsert_policy(p);
+        }
+    }
+
+    pub fn set_namespace(&mut self, name: String, labels: BTreeMap<String, String>) -> bool {
+        self.namespaces.insert(name, labels.clone()) != Some(labels)
+    }
+
+    pub fn remove_namespace(&mut self, name: &str) -> bool {
+        self.namespaces.remove(name).is_some()
+    }
+
+    pub fn replace_namespaces(&mut self, namespaces: BTreeMap<String, BTreeMap<String, String>>) {
+        self.namespaces = namespaces;
+    }
+
+    // -- reading it --------------------------------------------------------------------
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodView> {
+        self.pods.get(namespace)?.get(name)
+    }
+
+    /// The routable pod holding `ip`.
+    pub fn pod_by_ip(&self, ip: Ipv4Addr) -> Option<&PodView> {
+        self.by_ip.get(&ip).and_then(|(ns, n)| self.pod(ns, n))
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &PodView> {
+        self.pods.values().flat_map(BTreeMap::values)
+    }
+
+    pub const fn pod_count(&self) -> usize {
+        self.pod_count
+    }
+
+    pub const fn policy_count(&self) -> usize {
+        self.policy_count
+    }
+
+    fn pods_in(&self, namespace: &str) -> impl Iterator<Item = &PodView> {
+        self.pods
+            .get(namespace)
+            .into_iter()
+            .flat_map(BTreeMap::values)
+    }
+
+    /// The pods a pod peer of `pol` can select: its namespace's, or those of the
+    /// namespaces `namespaces` selects.
+    fn peer_candidates<'a>(
+        &'a self,
+        pol: &'a Policy,
+        namespaces: Option<&'a Selector>,
+    ) -> Box<dyn Iterator<Item = &'a PodView> + 'a> {
+        match namespaces {
+            None => Box::new(self.pods_in(&pol.namespace)),
+            // A namespace not (yet) known has no labels: only an empty selector takes it.
+            Some(sel) => Box::new(
+                self.pods
+                    .iter()
+                    .filter(move |(ns, _)| {
+                        sel.matches(self.namespaces.get(*ns).unwrap_or(&NO_LABELS))
+                    })
+                    .flat_map(|(_, pods)| pods.values()),
+            ),
+        }
+    }
 }
 
 const ANY: PortRange = PortRange {
@@ -62,14 +248,34 @@ impl World {
     /// The rules of `pod` (a pod of this node): the union of the rules of every policy in
     /// its namespace that selects it, per direction.
     pub fn compile(&self, pod: &PodView) -> (PodRules, Vec<Truncated>) {
+        self.compile_by(pod, |_| true)
+    }
+
+    /// The rules one policy alone gives `pod` (so a flow log can say which policies
+    /// admitted a connection).
+    pub fn compile_one(&self, pod: &PodView, namespace: &str, name: &str) -> PodRules {
+        self.compile_by(pod, |p| p.namespace == namespace && p.name == name)
+            .0
+    }
+
+    /// The policies in `pod`'s namespace that select it, by name.
+    pub fn selecting<'a>(&'a self, pod: &'a PodView) -> impl Iterator<Item = &'a Policy> + 'a {
+        self.policies
+            .get(&pod.namespace)
+            .into_iter()
+            .flat_map(BTreeMap::values)
+            .filter(|p| p.selector.matches(&pod.labels))
+    }
+
+    fn compile_by(
+        &self,
+        pod: &PodView,
+        include: impl Fn(&Policy) -> bool,
+    ) -> (PodRules, Vec<Truncated>) {
         let mut out = PodRules::default();
         let mut ingress: Option<Vec<Grant>> = None;
         let mut egress: Option<Vec<Grant>> = None;
-        for pol in self
-            .policies
-            .iter()
-            .filter(|p| p.namespace == pod.namespace && p.selector.matches(&pod.labels))
-        {
+        for pol in self.selecting(pod).filter(|p| include(p)) {
             out.policies.push(format!("{}/{}", pol.namespace, pol.name));
             if let Some(rules) = &pol.ingress {
                 let grants = ingress.get_or_insert_with(Vec::new);
@@ -122,21 +328,37 @@ impl World {
         if !named {
             return;
         }
-        for pod in self.pods.iter().filter(|p| routable(p)) {
+        // Each destination pod once, however many peers name it.
+        let mut seen = BTreeSet::new();
+        let candidates: Box<dyn Iterator<Item = &PodView>> = if r.peers.is_empty() {
+            Box::new(self.pods())
+        } else {
+            Box::new(
+                r.peers
+                    .iter()
+                    .flat_map(|peer| -> Box<dyn Iterator<Item = &PodView>> {
+                        match peer {
+                            Peer::Pods { namespaces, pods } => {
+                                Box::new(self.peer_candidates(pol, namespaces.as_ref()).filter(
+                                    move |p| pods.as_ref().is_none_or(|sel| sel.matches(&p.labels)),
+                                ))
+                            }
+                            Peer::Block { cidr, except } => Box::new(
+                                self.by_ip
+                                    .iter()
+                                    .filter(move |(ip, _)| {
+                                        cidr.contains(*ip)
+                                            && !except.iter().any(|e| e.contains(*ip))
+                                    })
+                                    .filter_map(|(_, (ns, n))| self.pod(ns, n)),
+                            ),
+                        }
+                    }),
+            )
+        };
+        for pod in candidates.filter(|p| routable(p)) {
             let Some(ip) = pod.ip else { continue };
-            let admitted = if r.peers.is_empty() {
-                true
-            } else {
-                r.peers.iter().any(|peer| match peer {
-                    Peer::Pods { namespaces, pods } => {
-                        self.selects(pol, namespaces.as_ref(), pods.as_ref(), pod)
-                    }
-                    Peer::Block { cidr, except } => {
-                        cidr.contains(&ip) && !except.iter().any(|e| e.contains(&ip))
-                    }
-                })
-            };
-            if !admitted {
+            if !seen.insert(ip) {
                 continue;
             }
             let ranges: Vec<_> = r
@@ -166,34 +388,37 @@ impl World {
             match peer {
                 Peer::Block { cidr, except } => nets.push((*cidr, except.clone())),
                 Peer::Pods { namespaces, pods } => nets.extend(
-                    self.pods
-                        .iter()
+                    self.peer_candidates(pol, namespaces.as_ref())
                         .filter(|p| routable(p))
-                        .filter(|p| self.selects(pol, namespaces.as_ref(), pods.as_ref(), p))
+                        .filter(|p| pods.as_ref().is_none_or(|sel| sel.matches(&p.labels)))
                         .filter_map(|p| p.ip.map(|ip| (host(ip), Vec::new()))),
                 ),
             }
         }
         nets
     }
+}
 
-    fn selects(
-        &self,
-        pol: &Policy,
-        namespaces: Option<&Selector>,
-        pods: Option<&Selector>,
-        pod: &PodView,
-    ) -> bool {
-        let ns_ok = match namespaces {
-            None => pod.namespace == pol.namespace,
-            Some(sel) => sel.matches(
-                self.namespaces
-                    .get(&pod.namespace)
-                    .unwrap_or(&BTreeMap::new()),
-            ),
-        };
-        ns_ok && pods.is_none_or(|sel| sel.matches(&pod.labels))
-    }
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
+/// Whether `set` admits a connection with `peer` (`proto`, destination `port`): the
+/// lookup the programs make, longest prefix first.
+pub fn set_admits(set: &RuleSet, peer: std::net::Ipv4Addr, proto: u8, port: Option<u16>) -> bool {
+    (0..=32u8)
+        .rev()
+        .find_map(|len| {
+            let net = Ipv4Net::new(peer, len).ok()?.trunc();
+            set.get(&net)
+        })
+        .is_some_and(|ranges| {
+            let n = ranges.len().min(PORT_RANGES_MAX);
+            let mut rules = vpc_ebpf_common::policy::PortRules {
+                count: u32::try_from(n).unwrap_or(0),
+                ..Default::default()
+            };
+            rules.ranges[..n].copy_from_slice(&ranges[..n]);
+            rules.admits(proto, port)
+        })
 }
 
 /// Pods a policy peer can be: with an address of their own (a hostNetwork pod has its

@@ -8,7 +8,7 @@
 //! policies are known, `strict` denies all of it.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::Ipv4Addr,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
@@ -18,8 +18,12 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 use vpc_ebpf_rpc::report::Chain;
 
+use vpc_ebpf_common::policy::PolicyEvent;
+
 use super::{
     compile::{PodRules, RuleSet, World},
+    flow_log::Hub,
+    flows::{Describer, FlowRecord},
     model::{PodView, Policy},
 };
 use crate::{
@@ -65,14 +69,19 @@ pub mod source {
     pub const ALL: u8 = PODS | NAMESPACES | POLICIES;
 }
 
-type Key = (String, String);
-
 #[derive(Debug, Default)]
 struct Cluster {
-    pods: HashMap<Key, PodView>,
-    namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    policies: HashMap<Key, Policy>,
+    world: World,
     synced: u8,
+    /// Bumped at every change the world takes (the flow log's attribution cache).
+    generation: u64,
+}
+
+impl Cluster {
+    fn changed(&mut self, changed: bool) -> bool {
+        self.generation += u64::from(changed);
+        changed
+    }
 }
 
 pub struct Engine {
@@ -83,6 +92,7 @@ pub struct Engine {
     changed: Notify,
     /// One apply at a time: each computes from the latest state.
     applying: tokio::sync::Mutex<()>,
+    flows: Arc<Hub>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -91,15 +101,6 @@ impl std::fmt::Debug for Engine {
             .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
-}
-
-/// Inserts `v` unless the same value is there; whether anything changed.
-fn upsert<V: PartialEq>(m: &mut HashMap<Key, V>, k: Key, v: V) -> bool {
-    if m.get(&k) == Some(&v) {
-        return false;
-    }
-    m.insert(k, v);
-    true
 }
 
 /// Changes are applied this long after the first of a burst (a Deployment's pods, a
@@ -115,7 +116,27 @@ impl Engine {
             mode,
             changed: Notify::new(),
             applying: tokio::sync::Mutex::new(()),
+            flows: Arc::default(),
         })
+    }
+
+    /// Describes a batch of the programs' verdicts against the cluster as it is now.
+    pub fn describe(
+        &self,
+        describer: &mut Describer,
+        events: impl Iterator<Item = (PolicyEvent, u64)>,
+    ) -> Vec<FlowRecord> {
+        self.with(|c| {
+            describer.set_generation(c.generation);
+            events
+                .map(|(ev, wall_ms)| describer.describe(&c.world, &ev, wall_ms))
+                .collect()
+        })
+    }
+
+    /// The flow log's records.
+    pub fn flows(&self) -> Arc<Hub> {
+        self.flows.clone()
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Cluster) -> T) -> T {
@@ -129,64 +150,72 @@ impl Engine {
     // -- what the watchers report ------------------------------------------------------
 
     pub fn pod_applied(&self, p: PodView) {
-        let key = (p.namespace.clone(), p.name.clone());
-        let changed = self.with(|c| upsert(&mut c.pods, key, p));
-        if changed {
+        if self.with(|c| {
+            let ch = c.world.upsert_pod(p);
+            c.changed(ch)
+        }) {
             self.changed.notify_one();
         }
     }
 
     pub fn pod_deleted(&self, namespace: &str, name: &str) {
-        if self.with(|c| c.pods.remove(&(namespace.into(), name.into())).is_some()) {
+        if self.with(|c| {
+            let ch = c.world.remove_pod(namespace, name);
+            c.changed(ch)
+        }) {
             self.changed.notify_one();
         }
     }
 
     pub fn pods_listed(&self, pods: Vec<PodView>) {
         self.with(|c| {
-            c.pods = pods
-                .into_iter()
-                .map(|p| ((p.namespace.clone(), p.name.clone()), p))
-                .collect();
+            c.world.replace_pods(pods);
             c.synced |= source::PODS;
+            c.changed(true);
         });
         self.changed.notify_one();
     }
 
     pub fn namespace_applied(&self, name: String, labels: BTreeMap<String, String>) {
-        let changed = self.with(|c| c.namespaces.insert(name, labels.clone()) != Some(labels));
-        if changed {
+        if self.with(|c| {
+            let ch = c.world.set_namespace(name, labels);
+            c.changed(ch)
+        }) {
             self.changed.notify_one();
         }
     }
 
     pub fn namespace_deleted(&self, name: &str) {
-        if self.with(|c| c.namespaces.remove(name).is_some()) {
+        if self.with(|c| {
+            let ch = c.world.remove_namespace(name);
+            c.changed(ch)
+        }) {
             self.changed.notify_one();
         }
     }
 
     pub fn namespaces_listed(&self, namespaces: BTreeMap<String, BTreeMap<String, String>>) {
         self.with(|c| {
-            c.namespaces = namespaces;
+            c.world.replace_namespaces(namespaces);
             c.synced |= source::NAMESPACES;
+            c.changed(true);
         });
         self.changed.notify_one();
     }
 
     pub fn policy_applied(&self, p: Policy) {
-        let key = (p.namespace.clone(), p.name.clone());
-        let changed = self.with(|c| upsert(&mut c.policies, key, p));
-        if changed {
+        if self.with(|c| {
+            let ch = c.world.upsert_policy(p);
+            c.changed(ch)
+        }) {
             self.changed.notify_one();
         }
     }
 
     pub fn policy_deleted(&self, namespace: &str, name: &str) {
         if self.with(|c| {
-            c.policies
-                .remove(&(namespace.into(), name.into()))
-                .is_some()
+            let ch = c.world.remove_policy(namespace, name);
+            c.changed(ch)
         }) {
             self.changed.notify_one();
         }
@@ -194,11 +223,9 @@ impl Engine {
 
     pub fn policies_listed(&self, policies: Vec<Policy>) {
         self.with(|c| {
-            c.policies = policies
-                .into_iter()
-                .map(|p| ((p.namespace.clone(), p.name.clone()), p))
-                .collect();
+            c.world.replace_policies(policies);
             c.synced |= source::POLICIES;
+            c.changed(true);
         });
         self.changed.notify_one();
     }
@@ -210,52 +237,40 @@ impl Engine {
 
     // -- compiling and applying ---------------------------------------------------------
 
-    /// Every local pod's rules, or `None` before all watches have listed.
+    /// Every local pod's rules, or `None` before all watches have listed. Compiled under
+    /// the lock, from the world as it is: each local pod's compile looks at its own
+    /// namespace's policies and its peers' candidates only.
     fn desired(&self) -> Option<BTreeMap<Ipv4Addr, PodRules>> {
         let endpoints = self.registry.all();
-        let local: HashMap<Key, Ipv4Addr> = endpoints
-            .iter()
-            .map(|e| ((e.pod.namespace.clone(), e.pod.name.clone()), e.ip))
-            .collect();
-        let world = self.with(|c| {
-            (c.synced == source::ALL).then(|| World {
-                policies: c.policies.values().cloned().collect(),
-                // A local pod's address is known here before the API server has it.
-                pods: c
-                    .pods
-                    .iter()
-                    .map(|(k, p)| {
-                        let mut p = p.clone();
-                        if let Some(ip) = local.get(k) {
-                            p.ip = Some(*ip);
+        let (out, unknown) = self.with(|c| {
+            if c.synced != source::ALL {
+                return None;
+            }
+            // A local pod's address is known here before the API server has it.
+            for e in &endpoints {
+                c.world.set_pod_ip(&e.pod.namespace, &e.pod.name, e.ip);
+            }
+            let mut out = BTreeMap::new();
+            let mut unknown = Vec::new();
+            for e in &endpoints {
+                match c.world.pod(&e.pod.namespace, &e.pod.name) {
+                    Some(pod) => {
+                        let (rules, cut) = c.world.compile(pod);
+                        for t in cut {
+                            warn!(pod = %format!("{}/{}", pod.namespace, pod.name), prefix = %t.prefix, ranges = t.ranges,
+                                  "the pod's policies admit more port ranges for one peer than the dataplane holds; the rest are not admitted");
                         }
-                        p
-                    })
-                    .collect(),
-                namespaces: c.namespaces.clone(),
-            })
+                        out.insert(e.ip, rules);
+                    }
+                    None => unknown.push(e),
+                }
+            }
+            Some((out, unknown))
         })?;
-        let index: HashMap<(&str, &str), &PodView> = world
-            .pods
-            .iter()
-            .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
-            .collect();
-        let mut out = BTreeMap::new();
-        for e in &endpoints {
-            match index.get(&(e.pod.namespace.as_str(), e.pod.name.as_str())) {
-                Some(pod) => {
-                    let (rules, cut) = world.compile(pod);
-                    for t in cut {
-                        warn!(pod = %format!("{}/{}", pod.namespace, pod.name), prefix = %t.prefix, ranges = t.ranges,
-                              "the pod's policies admit more port ranges for one peer than the dataplane holds; the rest are not admitted");
-                    }
-                    out.insert(e.ip, rules);
-                }
-                None => {
-                    if let Some(r) = self.unknown_pod(e.ip, &e.pod.namespace, &e.pod.name) {
-                        out.insert(e.ip, r);
-                    }
-                }
+        let mut out = out;
+        for e in unknown {
+            if let Some(r) = self.unknown_pod(e.ip, &e.pod.namespace, &e.pod.name) {
+                out.insert(e.ip, r);
             }
         }
         Some(out)

@@ -2,9 +2,12 @@
 //! compiler from policies, pods and namespaces to each local pod's rules ([`compile`]),
 //! rule sets shared by pods with the same rules and the plan that changes the maps
 //! without a window ([`sets`]); the dataplane writes the plan
-//! (`dataplane::policy_maps`).
+//! (`dataplane::policy_maps`). The programs' verdicts come back as flow records
+//! ([`flows`], [`flow_log`]).
 
 pub mod compile;
 pub mod engine;
+pub mod flow_log;
+pub mod flows;
 pub mod model;
 pub mod sets;

@@ -47,4 +47,7 @@ pub mod maps {
     pub const POLICY_RULES: &str = "VPC_POL_RULES";
     pub const POLICY_FLOWS: &str = "VPC_POL_FLOWS";
     pub const POLICY_REVISION: &str = "VPC_POL_REV";
+    pub const POLICY_EVENTS: &str = "VPC_POL_EVENTS";
+    /// Events the ring buffer had no room for, per CPU.
+    pub const POLICY_EVENTS_LOST: &str = "VPC_POL_EVLOST";
 }

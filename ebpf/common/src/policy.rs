@@ -182,6 +182,55 @@ pub const MID_STREAM_GRACE_NS: u64 = 15 * 60 * 1_000_000_000;
 pub const FLOW_IDLE_TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
 pub const FLOW_IDLE_OTHER_NS: u64 = 180 * 1_000_000_000;
 
+/// What a [`PolicyEvent`] reports.
+pub mod verdict {
+    /// A new connection that a pod's rules admitted (reported only when at least one end
+    /// is isolated, so unpoliced traffic costs no event).
+    pub const ALLOW: u8 = 1;
+    /// A packet the rules denied (each one: repeated SYNs are repeated events).
+    pub const DENY: u8 = 2;
+    /// A tracked connection that a policy change now denies: reported once, at the
+    /// packet that found it revoked.
+    pub const REVOKE: u8 = 3;
+}
+
+/// Bits of [`PolicyEvent::ends`]: which ends are pods of this node.
+pub mod ends {
+    pub const SRC_LOCAL: u8 = 1;
+    pub const DST_LOCAL: u8 = 2;
+}
+
+/// A policy verdict, sent to user space through the events ring buffer (flow logs,
+/// per-policy counters, the live view). Addresses network order, ports host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyEvent {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the packet.
+    pub ts_ns: u64,
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// [`verdict`].
+    pub verdict: u8,
+    /// [`ends`].
+    pub ends: u8,
+    /// 1: the packet goes the reverse way of its connection (the connection was opened
+    /// by `dst`): a reply of a revoked connection, or a segment admitted as the reply of
+    /// a connection opened before tracking began. `ends` describes the packet too.
+    pub reply: u8,
+    /// For a denial, the drop reason ([`crate::counters::reason`]): which direction's
+    /// rules denied it.
+    pub reason: u16,
+    /// 1: the packet carried no ports (a later fragment, a protocol without them).
+    pub portless: u8,
+    pub pad: [u8; 5],
+}
+
+/// Size of the events ring buffer: about 6,500 events between two reads.
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
 pub const POLICED_MAX_ENTRIES: u32 = 16_384;
 pub const RULES_MAX_ENTRIES: u32 = 65_536;
 pub const FLOWS_DEFAULT_MAX_ENTRIES: u32 = 131_072;
@@ -192,6 +241,7 @@ const _: () = assert!(core::mem::size_of::<PortRange>() == 6);
 const _: () = assert!(core::mem::size_of::<PortRules>() == 4 + 6 * PORT_RANGES_MAX);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FlowState>() == 24);
+const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -205,6 +255,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyEvent {}
 }
 
 #[cfg(test)]

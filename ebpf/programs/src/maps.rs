@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use vpc_ebpf_common::{
     nat::{
@@ -12,8 +12,8 @@ use vpc_ebpf_common::{
     },
     node::{CIDRS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, ENIS_MAX_ENTRIES, Endpoint, Eni, NodeConfig},
     policy::{
-        FLOWS_DEFAULT_MAX_ENTRIES, FlowKey, FlowState, POLICED_MAX_ENTRIES, PolicedPod, PortRules,
-        RULES_MAX_ENTRIES, RulePeer,
+        EVENTS_BYTES, FLOWS_DEFAULT_MAX_ENTRIES, FlowKey, FlowState, POLICED_MAX_ENTRIES,
+        PolicedPod, PortRules, RULES_MAX_ENTRIES, RulePeer,
     },
 };
 
@@ -72,3 +72,11 @@ pub static VPC_POL_FLOWS: LruHashMap<FlowKey, FlowState> =
 /// the mid-stream window (see [`vpc_ebpf_common::policy::MID_STREAM_UNTIL_INDEX`]).
 #[map]
 pub static VPC_POL_REV: Array<u64> = Array::pinned(2, 0);
+
+/// Policy verdicts for user space (see [`vpc_ebpf_common::policy::PolicyEvent`]).
+#[map]
+pub static VPC_POL_EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+/// Events [`VPC_POL_EVENTS`] had no room for (slot 0, per CPU).
+#[map]
+pub static VPC_POL_EVLOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);

@@ -14,12 +14,14 @@ use vpc_ebpf_common::{
     node::{NodeConfig, config_flags},
     policy::{
         FLOW_IDLE_OTHER_NS, FLOW_IDLE_TCP_NS, FlowKey, FlowState, MID_STREAM_UNTIL_INDEX,
-        REVISION_INDEX, RulePeer, SET_NONE, direction,
+        PolicyEvent, REVISION_INDEX, RulePeer, SET_NONE, direction, verdict,
     },
 };
 
 use crate::{
-    maps::{VPC_POL_FLOWS, VPC_POL_REV, VPC_POL_RULES, VPC_POLICED},
+    maps::{
+        VPC_POL_EVENTS, VPC_POL_EVLOST, VPC_POL_FLOWS, VPC_POL_REV, VPC_POL_RULES, VPC_POLICED,
+    },
     nat,
     packet::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ports},
 };
@@ -78,7 +80,9 @@ pub fn judge(cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option<u16> {
     // Without ports (a later fragment, a protocol without them) there is no connection
     // to track: the packet is judged on its own, by protocol.
     let Some(p) = ip.ports else {
-        return admitted(ip.src, ip.dst, ip.proto, None, ends).err();
+        let r = admitted(ip.src, ip.dst, ip.proto, None, ends).err()?;
+        report(ip, ends, verdict::DENY, r, 0);
+        return Some(r);
     };
     let key = FlowKey {
         src: ip.src,
@@ -100,10 +104,11 @@ pub fn judge(cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option<u16> {
         };
         if now.wrapping_sub(seen) < idle {
             // SAFETY: as above.
-            let mut revoked = unsafe { (*f).revoked };
+            let was_revoked = unsafe { (*f).revoked };
+            let mut revoked = was_revoked;
             if judged != revision {
                 // Judge the connection as it was opened: a reply entry's key is reversed.
-                let verdict = if reply != 0 {
+                let now_judged = if reply != 0 {
                     let back = Ends {
                         src_local: ends.dst_local,
                         dst_local: ends.src_local,
@@ -112,7 +117,12 @@ pub fn judge(cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option<u16> {
                 } else {
                     admitted(ip.src, ip.dst, ip.proto, port_of(ip.proto, p.dst), ends)
                 };
-                revoked = u32::from(verdict.is_err());
+                revoked = u32::from(now_judged.is_err());
+                if let Err(r) = now_judged
+                    && was_revoked == 0
+                {
+                    report(ip, ends, verdict::REVOKE, r, u8::from(reply != 0));
+                }
             }
             // SAFETY: as above.
             unsafe {
@@ -124,7 +134,8 @@ pub fn judge(cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option<u16> {
         }
     }
     let mut as_reply = 0;
-    if let Err(r) = admitted(ip.src, ip.dst, ip.proto, port_of(ip.proto, p.dst), ends) {
+    let judged = admitted(ip.src, ip.dst, ip.proto, port_of(ip.proto, p.dst), ends);
+    if let Err(r) = judged {
         // A TCP segment other than a bare SYN, soon after policy was switched on, may
         // belong to a connection opened the other way before tracking began: admitted as
         // that connection's reply if its opening would be.
@@ -141,9 +152,14 @@ pub fn judge(cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option<u16> {
             || now >= mid_stream_until
             || admitted(ip.dst, ip.src, ip.proto, port_of(ip.proto, p.src), back).is_err()
         {
+            report(ip, ends, verdict::DENY, r, 0);
             return Some(r);
         }
         as_reply = 1;
+    }
+    // Only connections some rules judged are worth an event: unpoliced traffic costs none.
+    if as_reply != 0 || judged.is_ok_and(|by_rules| by_rules) {
+        report(ip, ends, verdict::ALLOW, 0, u8::from(as_reply != 0));
     }
     let this = FlowState {
         revision,
@@ -170,26 +186,59 @@ fn port_of(proto: u8, port: u16) -> Option<u16> {
 }
 
 /// Whether a new connection `src` → `dst` (`proto`, destination `port`) is admitted by the
-/// rules of its local ends; `Err` is the drop reason.
+/// rules of its local ends: `Ok(true)` when rules were consulted (an end is isolated),
+/// `Ok(false)` when neither end is; `Err` is the drop reason.
 #[inline(always)]
-fn admitted(src: u32, dst: u32, proto: u8, port: Option<u16>, ends: Ends) -> Result<(), u16> {
+fn admitted(src: u32, dst: u32, proto: u8, port: Option<u16>, ends: Ends) -> Result<bool, u16> {
+    let mut by_rules = false;
     if ends.src_local
         // SAFETY: read-only access to a map value.
         && let Some(pod) = unsafe { VPC_POLICED.get(src) }
         && pod.egress_set != SET_NONE
-        && !rules_admit(pod.egress_set, direction::EGRESS, dst, proto, port)
     {
-        return Err(reason::DROP_POLICY_EGRESS);
+        if !rules_admit(pod.egress_set, direction::EGRESS, dst, proto, port) {
+            return Err(reason::DROP_POLICY_EGRESS);
+        }
+        by_rules = true;
     }
     if ends.dst_local
         // SAFETY: as above.
         && let Some(pod) = unsafe { VPC_POLICED.get(dst) }
         && pod.ingress_set != SET_NONE
-        && !rules_admit(pod.ingress_set, direction::INGRESS, src, proto, port)
     {
-        return Err(reason::DROP_POLICY_INGRESS);
+        if !rules_admit(pod.ingress_set, direction::INGRESS, src, proto, port) {
+            return Err(reason::DROP_POLICY_INGRESS);
+        }
+        by_rules = true;
     }
-    Ok(())
+    Ok(by_rules)
+}
+
+/// Hands a verdict to user space; a full ring buffer loses the event, counted.
+#[inline(always)]
+fn report(ip: &Conn, ends: Ends, what: u8, why: u16, reply: u8) {
+    let (sport, dport) = ip.ports.map_or((0, 0), |p| (p.src, p.dst));
+    let ev = PolicyEvent {
+        ts_ns: nat::now(),
+        src: ip.src,
+        dst: ip.dst,
+        sport,
+        dport,
+        proto: ip.proto,
+        verdict: what,
+        ends: u8::from(ends.src_local) | u8::from(ends.dst_local) << 1,
+        reply,
+        reason: why,
+        portless: u8::from(ip.ports.is_none()),
+        pad: [0; 5],
+    };
+    if VPC_POL_EVENTS.output::<PolicyEvent>(&ev, 0).is_err()
+        && let Some(lost) = VPC_POL_EVLOST.get_ptr_mut(0)
+    {
+        // SAFETY: a per-CPU slot: only this CPU writes it, and a program cannot preempt
+        // itself on the same CPU.
+        unsafe { *lost += 1 };
+    }
 }
 
 #[inline(always)]

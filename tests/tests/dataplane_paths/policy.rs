@@ -31,11 +31,11 @@ fn world(policies: &[serde_json::Value]) -> World {
         },
         host_network: false,
     };
-    let mut w = World {
-        pods: vec![pod("a", POD_A), pod("b", POD_B), pod("r", REMOTE)],
-        ..World::default()
-    };
-    w.namespaces.insert("x".into(), BTreeMap::new());
+    let mut w = World::default();
+    for p in [pod("a", POD_A), pod("b", POD_B), pod("r", REMOTE)] {
+        w.upsert_pod(p);
+    }
+    w.set_namespace("x".into(), BTreeMap::new());
     for (i, spec) in policies.iter().enumerate() {
         let np: NetworkPolicy = serde_json::from_value(serde_json::json!({
             "metadata": {"name": format!("p{i}"), "namespace": "x"},
@@ -44,7 +44,7 @@ fn world(policies: &[serde_json::Value]) -> World {
         .expect("a valid policy");
         let (p, err) = Policy::from_api(&np);
         assert_eq!(err, None);
-        w.policies.push(p);
+        w.upsert_policy(p);
     }
     w
 }
@@ -52,9 +52,12 @@ fn world(policies: &[serde_json::Value]) -> World {
 /// Compiles `policies` for the node's pods and writes them as the agent does.
 fn enforce(n: &mut Node, policies: &[serde_json::Value]) {
     let w = world(policies);
-    let desired = w.pods[..2]
+    let desired = ["a", "b"]
         .iter()
-        .map(|p| (p.ip.unwrap(), w.compile(p).0))
+        .map(|name| {
+            let p = w.pod("x", name).unwrap();
+            (p.ip.unwrap(), w.compile(p).0)
+        })
         .collect();
     let applied = n.dp.policy_applied().expect("read the policy maps");
     let (plan, next) = applied.plan(&desired);
@@ -435,5 +438,83 @@ fn a_pod_cannot_plant_a_connection_for_another_pod() {
                 "flags {flags:#x}"
             );
         }
+    });
+}
+
+#[test]
+fn verdicts_reach_user_space_as_events_named_by_pod_and_policy() {
+    use vpc_ebpf_agent::policy::flows::Describer;
+    use vpc_ebpf_common::policy::{PolicyEvent, ends, verdict};
+
+    on_policy_node("pol-events", |n| {
+        let mut events = n.dp.take_policy_events().expect("the events ring buffer");
+        let admit_r = serde_json::json!({
+            "podSelector": {"matchLabels": {"pod": "b"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "r"}}}], "ports": [{"port": "http"}]}],
+        });
+        enforce(n, std::slice::from_ref(&admit_r));
+        let syn = tcp_from_vpc(REMOTE, POD_B, 5000, 8080, SYN);
+        assert_eq!(run(&mut n.dp, FROM_ENI, &syn).2, reason::FWD_LOCAL_POD);
+        let denied = tcp_from_vpc(REMOTE, POD_B, 5001, 80, SYN);
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &denied).2,
+            reason::DROP_POLICY_INGRESS
+        );
+        // Traffic no rule judges (A is not isolated, the remote pod is not ours) costs no
+        // event.
+        let free = tcp_from_a(REMOTE, 6000, 80, SYN);
+        assert_eq!(run(&mut n.dp, FROM_POD, &free).2, reason::FWD_ENI);
+        // The admitted flow, revoked: one event, not one per packet.
+        let isolate_b =
+            serde_json::json!({"podSelector": {"matchLabels": {"pod": "b"}}, "ingress": []});
+        enforce(n, std::slice::from_ref(&isolate_b));
+        let ack = tcp_from_vpc(REMOTE, POD_B, 5000, 8080, ACK);
+        for _ in 0..3 {
+            assert_eq!(
+                run(&mut n.dp, FROM_ENI, &ack).2,
+                reason::DROP_POLICY_REVOKED
+            );
+        }
+
+        let mut got: Vec<PolicyEvent> = Vec::new();
+        events.drain(&mut got);
+        assert_eq!(events.lost().unwrap(), 0);
+        let seen: Vec<(u8, u16, u16, u8)> = got
+            .iter()
+            .map(|e| (e.verdict, e.sport, e.dport, e.ends))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (verdict::ALLOW, 5000, 8080, ends::DST_LOCAL),
+                (verdict::DENY, 5001, 80, ends::DST_LOCAL),
+                (verdict::REVOKE, 5000, 8080, ends::DST_LOCAL),
+            ]
+        );
+        assert!(
+            got.iter()
+                .all(|e| e.src == u32::from(REMOTE).to_be() && e.proto == 6)
+        );
+        assert_eq!(got[1].reason, reason::DROP_POLICY_INGRESS);
+        assert!(got[0].ts_ns > 0 && got[0].ts_ns <= got[2].ts_ns);
+
+        // As the agent describes them: by pod and by policy.
+        let (w, mut d) = (world(&[admit_r]), Describer::default());
+        let allow = d.describe(&w, &got[0], 0);
+        assert_eq!(
+            (
+                allow.src.pod.as_deref(),
+                allow.dst.pod.as_deref(),
+                allow.dst.port
+            ),
+            (Some("r"), Some("b"), Some(8080))
+        );
+        assert_eq!(allow.judged[0].direction, "ingress");
+        assert_eq!(allow.judged[0].policies, vec!["x/p0".to_owned()]);
+        let deny = d.describe(&w, &got[1], 0);
+        assert_eq!(
+            (deny.verdict.as_str(), deny.judged[0].policies.clone()),
+            ("deny", vec!["x/p0".to_owned()])
+        );
     });
 }

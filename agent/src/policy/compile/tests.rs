@@ -21,12 +21,12 @@ fn ip_of(ns: u8, pod: u8) -> Ipv4Addr {
 fn world(policies: &[serde_json::Value]) -> World {
     let mut w = World::default();
     for (i, ns) in (0u8..).zip(NAMESPACES) {
-        w.namespaces.insert(
+        w.set_namespace(
             (*ns).to_owned(),
             BTreeMap::from([("ns".to_owned(), (*ns).to_owned())]),
         );
         for (j, pod) in (0u8..).zip(PODS) {
-            w.pods.push(PodView {
+            w.upsert_pod(PodView {
                 namespace: (*ns).to_owned(),
                 name: (*pod).to_owned(),
                 ip: Some(ip_of(i, j)),
@@ -45,9 +45,22 @@ fn world(policies: &[serde_json::Value]) -> World {
         let np: NetworkPolicy = serde_json::from_value(p.clone()).expect("a valid policy");
         let (pol, err) = Policy::from_api(&np);
         assert_eq!(err, None);
-        w.policies.push(pol);
+        w.upsert_policy(pol);
     }
     w
+}
+
+/// Pod `i` of the topology (x/a, x/b, x/c, y/a, ...).
+fn nth(w: &World, i: usize) -> &PodView {
+    w.pod(NAMESPACES[i / 3], PODS[i % 3])
+        .expect("a topology pod")
+}
+
+/// Changes pod `i` of the topology.
+fn change(w: &mut World, i: usize, f: impl FnOnce(&mut PodView)) {
+    let mut p = nth(w, i).clone();
+    f(&mut p);
+    w.upsert_pod(p);
 }
 
 /// The kernel's lookup: the longest prefix containing `peer`, then its ranges.
@@ -75,7 +88,7 @@ fn reach(w: &World, from: (usize, usize), to: (usize, usize), proto: u8, port: u
         // upstream e2e allows.
         return true;
     }
-    let pod = |(n, p): (usize, usize)| &w.pods[n * 3 + p];
+    let pod = |(n, p): (usize, usize)| nth(w, n * 3 + p);
     let (src, dst) = (pod(from), pod(to));
     let (src_rules, _) = w.compile(src);
     let (dst_rules, _) = w.compile(dst);
@@ -305,7 +318,9 @@ fn named_egress_ports_resolve_on_each_destination() {
                            "egress": [{"ports": [{"port": "web"}]}]}),
     )]);
     // Only y/b serves "web", on 81.
-    w.pods[Y * 3 + B].named_ports.push(("web".into(), TCP, 81));
+    change(&mut w, Y * 3 + B, |p| {
+        p.named_ports.push(("web".into(), TCP, 81))
+    });
     assert_eq!(
         table(&w, TCP, 81),
         expect(|from, to| from != (X, A) || to == (Y, B))
@@ -395,22 +410,27 @@ fn policy_is_per_pod_labels_not_name_prefix() {
         "x",
         &serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}}),
     )]);
-    w.pods.push(PodView {
+    w.upsert_pod(PodView {
         namespace: "x".into(),
         name: "web-1".into(),
         ip: Some(Ipv4Addr::new(10, 0, 1, 50)),
         labels: BTreeMap::from([("app".into(), "web".into())]),
         ..Default::default()
     });
-    w.pods.push(PodView {
+    w.upsert_pod(PodView {
         namespace: "x".into(),
         name: "web-1-canary".into(),
         ip: Some(Ipv4Addr::new(10, 0, 1, 51)),
         labels: BTreeMap::from([("app".into(), "web-canary".into())]),
         ..Default::default()
     });
-    assert!(w.compile(&w.pods[9]).0.ingress.is_some());
-    assert!(w.compile(&w.pods[10]).0.ingress.is_none());
+    assert!(w.compile(w.pod("x", "web-1").unwrap()).0.ingress.is_some());
+    assert!(
+        w.compile(w.pod("x", "web-1-canary").unwrap())
+            .0
+            .ingress
+            .is_none()
+    );
 }
 
 #[test]
@@ -421,9 +441,9 @@ fn host_network_pods_and_pods_without_address_are_no_peers() {
         &serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}},
                            "ingress": [{"from": [{"podSelector": {}}]}]}),
     )]);
-    w.pods[B].host_network = true;
-    w.pods[C].ip = None;
-    let (rules, _) = w.compile(&w.pods[A]);
+    change(&mut w, B, |p| p.host_network = true);
+    change(&mut w, C, |p| p.ip = None);
+    let (rules, _) = w.compile(nth(&w, A));
     let ingress = rules.ingress.expect("isolated");
     assert!(ingress.keys().all(|n| n.prefix_len() == 32));
     assert_eq!(ingress.len(), 1, "x/a itself only: {ingress:?}");
@@ -432,8 +452,8 @@ fn host_network_pods_and_pods_without_address_are_no_peers() {
 #[test]
 fn other_namespaces_policies_do_not_select() {
     let w = world(&[np("deny", "y", &serde_json::json!({"podSelector": {}}))]);
-    assert!(w.compile(&w.pods[0]).0.ingress.is_none());
-    assert_eq!(w.compile(&w.pods[3]).0.policies, vec!["y/deny".to_owned()]);
+    assert!(w.compile(nth(&w, 0)).0.ingress.is_none());
+    assert_eq!(w.compile(nth(&w, 3)).0.policies, vec!["y/deny".to_owned()]);
 }
 
 #[test]
@@ -477,8 +497,43 @@ fn too_many_ranges_are_cut_and_reported() {
         "x",
         &serde_json::json!({"podSelector": {}, "ingress": [{"ports": ports}]}),
     )]);
-    let (rules, cut) = w.compile(&w.pods[0]);
+    let (rules, cut) = w.compile(nth(&w, 0));
     assert_eq!(cut.len(), 1);
     assert_eq!(cut[0].ranges, 20);
     assert_eq!(rules.ingress.unwrap()[&EVERYWHERE].len(), PORT_RANGES_MAX);
+}
+
+#[test]
+fn the_world_keeps_its_indexes_through_changes() {
+    let mut w = world(&[]);
+    let ip = ip_of(0, 0);
+    assert_eq!(w.pod_by_ip(ip).map(|p| p.name.as_str()), Some("a"));
+    // x/a's address goes to a new pod before x/a's deletion arrives.
+    let mut next = nth(&w, 0).clone();
+    next.name = "a2".into();
+    assert!(w.upsert_pod(next.clone()));
+    assert!(!w.upsert_pod(next), "the same pod again changes nothing");
+    assert_eq!(w.pod_by_ip(ip).map(|p| p.name.as_str()), Some("a2"));
+    assert!(w.remove_pod("x", "a"));
+    assert_eq!(
+        w.pod_by_ip(ip).map(|p| p.name.as_str()),
+        Some("a2"),
+        "the old pod's removal leaves the new holder"
+    );
+    assert!(!w.remove_pod("x", "a"));
+    assert_eq!(w.pod_count(), 9);
+    // A pod that loses its address is no one's peer by it any more.
+    change(&mut w, 1, |p| p.ip = None);
+    assert!(w.pod_by_ip(ip_of(0, 1)).is_none());
+    // Policies by namespace, in name order.
+    let w = world(&[
+        np("z2", "x", &serde_json::json!({"podSelector": {}})),
+        np("a1", "x", &serde_json::json!({"podSelector": {}})),
+        np("m", "y", &serde_json::json!({"podSelector": {}})),
+    ]);
+    assert_eq!(w.policy_count(), 3);
+    assert_eq!(
+        w.compile(nth(&w, 0)).0.policies,
+        vec!["x/a1".to_owned(), "x/z2".to_owned()]
+    );
 }
