@@ -599,8 +599,9 @@ fn flow_log(c: &Cluster, t: &Topology) {
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON record"))
         .collect();
+    // The newest: earlier cases denied the same pair under other policies.
     let find = |verdict: &str, src: &str| {
-        records.iter().find(|r| {
+        records.iter().rev().find(|r| {
             r["verdict"] == verdict
                 && format!(
                     "{}/{}",
