@@ -143,20 +143,20 @@ fn isolate(dp: &mut Dataplane) -> Result<(), String> {
         (
             POD_A,
             PodRules {
-                egress: Some(BTreeMap::from([(
+                egress: Some(std::sync::Arc::new(BTreeMap::from([(
                     Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0),
                     vec![range(0, 0, 0)],
-                )])),
+                )]))),
                 ..PodRules::default()
             },
         ),
         (
             POD_B,
             PodRules {
-                ingress: Some(BTreeMap::from([(
+                ingress: Some(std::sync::Arc::new(BTreeMap::from([(
                     Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 0, 0), 16),
                     vec![range(6, 80, 80)],
-                )])),
+                )]))),
                 ..PodRules::default()
             },
         ),

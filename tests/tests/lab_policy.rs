@@ -634,7 +634,31 @@ fn flow_log(c: &Cluster, t: &Topology) {
             && text.contains("by y/only-a"),
         "{text}"
     );
-    // The live feed: a viewer waiting for the next denial sees it as it happens.
+    live_view(c, &flows, &target);
+    let metrics = c
+        .agent_get(u32::try_from(n).unwrap(), 61678, "/metrics")
+        .expect("the agent's metrics");
+    let count = |verdict: &str| {
+        let series = format!(
+            "vpc_ebpf_policy_verdicts_total{{namespace=\"y\",policy=\"only-a\",direction=\"ingress\",verdict=\"{verdict}\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(count("deny") >= 1 && count("allow") >= 1, "{metrics}");
+    eprintln!(
+        "np: flow log: {} records for y/b, a denial named x/a → y/b by y/only-a; live view saw x/c's; metrics: {} denied, {} admitted under y/only-a",
+        records.len(),
+        count("deny"),
+        count("allow")
+    );
+}
+
+/// The live feed: a viewer waiting for the next denial sees it as it happens.
+fn live_view(c: &Cluster, flows: &(dyn Fn(&[&str]) -> String + Sync), target: &[String]) {
     std::thread::scope(|s| {
         let viewer = s.spawn(|| {
             flows(&[
@@ -659,7 +683,7 @@ fn flow_log(c: &Cluster, t: &Topology) {
                 t0.elapsed() < Duration::from_secs(30),
                 "the live view showed nothing"
             );
-            let _ = reaches(c, (X, C), &target);
+            let _ = reaches(c, (X, C), target);
             std::thread::sleep(Duration::from_millis(500));
         }
         let line = viewer.join().unwrap();
@@ -670,26 +694,6 @@ fn flow_log(c: &Cluster, t: &Topology) {
             "{line}"
         );
     });
-    let metrics = c
-        .agent_get(u32::try_from(n).unwrap(), 61678, "/metrics")
-        .expect("the agent's metrics");
-    let count = |verdict: &str| {
-        let series = format!(
-            "vpc_ebpf_policy_verdicts_total{{namespace=\"y\",policy=\"only-a\",direction=\"ingress\",verdict=\"{verdict}\"}} "
-        );
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&series))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    assert!(count("deny") >= 1 && count("allow") >= 1, "{metrics}");
-    eprintln!(
-        "np: flow log: {} records for y/b, a denial named x/a → y/b by y/only-a; live view saw x/c's; metrics: {} denied, {} admitted under y/only-a",
-        records.len(),
-        count("deny"),
-        count("allow")
-    );
 }
 
 /// How long the agents took to compile and apply each change (their log's `took=`).

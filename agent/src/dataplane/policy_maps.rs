@@ -80,7 +80,7 @@ pub fn apply(ebpf: &mut Ebpf, plan: &Plan) -> Result<(), DataplaneError> {
     {
         let mut rules = rules_map(ebpf)?;
         for (id, dir, set) in &plan.new_sets {
-            for (net, ranges) in set {
+            for (net, ranges) in set.iter() {
                 rules
                     .insert(&key(*id, *dir, *net), value(ranges), 0)
                     .map_err(map_err(maps::POLICY_RULES))?;
@@ -186,5 +186,9 @@ pub fn read(ebpf: &mut Ebpf) -> Result<Applied, DataplaneError> {
             }
         }
     }
+    let sets = sets
+        .into_iter()
+        .map(|(id, (dir, set))| (id, (dir, std::sync::Arc::new(set))))
+        .collect();
     Ok(Applied { sets, pods })
 }

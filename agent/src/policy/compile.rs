@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use ipnet::Ipv4Net;
@@ -16,11 +17,13 @@ use super::model::{Peer, PodView, Policy, PortRule, PortSel, Rule, Selector};
 /// matching prefix alone holds the answer. An empty list admits nothing.
 pub type RuleSet = BTreeMap<Ipv4Net, Vec<PortRange>>;
 
-/// What one pod's policies compile to. `None`: not isolated in that direction.
+/// What one pod's policies compile to. `None`: not isolated in that direction. Sets are
+/// shared: the engine keeps them, the planner compares and records them, and copying a
+/// set of hundreds of peers at every change would cost more than computing it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodRules {
-    pub ingress: Option<RuleSet>,
-    pub egress: Option<RuleSet>,
+    pub ingress: Option<Arc<RuleSet>>,
+    pub egress: Option<Arc<RuleSet>>,
     /// The policies that select the pod, as `namespace/name`.
     pub policies: Vec<String>,
 }
@@ -50,6 +53,9 @@ pub struct World {
     policy_count: usize,
     /// Namespace name → labels.
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// (label, value) → the namespaces carrying it: a `namespaceSelector` with labels
+    /// looks at the namespaces that can match, not at thousands.
+    ns_by_label: HashMap<(String, String), BTreeSet<String>>,
 }
 
 fn key_of(namespace: &str, name: &str) -> Key {
@@ -128,15 +134,17 @@ impl World {
         }
     }
 
-    /// Gives a pod the address this node assigned it, before the API server has it.
-    pub fn set_pod_ip(&mut self, namespace: &str, name: &str, ip: Ipv4Addr) {
+    /// Gives a pod the address this node assigned it, before the API server has it;
+    /// whether that changed anything.
+    pub fn set_pod_ip(&mut self, namespace: &str, name: &str, ip: Ipv4Addr) -> bool {
         if let Some(p) = self.pod(namespace, name)
             && p.ip != Some(ip)
         {
             let mut p = p.clone();
             p.ip = Some(ip);
-            self.upsert_pod(p);
+            return self.upsert_pod(p);
         }
+        false
     }
 
     pub fn upsert_policy(&mut self, p: Policy) -> bool {
@@ -161,18 +169,50 @@ impl World {
     }
 
     pub fn set_namespace(&mut self, name: String, labels: BTreeMap<String, String>) -> bool {
-        self.namespaces.insert(name, labels.clone()) != Some(labels)
+        if self.namespaces.get(&name) == Some(&labels) {
+            return false;
+        }
+        self.remove_namespace(&name);
+        for (k, v) in &labels {
+            self.ns_by_label
+                .entry((k.clone(), v.clone()))
+                .or_default()
+                .insert(name.clone());
+        }
+        self.namespaces.insert(name, labels);
+        true
     }
 
     pub fn remove_namespace(&mut self, name: &str) -> bool {
-        self.namespaces.remove(name).is_some()
+        let Some(old) = self.namespaces.remove(name) else {
+            return false;
+        };
+        for (k, v) in old {
+            let key = (k, v);
+            if let Some(names) = self.ns_by_label.get_mut(&key) {
+                names.remove(name);
+                if names.is_empty() {
+                    self.ns_by_label.remove(&key);
+                }
+            }
+        }
+        true
     }
 
     pub fn replace_namespaces(&mut self, namespaces: BTreeMap<String, BTreeMap<String, String>>) {
-        self.namespaces = namespaces;
+        self.namespaces.clear();
+        self.ns_by_label.clear();
+        for (name, labels) in namespaces {
+            self.set_namespace(name, labels);
+        }
     }
 
     // -- reading it --------------------------------------------------------------------
+
+    /// A namespace's labels (none when it is not known).
+    pub fn namespace_labels(&self, namespace: &str) -> &BTreeMap<String, String> {
+        self.namespaces.get(namespace).unwrap_or(&NO_LABELS)
+    }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodView> {
         self.pods.get(namespace)?.get(name)
@@ -211,15 +251,29 @@ impl World {
     ) -> Box<dyn Iterator<Item = &'a PodView> + 'a> {
         match namespaces {
             None => Box::new(self.pods_in(&pol.namespace)),
-            // A namespace not (yet) known has no labels: only an empty selector takes it.
-            Some(sel) => Box::new(
-                self.pods
-                    .iter()
-                    .filter(move |(ns, _)| {
-                        sel.matches(self.namespaces.get(*ns).unwrap_or(&NO_LABELS))
-                    })
-                    .flat_map(|(_, pods)| pods.values()),
-            ),
+            // With labels to match, only the namespaces that carry the rarest of them
+            // can; a namespace not (yet) known has no labels, so only a selector without
+            // labels can take it, and that one looks at every namespace with pods.
+            Some(sel) => match sel
+                .labels
+                .iter()
+                .map(|(k, v)| self.ns_by_label.get(&(k.clone(), v.clone())))
+                .min_by_key(|names| names.map_or(0, BTreeSet::len))
+            {
+                Some(names) => Box::new(
+                    names
+                        .into_iter()
+                        .flatten()
+                        .filter(move |ns| sel.matches(self.namespace_labels(ns)))
+                        .flat_map(move |ns| self.pods_in(ns)),
+                ),
+                None => Box::new(
+                    self.pods
+                        .iter()
+                        .filter(move |(ns, _)| sel.matches(self.namespace_labels(ns)))
+                        .flat_map(|(_, pods)| pods.values()),
+                ),
+            },
         }
     }
 }
@@ -291,8 +345,8 @@ impl World {
             }
         }
         let mut cut = Vec::new();
-        out.ingress = ingress.map(|g| flatten(&g, &mut cut));
-        out.egress = egress.map(|g| flatten(&g, &mut cut));
+        out.ingress = ingress.map(|g| Arc::new(flatten(&g, &mut cut)));
+        out.egress = egress.map(|g| Arc::new(flatten(&g, &mut cut)));
         (out, cut)
     }
 
@@ -477,12 +531,26 @@ fn flatten(grants: &[Grant], cut: &mut Vec<Truncated>) -> RuleSet {
             std::iter::once(g.net).chain(g.except.iter().copied().filter(|e| g.net.contains(e)))
         })
         .collect();
+    // The grants covering a prefix are those at one of its (at most 33) supernets: found
+    // by lookup, not by testing every grant against every prefix (a peer selecting
+    // hundreds of pods makes hundreds of /32 grants).
+    let mut by_net: HashMap<Ipv4Net, Vec<&Grant>> = HashMap::new();
+    for g in grants {
+        by_net.entry(g.net).or_default().push(g);
+    }
+    // Only the lengths grants have (a handful: /32 pods, a few blocks).
+    let lengths: BTreeSet<u8> = by_net.keys().map(Ipv4Net::prefix_len).collect();
     prefixes
         .into_iter()
         .map(|q| {
-            let ranges: Vec<PortRange> = grants
-                .iter()
-                .filter(|g| g.net.contains(&q) && !g.except.iter().any(|e| e.contains(&q)))
+            let ranges: Vec<PortRange> = lengths
+                .range(..=q.prefix_len())
+                .filter_map(|&len| {
+                    let net = Ipv4Net::new(q.network(), len).ok()?.trunc();
+                    by_net.get(&net)
+                })
+                .flatten()
+                .filter(|g| !g.except.iter().any(|e| e.contains(&q)))
                 .flat_map(|g| g.ranges.iter().copied())
                 .collect();
             let mut ranges = normalize(ranges);

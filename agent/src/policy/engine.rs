@@ -21,7 +21,8 @@ use vpc_ebpf_rpc::report::Chain;
 use vpc_ebpf_common::policy::PolicyEvent;
 
 use super::{
-    compile::{PodRules, RuleSet, World},
+    cache::{Compiled, Dirty},
+    compile::{PodRules, World},
     flow_log::Hub,
     flows::{Describer, FlowRecord},
     model::{PodView, Policy},
@@ -75,11 +76,21 @@ struct Cluster {
     synced: u8,
     /// Bumped at every change the world takes (the flow log's attribution cache).
     generation: u64,
+    /// What changed since the node's pods were last compiled, and what they compiled to.
+    dirty: Dirty,
+    compiled: Compiled,
 }
 
 impl Cluster {
-    fn changed(&mut self, changed: bool) -> bool {
-        self.generation += u64::from(changed);
+    /// Records a change in `ns` (`None`: one that can touch anything).
+    fn changed(&mut self, changed: bool, ns: Option<&str>) -> bool {
+        if changed {
+            self.generation += 1;
+            match ns {
+                Some(ns) => self.dirty.namespace(ns),
+                None => self.dirty.everything(),
+            }
+        }
         changed
     }
 }
@@ -151,8 +162,9 @@ impl Engine {
 
     pub fn pod_applied(&self, p: PodView) {
         if self.with(|c| {
+            let ns = p.namespace.clone();
             let ch = c.world.upsert_pod(p);
-            c.changed(ch)
+            c.changed(ch, Some(&ns))
         }) {
             self.changed.notify_one();
         }
@@ -161,7 +173,7 @@ impl Engine {
     pub fn pod_deleted(&self, namespace: &str, name: &str) {
         if self.with(|c| {
             let ch = c.world.remove_pod(namespace, name);
-            c.changed(ch)
+            c.changed(ch, Some(namespace))
         }) {
             self.changed.notify_one();
         }
@@ -171,7 +183,7 @@ impl Engine {
         self.with(|c| {
             c.world.replace_pods(pods);
             c.synced |= source::PODS;
-            c.changed(true);
+            c.changed(true, None);
         });
         self.changed.notify_one();
     }
@@ -179,7 +191,7 @@ impl Engine {
     pub fn namespace_applied(&self, name: String, labels: BTreeMap<String, String>) {
         if self.with(|c| {
             let ch = c.world.set_namespace(name, labels);
-            c.changed(ch)
+            c.changed(ch, None)
         }) {
             self.changed.notify_one();
         }
@@ -188,7 +200,7 @@ impl Engine {
     pub fn namespace_deleted(&self, name: &str) {
         if self.with(|c| {
             let ch = c.world.remove_namespace(name);
-            c.changed(ch)
+            c.changed(ch, None)
         }) {
             self.changed.notify_one();
         }
@@ -198,15 +210,16 @@ impl Engine {
         self.with(|c| {
             c.world.replace_namespaces(namespaces);
             c.synced |= source::NAMESPACES;
-            c.changed(true);
+            c.changed(true, None);
         });
         self.changed.notify_one();
     }
 
     pub fn policy_applied(&self, p: Policy) {
         if self.with(|c| {
+            let ns = p.namespace.clone();
             let ch = c.world.upsert_policy(p);
-            c.changed(ch)
+            c.changed(ch, Some(&ns))
         }) {
             self.changed.notify_one();
         }
@@ -215,7 +228,7 @@ impl Engine {
     pub fn policy_deleted(&self, namespace: &str, name: &str) {
         if self.with(|c| {
             let ch = c.world.remove_policy(namespace, name);
-            c.changed(ch)
+            c.changed(ch, Some(namespace))
         }) {
             self.changed.notify_one();
         }
@@ -225,7 +238,7 @@ impl Engine {
         self.with(|c| {
             c.world.replace_policies(policies);
             c.synced |= source::POLICIES;
-            c.changed(true);
+            c.changed(true, None);
         });
         self.changed.notify_one();
     }
@@ -237,9 +250,9 @@ impl Engine {
 
     // -- compiling and applying ---------------------------------------------------------
 
-    /// Every local pod's rules, or `None` before all watches have listed. Compiled under
-    /// the lock, from the world as it is: each local pod's compile looks at its own
-    /// namespace's policies and its peers' candidates only.
+    /// Every local pod's rules, or `None` before all watches have listed. Only the local
+    /// pods a change can touch are compiled again ([`Compiled`]), under the lock, from
+    /// the world as it is.
     fn desired(&self) -> Option<BTreeMap<Ipv4Addr, PodRules>> {
         let endpoints = self.registry.all();
         let (out, unknown) = self.with(|c| {
@@ -248,23 +261,38 @@ impl Engine {
             }
             // A local pod's address is known here before the API server has it.
             for e in &endpoints {
-                c.world.set_pod_ip(&e.pod.namespace, &e.pod.name, e.ip);
+                let ns = &e.pod.namespace;
+                let set = c.world.set_pod_ip(ns, &e.pod.name, e.ip);
+                c.changed(set, Some(ns));
             }
-            let mut out = BTreeMap::new();
+            let Cluster {
+                world,
+                dirty,
+                compiled,
+                ..
+            } = c;
             let mut unknown = Vec::new();
-            for e in &endpoints {
-                match c.world.pod(&e.pod.namespace, &e.pod.name) {
-                    Some(pod) => {
-                        let (rules, cut) = c.world.compile(pod);
-                        for t in cut {
-                            warn!(pod = %format!("{}/{}", pod.namespace, pod.name), prefix = %t.prefix, ranges = t.ranges,
-                                  "the pod's policies admit more port ranges for one peer than the dataplane holds; the rest are not admitted");
-                        }
-                        out.insert(e.ip, rules);
-                    }
-                    None => unknown.push(e),
+            let local = endpoints.iter().filter_map(|e| {
+                let pod = world.pod(&e.pod.namespace, &e.pod.name);
+                if pod.is_none() {
+                    unknown.push(e);
                 }
-            }
+                Some((e.ip, pod?))
+            });
+            let n = compiled.update(world, dirty, local, |pod| {
+                let (rules, cut) = world.compile(pod);
+                for t in cut {
+                    warn!(pod = %format!("{}/{}", pod.namespace, pod.name), prefix = %t.prefix, ranges = t.ranges,
+                          "the pod's policies admit more port ranges for one peer than the dataplane holds; the rest are not admitted");
+                }
+                rules
+            });
+            *dirty = Dirty::default();
+            debug!(recompiled = n.pods, kept = n.kept, "local pods' rules");
+            let out: BTreeMap<Ipv4Addr, PodRules> = endpoints
+                .iter()
+                .filter_map(|e| Some((e.ip, compiled.rules(e.ip)?.clone())))
+                .collect();
             Some((out, unknown))
         })?;
         let mut out = out;
@@ -286,8 +314,8 @@ impl Engine {
             EnforcingMode::Strict => {
                 info!(%ip, pod = %format!("{namespace}/{name}"), "the pod's policies are not known yet; NETWORK_POLICY_ENFORCING_MODE=strict denies its traffic until they are");
                 Some(PodRules {
-                    ingress: Some(RuleSet::new()),
-                    egress: Some(RuleSet::new()),
+                    ingress: Some(Arc::default()),
+                    egress: Some(Arc::default()),
                     policies: Vec::new(),
                 })
             }

@@ -5,6 +5,7 @@
 //! (`dataplane::policy_maps`). The programs' verdicts come back as flow records
 //! ([`flows`], [`flow_log`]).
 
+pub mod cache;
 pub mod compile;
 pub mod engine;
 pub mod flow_log;

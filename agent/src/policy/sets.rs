@@ -12,11 +12,14 @@ use vpc_ebpf_common::policy::{PolicedPod, SET_NONE, direction};
 
 use super::compile::{PodRules, RuleSet};
 
+/// A rule set, shared (see [`PodRules`]).
+type Set = std::sync::Arc<RuleSet>;
+
 /// What the maps hold (or will once a plan is applied).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     /// Set id → (direction, rules).
-    pub sets: BTreeMap<u32, (u32, RuleSet)>,
+    pub sets: BTreeMap<u32, (u32, Set)>,
     /// Pod → its sets; pods isolated in neither direction are absent.
     pub pods: BTreeMap<Ipv4Addr, PolicedPod>,
 }
@@ -26,13 +29,13 @@ pub struct Applied {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     /// 1. Sets to write.
-    pub new_sets: Vec<(u32, u32, RuleSet)>,
+    pub new_sets: Vec<(u32, u32, Set)>,
     /// 2. Pods to point at (other) sets.
     pub pods_set: Vec<(Ipv4Addr, PolicedPod)>,
     /// 3. Pods no longer isolated.
     pub pods_removed: Vec<Ipv4Addr>,
     /// 4. Sets no pod points to any more.
-    pub dead_sets: Vec<(u32, u32, RuleSet)>,
+    pub dead_sets: Vec<(u32, u32, Set)>,
 }
 
 impl Plan {
@@ -48,7 +51,7 @@ impl Applied {
     /// The plan that makes the maps enforce `desired` (every local pod's rules), and the
     /// state once it is applied.
     pub fn plan(&self, desired: &BTreeMap<Ipv4Addr, PodRules>) -> (Plan, Applied) {
-        let mut by_content: BTreeMap<(u32, &RuleSet), u32> = self
+        let mut by_content: BTreeMap<(u32, &Set), u32> = self
             .sets
             .iter()
             .map(|(id, (dir, rules))| ((*dir, rules), *id))
@@ -142,8 +145,8 @@ mod tests {
 
     fn pod(ingress: Option<&str>, egress: Option<&str>) -> PodRules {
         PodRules {
-            ingress: ingress.map(rules),
-            egress: egress.map(rules),
+            ingress: ingress.map(rules).map(Set::new),
+            egress: egress.map(rules).map(Set::new),
             policies: Vec::new(),
         }
     }

@@ -319,7 +319,7 @@ fn named_egress_ports_resolve_on_each_destination() {
     )]);
     // Only y/b serves "web", on 81.
     change(&mut w, Y * 3 + B, |p| {
-        p.named_ports.push(("web".into(), TCP, 81))
+        p.named_ports.push(("web".into(), TCP, 81));
     });
     assert_eq!(
         table(&w, TCP, 81),
