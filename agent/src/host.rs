@@ -37,6 +37,7 @@ pub struct Link {
     pub name: String,
     /// `None` for links without an Ethernet address (loopback, tunnels).
     pub mac: Option<MacAddr>,
+    pub mtu: u32,
 }
 
 /// A `/32` route to a pod through its host veth.
@@ -68,11 +69,13 @@ fn link(l: &LinkMessage) -> Link {
         index: l.header.index,
         name: String::new(),
         mac: None,
+        mtu: 0,
     };
     for a in &l.attributes {
         match a {
             LinkAttribute::IfName(n) => out.name.clone_from(n),
             LinkAttribute::Address(m) => out.mac = MacAddr::from_slice(m),
+            LinkAttribute::Mtu(m) => out.mtu = *m,
             _ => {}
         }
     }
@@ -132,6 +135,19 @@ impl Host {
             .execute()
             .await;
         exists_is_ok(r, "adding an ENI's address")
+    }
+
+    /// Sets an ENI's MTU (`AWS_VPC_ENI_MTU`), as aws-node does for every ENI it manages.
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), HostError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(|source| HostError::Netlink {
+                what: "setting an ENI's MTU",
+                source,
+            })
     }
 
     /// The routing table of a secondary ENI, as Amazon VPC CNI lays it out (table =

@@ -935,6 +935,7 @@ mod tests {
                 index: 12,
                 name: "eni12".into(),
                 mac: None,
+                mtu: 9001,
             },
         )]
         .into();

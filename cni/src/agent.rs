@@ -25,8 +25,10 @@ pub async fn connect(socket: &Path) -> Result<Client, CniError> {
         .await
         .map(|c| c.max_decoding_message_size(4 << 20))
         .map_err(|e| {
+            // The agent restarting (an upgrade, a crash) passes by itself: the runtime
+            // should retry, not fail the pod (CNI code 11).
             CniError::new(
-                ErrorCode::Agent,
+                ErrorCode::TryAgainLater,
                 "cannot reach the vpc-ebpf agent",
                 format!(
                     "{}; is the vpc-ebpf agent (DaemonSet) running on this node? \

@@ -177,7 +177,12 @@ fn del_works_without_netns_and_without_the_agent() {
         .collect();
     assert_eq!(pending.len(), 1, "the release is remembered for the agent");
     let add = env.call("ADD", "x", Some(&pod), "1.1.0").run();
-    assert_eq!(add.code(), 100, "ADD with the agent down: {}", add.stdout);
+    assert_eq!(
+        add.code(),
+        11,
+        "ADD with the agent down: try again later: {}",
+        add.stdout
+    );
     assert!(add.json()["details"].as_str().unwrap().contains("running"));
 
     let agent = TestAgent::restart(&env.dir);

@@ -35,10 +35,27 @@ fn every_packet_path() {
         &dir.join("node1"),
         &[("MINIMUM_IP_TARGET", "12"), ("WARM_IP_TARGET", "2")],
     );
-    let mut a2 = LabAgent::start(&lab, 2, &dir.join("node2"), &[("WARM_IP_TARGET", "2")]);
+    // Node 2's ENIs take another MTU than EC2 gave them (the lab's are 9001, as EC2's).
+    let mut a2 = LabAgent::start(
+        &lab,
+        2,
+        &dir.join("node2"),
+        &[("WARM_IP_TARGET", "2"), ("AWS_VPC_ENI_MTU", "8500")],
+    );
     a1.wait_ready(Duration::from_secs(30));
     a2.wait_ready(Duration::from_secs(30));
     let node1 = a1.node_ns.clone();
+    for (ns, want) in [(&node1, "mtu 9001"), (&a2.node_ns, "mtu 8500")] {
+        let (_, links) = sh(ns, &["ip", "-o", "link", "show"]);
+        // The lab's ENIs are eth<device index>, as on an instance (the pods' host veths
+        // are eni…, as aws-node names them).
+        let enis: Vec<&str> = links.lines().filter(|l| l.contains(": eth")).collect();
+        assert!(!enis.is_empty(), "no ENI in {ns}:\n{links}");
+        assert!(
+            enis.iter().all(|l| l.contains(want)),
+            "AWS_VPC_ENI_MTU: want {want} on every ENI of {ns}:\n{links}"
+        );
+    }
     let p = add_pods(&a1, &dir, "dpa", 10);
     let q = add_pods(&a2, &dir, "dpb", 1);
     let assignments = a1.introspect("/v1/assignments").unwrap();

@@ -48,30 +48,11 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
         "dataplane" => dataplane(&args[1..]),
         "pods" => pods(&args[1..]),
         "ipam" => ipam(&args[1..]),
-        "policy-scale" => {
-            deps::ensure_system_packages(&[("ip", "iproute2")])?;
-            deps::ensure_ebpf_toolchain()?;
-            crate::ebpf::build(true)?;
-            run(Command::new(cargo())
-                .args(["build", "--release", "-p", "vpc-ebpf-bench"])
-                .current_dir(root()))?;
-            run(Command::new(target_dir()?.join("release/vpc-ebpf-bench"))
-                .arg("policy-scale")
-                .args(&args[1..]))
-        }
-        "progcost" => {
-            deps::ensure_system_packages(&[("ip", "iproute2")])?;
-            deps::ensure_ebpf_toolchain()?;
-            crate::ebpf::build(true)?;
-            run(Command::new(cargo())
-                .args(["build", "--release", "-p", "vpc-ebpf-bench"])
-                .current_dir(root()))?;
-            run(Command::new(target_dir()?.join("release/vpc-ebpf-bench"))
-                .arg("progcost")
-                .args(&args[1..]))
-        }
+        "policy-scale" | "progcost" => in_netns(what, &args[1..]),
         other => {
-            bail!("unknown benchmark {other:?}: available: cni, dataplane, ipam, pods, progcost")
+            bail!(
+                "unknown benchmark {other:?}: available: cni, dataplane, ipam, pods, policy-scale, progcost"
+            )
         }
     }
 }
@@ -102,6 +83,19 @@ fn dataplane(args: &[String]) -> anyhow::Result<()> {
 /// Release builds of the agent, plugin and bench, then the IPAM measurements in a lab of
 /// the bench's own; the bench is pointed at the release agent and plugin, which live
 /// outside the `target/<profile>/deps` layout the test helpers look in by default.
+/// A release `vpc-ebpf-bench <what>` that makes its own network namespace and pins.
+fn in_netns(what: &str, args: &[String]) -> anyhow::Result<()> {
+    deps::ensure_system_packages(&[("ip", "iproute2")])?;
+    deps::ensure_ebpf_toolchain()?;
+    crate::ebpf::build(true)?;
+    run(Command::new(cargo())
+        .args(["build", "--release", "-p", "vpc-ebpf-bench"])
+        .current_dir(root()))?;
+    run(Command::new(target_dir()?.join("release/vpc-ebpf-bench"))
+        .arg(what)
+        .args(args))
+}
+
 fn ipam(args: &[String]) -> anyhow::Result<()> {
     deps::ensure_system_packages(&[("ip", "iproute2"), ("nsenter", "util-linux")])?;
     let python = deps::ensure_lab_python()?;

@@ -193,6 +193,8 @@ struct Owner {
     /// What the policy maps enforce; read from the (pinned) maps on first use, so that a
     /// restarted agent changes only what differs.
     policy: Option<crate::policy::sets::Applied>,
+    /// `AWS_VPC_ENI_MTU`, from the node's settings.
+    eni_mtu: Option<u32>,
 }
 
 const TICK: Duration = Duration::from_secs(1);
@@ -237,6 +239,7 @@ pub fn spawn(
                     metrics,
                     counted: HashMap::new(),
                     policy: None,
+                    eni_mtu: None,
                 };
                 let mut tick = tokio::time::interval(TICK);
                 let mut ticks = 0u64;
@@ -359,6 +362,16 @@ impl Owner {
             ))
         })?;
         self.gateway = s.gateway;
+        if self.eni_mtu != Some(s.eni_mtu) {
+            self.eni_mtu = Some(s.eni_mtu);
+            // ENIs programmed under another MTU take this one.
+            for (index, _) in self.programmed.values() {
+                if let Some(l) = links.values().find(|l| l.index == *index) {
+                    self.apply_mtu(l).await;
+                }
+            }
+            self.apply_mtu(primary).await;
+        }
         self.dp.set_node(&NodeSpec {
             node_ip: s.node_ip,
             primary_eni_ifindex: primary.index,
@@ -370,6 +383,22 @@ impl Owner {
             snat_ports: s.snat_ports,
             snat_skip: Some(s.snat_skip),
         })
+    }
+
+    /// Gives the ENI `AWS_VPC_ENI_MTU` (once known), when it has another.
+    async fn apply_mtu(&self, link: &crate::host::Link) {
+        let Some(mtu) = self.eni_mtu else { return };
+        if link.mtu == mtu {
+            return;
+        }
+        match self.host.set_mtu(link.index, mtu).await {
+            Ok(()) => {
+                info!(iface = %link.name, from = link.mtu, to = mtu, "ENI MTU set (AWS_VPC_ENI_MTU)");
+            }
+            Err(e) => {
+                warn!(iface = %link.name, mtu, error = %Chain(&e), "could not set the ENI's MTU (AWS_VPC_ENI_MTU)");
+            }
+        }
     }
 
     /// Programs every wanted ENI the kernel shows (bringing secondary ones up with their
@@ -393,6 +422,7 @@ impl Owner {
                 warn!(eni = %e.id, iface = %link.name, error = %Chain(&err), "could not bring the ENI up");
                 continue;
             }
+            self.apply_mtu(link).await;
             self.dp.upsert_eni(&EniSpec {
                 ifindex: link.index,
                 mac: e.mac,

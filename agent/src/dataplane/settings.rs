@@ -31,6 +31,8 @@ pub struct NodeSettings {
     pub network_policy: bool,
     pub snat_ports: (u16, u16),
     pub snat_skip: (u16, u16),
+    /// `AWS_VPC_ENI_MTU`, set on every ENI.
+    pub eni_mtu: u32,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -79,6 +81,7 @@ pub fn node_settings(
         network_policy: config.network_policy,
         snat_ports: config.snat_ports,
         snat_skip: ephemeral,
+        eni_mtu: config.mtu,
     })
 }
 

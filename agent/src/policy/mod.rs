@@ -12,3 +12,5 @@ pub mod flow_log;
 pub mod flows;
 pub mod model;
 pub mod sets;
+#[cfg(test)]
+mod testing;

@@ -2,26 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::json;
 
 use super::*;
-use crate::policy::model::{Policy, TCP};
+use crate::policy::testing::{self, policy};
 
 fn pod(ns: &str, name: &str, last: u8, app: &str) -> PodView {
-    PodView {
-        namespace: ns.into(),
-        name: name.into(),
-        ip: Some(Ipv4Addr::new(10, 0, 0, last)),
-        labels: BTreeMap::from([("app".into(), app.into())]),
-        named_ports: vec![("http".into(), TCP, 8080)],
-        host_network: false,
-    }
-}
-
-fn policy(v: serde_json::Value) -> Policy {
-    let np: NetworkPolicy = serde_json::from_value(v).expect("a valid policy");
-    Policy::from_api(&np).0
+    testing::pod(ns, name, Ipv4Addr::new(10, 0, 0, last), app)
 }
 
 /// Local: x/a (selected by a same-namespace policy), y/b (a policy whose peers are the

@@ -2,31 +2,14 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::json;
 
 use super::*;
-use crate::policy::model::{PodView, Policy};
+use crate::policy::testing::{pod, policy};
 
 const A: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
 const B: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 11);
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-
-fn pod(ns: &str, name: &str, ip: Ipv4Addr, app: &str) -> PodView {
-    PodView {
-        namespace: ns.into(),
-        name: name.into(),
-        ip: Some(ip),
-        labels: BTreeMap::from([("app".into(), app.into())]),
-        named_ports: vec![("http".into(), TCP, 8080)],
-        host_network: false,
-    }
-}
-
-fn policy(v: serde_json::Value) -> Policy {
-    let np: NetworkPolicy = serde_json::from_value(v).expect("a valid policy");
-    Policy::from_api(&np).0
-}
 
 /// x/a (app=web) and y/b (app=db). In y: `deny-all` isolates every pod for ingress,
 /// `web-to-db` admits x's pods on the named port `http`. In x: `egress-db` lets a reach
