@@ -45,6 +45,7 @@ def main(argv: list[str]) -> int:
     u.add_argument("--nodes", type=int, default=2)
     u.add_argument("--instance-type", default="m5.large")
     u.add_argument("--imds-lag", type=float, default=1.0)
+    u.add_argument("--zones", type=int, default=1, help="zones the nodes are spread over (1-3)")
     u.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE")
     u.add_argument("--json", action="store_true")
     sub.add_parser("down", help="remove everything the lab made (idempotent)")
@@ -58,6 +59,16 @@ def main(argv: list[str]) -> int:
     f.add_argument("--count", type=int, default=1)
     f.add_argument("--delay", type=float, default=0.0, help="seconds to hang before answering")
     sub.add_parser("clear-faults", help="drop every pending fault")
+    sn = sub.add_parser("subnet", help="add a subnet to the VPC (prints its id)")
+    sn.add_argument("--cidr", required=True)
+    sn.add_argument("--az", required=True)
+    sn.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    tg = sub.add_parser("tag", help="set or remove tags of an EC2 resource")
+    tg.add_argument("--resource", required=True)
+    tg.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    tg.add_argument("--remove", action="append", default=[], metavar="KEY")
+    vc = sub.add_parser("vpc-cidr", help="associate another CIDR block with the VPC")
+    vc.add_argument("--cidr", required=True)
     c = sub.add_parser("cluster", help="the Kubernetes cluster on the running lab")
     c.add_argument("action", choices=["all", "up", "push", "install", "check", "bench-pods",
                                          "stop-apiserver", "start-apiserver"])
@@ -82,6 +93,7 @@ def main(argv: list[str]) -> int:
         if args.cmd == "up":
             cfg = LabConfig(prefix=args.prefix, nodes=args.nodes,
                             instance_type=args.instance_type, imds_lag=args.imds_lag,
+                            zones=args.zones,
                             agent_env=parse_env(args.agent_env))
             status = lifecycle.up(cfg)
             if args.json:
@@ -114,6 +126,17 @@ def main(argv: list[str]) -> int:
         if args.cmd == "cluster":
             from .cluster import main as cluster_main
             return cluster_main.run(cfg, status, args)
+        if args.cmd == "subnet":
+            print(client.call(cfg.control_socket, "POST", "/subnets", {
+                "cidr": args.cidr, "az": args.az, "tags": parse_env(args.tag)})["subnet_id"])
+            return 0
+        if args.cmd == "tag":
+            client.call(cfg.control_socket, "POST", "/tags", {
+                "resource": args.resource, "tags": parse_env(args.tag), "remove": args.remove})
+            return 0
+        if args.cmd == "vpc-cidr":
+            client.call(cfg.control_socket, "POST", "/vpc-cidrs", {"cidr": args.cidr})
+            return 0
         if args.cmd == "clear-faults":
             client.call(cfg.control_socket, "DELETE", "/faults")
             return 0

@@ -223,6 +223,13 @@ class Front:
                            f"The subnet ID '{subnet_id}' does not exist") from e
         return Subnet.parse(s["CidrBlock"])
 
+    def subnet_az(self, subnet_id: str) -> str:
+        return self.ec2.describe_subnets(SubnetIds=[subnet_id])["Subnets"][0]["AvailabilityZone"]
+
+    def instance_az(self, instance_id: str) -> str:
+        res = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+        return res[0]["Instances"][0]["Placement"]["AvailabilityZone"]
+
     def used_in_subnet(self, subnet_id: str) -> set[ipaddress.IPv4Address]:
         enis = self.ec2.describe_network_interfaces(
             Filters=[{"Name": "subnet-id", "Values": [subnet_id]}])["NetworkInterfaces"]
@@ -258,6 +265,13 @@ class Front:
         if (eni.get("Attachment") or {}).get("Status") in ("attached", "attaching"):
             raise Ec2Error("InvalidNetworkInterface.InUse", f"Interface: [{eni_id}] in use.")
         itype, max_enis, max_ips = self.limits(instance_id)
+        eni_az = eni.get("AvailabilityZone") or self.subnet_az(eni["SubnetId"])
+        inst_az = self.instance_az(instance_id)
+        if eni_az != inst_az:
+            raise Ec2Error("InvalidParameterCombination",
+                           f"You may not attach a network interface to an instance if they are "
+                           f"not in the same availability zone ({eni_id} is in {eni_az}, "
+                           f"{instance_id} in {inst_az}).")
         attached = self.attached_enis(instance_id)
         if any(a["Attachment"]["DeviceIndex"] == device for a in attached):
             raise Ec2Error("InvalidParameterValue",
@@ -426,6 +440,25 @@ class Front:
             pfx = self.prefixes.get(eni_id)
             if pfx:
                 add_prefix_set(item, ns, pfx)
+        return status, b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root)
+
+
+    def do_DescribeSubnets(self, p, body, headers):
+        """moto's free-address count ignores delegated prefixes and addresses assigned
+        after creation; EC2's counts every address taken, which subnet discovery orders
+        subnets by."""
+        status, out = self.forward_raw(p, body, headers)
+        if status != 200:
+            return status, out
+        root = ET.fromstring(out)
+        ns = ns_of(root)
+        for item in root.iterfind(q(ns, "subnetSet", "item")):
+            sid = item.findtext(q(ns, "subnetId"))
+            cidr = item.findtext(q(ns, "cidrBlock"))
+            count = item.find(q(ns, "availableIpAddressCount"))
+            if sid and cidr and count is not None:
+                size = ipaddress.IPv4Network(cidr).num_addresses
+                count.text = str(max(0, size - 5 - len(self.used_in_subnet(sid))))
         return status, b'<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root)
 
 

@@ -4,6 +4,7 @@ control API on a unix socket, and keeps the fabric in step with EC2."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -61,28 +62,67 @@ class Lab:
         vpc = self.ec2.create_vpc(CidrBlock=cfg.vpc_cidr, TagSpecifications=[
             {"ResourceType": "vpc", "Tags": [{"Key": "Name", "Value": f"{cfg.prefix}-vpc"}]}])
         self.vpc_id = vpc["Vpc"]["VpcId"]
-        subnet = self.ec2.create_subnet(VpcId=self.vpc_id, CidrBlock=cfg.subnet_cidr,
-                                        AvailabilityZone=cfg.az)
-        self.subnet_id = subnet["Subnet"]["SubnetId"]
-        base = int.from_bytes(bytes(int(x) for x in cfg.subnet_cidr.split("/")[0].split(".")),
-                              "big")
+        self.ec2.associate_vpc_cidr_block(VpcId=self.vpc_id, CidrBlock=cfg.secondary_cidr)
+        self.node_subnets: list[str] = []
+        self.pod_subnets: list[str] = []
+        for z in range(cfg.zones):
+            self.node_subnets.append(self.add_subnet(
+                cfg.node_subnet_cidr(z), cfg.zone(z), {"Name": f"{cfg.prefix}-nodes-{z}"}))
+            self.pod_subnets.append(self.add_subnet(
+                cfg.pod_subnet_cidr(z), cfg.zone(z), {"Name": f"{cfg.prefix}-pods-{z}"}))
+        self.subnet_id = self.node_subnets[0]
+        # A security group for pods, apart from the nodes' (the VPC's default group), so
+        # a test can tell which one an ENI got.
+        self.pods_sg = self.ec2.create_security_group(
+            GroupName=f"{cfg.prefix}-pods", Description="pods", VpcId=self.vpc_id)["GroupId"]
         for i in range(1, cfg.nodes + 1):
-            ip = ".".join(str(b) for b in (base + 10 + i).to_bytes(4, "big"))
+            z = cfg.node_zone(i)
+            net = ipaddress.IPv4Network(cfg.node_subnet_cidr(z))
+            ip = str(net.network_address + 10 + i)
             r = self.ec2.run_instances(
                 ImageId=IMAGE_ID, MinCount=1, MaxCount=1, InstanceType=cfg.instance_type,
-                SubnetId=self.subnet_id, PrivateIpAddress=ip,
+                SubnetId=self.node_subnets[z], PrivateIpAddress=ip,
                 TagSpecifications=[{"ResourceType": "instance", "Tags": [
                     {"Key": "Name", "Value": f"node{i}"}]}])
             inst = r["Instances"][0]
             node = fabric.Node(i, cfg.node_ns(i), inst["InstanceId"])
             self.nodes.append(node)
             self.instances[node.instance_id] = imds.Instance(
-                inst["InstanceId"], cfg.instance_type, cfg.region, cfg.az,
+                inst["InstanceId"], cfg.instance_type, cfg.region, cfg.zone(z),
                 inst.get("OwnerId") or r.get("OwnerId", "123456789012"), IMAGE_ID)
             self.histories[node.instance_id] = imds.History(cfg.imds_lag)
             fabric.build_node(cfg, node)
         self.fabric = fabric.Fabric(cfg, self.nodes)
         self.sync()
+
+    def add_subnet(self, cidr: str, az: str, tags: dict[str, str]) -> str:
+        spec = [{"ResourceType": "subnet",
+                 "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}] if tags else []
+        return self.ec2.create_subnet(VpcId=self.vpc_id, CidrBlock=cidr, AvailabilityZone=az,
+                                      TagSpecifications=spec)["Subnet"]["SubnetId"]
+
+    def set_tags(self, resource: str, tags: dict[str, str], remove: list[str]) -> None:
+        if tags:
+            self.ec2.create_tags(Resources=[resource],
+                                 Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+        if remove:
+            self.ec2.delete_tags(Resources=[resource], Tags=[{"Key": k} for k in remove])
+
+    def add_vpc_cidr(self, cidr: str) -> None:
+        self.ec2.associate_vpc_cidr_block(VpcId=self.vpc_id, CidrBlock=cidr)
+        self.sync()  # IMDS shows the VPC's CIDR blocks per ENI
+
+    def subnets(self) -> list[dict]:
+        out = []
+        for s in self.ec2.describe_subnets(
+                Filters=[{"Name": "vpc-id", "Values": [self.vpc_id]}])["Subnets"]:
+            used = self.front.used_in_subnet(s["SubnetId"])
+            net = ipaddress.IPv4Network(s["CidrBlock"])
+            out.append({"id": s["SubnetId"], "cidr": s["CidrBlock"],
+                        "az": s["AvailabilityZone"],
+                        "tags": {t["Key"]: t["Value"] for t in s.get("Tags", [])},
+                        "available": net.num_addresses - 5 - len(used)})
+        return sorted(out, key=lambda s: ipaddress.IPv4Network(s["cidr"]))
 
     def sync(self) -> None:
         """EC2 changed: bring the fabric and the IMDS histories up to date."""
@@ -113,19 +153,28 @@ class Lab:
         for node in self.nodes:
             mine = sorted((e for e in enis if e.instance_id == node.instance_id),
                           key=lambda e: e.device_index)
+            z = self.cfg.node_zone(node.index)
             nodes.append({
                 "name": f"node{node.index}", "netns": node.ns, "instance_id": node.instance_id,
+                "az": self.cfg.zone(z), "subnet_id": self.node_subnets[z],
                 "instance_type": self.cfg.instance_type,
                 "primary_ip": next((e.primary_ip for e in mine if e.device_index == 0), None),
                 "enis": [{"id": e.eni_id, "mac": e.mac, "device_index": e.device_index,
                           "primary_ip": e.primary_ip, "secondary_ips": list(e.secondary_ips),
                           "prefixes": list(e.prefixes), "subnet_id": e.subnet_id,
+                          "security_groups": list(e.sg_ids),
                           "iface": links.get(e.eni_id, {}).get("iface")} for e in mine],
             })
         return {
             "ready": True, "prefix": self.cfg.prefix, "region": self.cfg.region,
             "vpc_id": self.vpc_id, "vpc_cidr": self.cfg.vpc_cidr, "subnet_id": self.subnet_id,
-            "subnet_cidr": self.cfg.subnet_cidr, "ec2_endpoint": self.cfg.ec2_endpoint,
+            "subnet_cidr": self.cfg.subnet_cidr,
+            "zones": [self.cfg.zone(z) for z in range(self.cfg.zones)],
+            "node_subnets": self.node_subnets, "pod_subnets": self.pod_subnets,
+            "pods_security_group": self.pods_sg, "subnets": self.subnets(),
+            "vpc_cidrs": [a["CidrBlock"] for a in self.ec2.describe_vpcs(
+                VpcIds=[self.vpc_id])["Vpcs"][0]["CidrBlockAssociationSet"]],
+            "ec2_endpoint": self.cfg.ec2_endpoint,
             "ec2_namespace": self.cfg.ns("aws"), "imds": "http://169.254.169.254 in each node",
             "imds_lag_seconds": self.cfg.imds_lag, "router_namespace": self.cfg.ns("vpc"),
             "internet_namespace": self.cfg.ns("inet"), "public_test_ip": self.cfg.public_test_ip,
@@ -167,6 +216,26 @@ def control_server(lab: Lab):
                 except (KeyError, ValueError) as e:
                     return self.reply(400, {"error": f"bad fault: {e}"})
                 return self.reply(200, lab.front.faults.describe())
+            if self.path == "/subnets":
+                try:
+                    sid = lab.add_subnet(b["cidr"], b["az"], b.get("tags") or {})
+                except KeyError as e:
+                    return self.reply(400, {"error": f"missing {e}"})
+                except Exception as e:  # noqa: BLE001 - moto's refusal, told to the caller
+                    return self.reply(400, {"error": str(e)})
+                return self.reply(200, {"subnet_id": sid})
+            if self.path == "/tags":
+                try:
+                    lab.set_tags(b["resource"], b.get("tags") or {}, b.get("remove") or [])
+                except Exception as e:  # noqa: BLE001
+                    return self.reply(400, {"error": str(e)})
+                return self.reply(200, {})
+            if self.path == "/vpc-cidrs":
+                try:
+                    lab.add_vpc_cidr(b["cidr"])
+                except Exception as e:  # noqa: BLE001
+                    return self.reply(400, {"error": str(e)})
+                return self.reply(200, {})
             if self.path == "/imds-lag":
                 for h in lab.histories.values():
                     h.lag = float(b["seconds"])

@@ -36,9 +36,11 @@ def up(cfg: LabConfig, timeout: float = 60) -> dict:
     cfg.validate()
     if client.alive(cfg.control_socket):
         running = LabConfig.load(cfg.run_dir / "config.json")
-        if (running.nodes, running.instance_type) != (cfg.nodes, cfg.instance_type):
+        if (running.nodes, running.instance_type, running.zones) != (
+                cfg.nodes, cfg.instance_type, cfg.zones):
             raise UpError(
-                f"lab {cfg.prefix} is already up with {running.nodes} x {running.instance_type}; "
+                f"lab {cfg.prefix} is already up with {running.nodes} x {running.instance_type} "
+                f"in {running.zones} zone(s); "
                 f"run `cargo xtask lab down` first to change it")
         return client.call(cfg.control_socket, "GET", "/status")
     down(cfg.prefix)  # leftovers of a crashed lab

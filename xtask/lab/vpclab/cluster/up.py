@@ -394,6 +394,7 @@ state = "/run/containerd"
                                                                        exist_ok=True)
 
     def start_node(self, node: NodeInfo, max_pods: int) -> None:
+        zone = self.cfg.zone(self.cfg.node_zone(node.index))
         self.make_cgroups(node)
         self.start_holder(node)
         conf = self.write_node_configs(node, max_pods)
@@ -416,9 +417,9 @@ state = "/run/containerd"
             "--container-runtime-endpoint=unix:///run/containerd/containerd.sock",
             f"--hostname-override={node.name}",
             f"--node-ip={node.primary_ip}",
-            f"--provider-id=aws:///{self.cfg.az}/{node.instance_id}",
+            f"--provider-id=aws:///{zone}/{node.instance_id}",
             f"--pod-infra-container-image={REGISTRY}/pause:{self.images_tag}",
-            f"--node-labels=topology.kubernetes.io/zone={self.cfg.az},"
+            f"--node-labels=topology.kubernetes.io/zone={zone},"
             f"topology.kubernetes.io/region={self.cfg.region},"
             f"node.kubernetes.io/instance-type={self.cfg.instance_type}",
             "--v=1"]), log=logs / "kubelet.log")
