@@ -12,7 +12,10 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration}
 
 use ipnet::Ipv4Net;
 
-use crate::ipam::pool::{Mode, Targets};
+use crate::ipam::{
+    placement::DEFAULT_ENICONFIG_KEY,
+    pool::{Mode, Targets},
+};
 
 #[derive(Clone, Debug, PartialEq)]
 #[allow(
@@ -26,6 +29,16 @@ pub struct Config {
     pub cluster_name: Option<String>,
     pub additional_eni_tags: BTreeMap<String, String>,
     pub disable_leaked_eni_cleanup: bool,
+    /// AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG: new ENIs go where the node's ENIConfig says;
+    /// the primary ENI holds no pod addresses.
+    pub custom_network: bool,
+    /// ENI_CONFIG_LABEL_DEF / ENI_CONFIG_ANNOTATION_DEF: the node label and annotation
+    /// naming its ENIConfig.
+    pub eniconfig_label: String,
+    pub eniconfig_annotation: String,
+    /// ENABLE_SUBNET_DISCOVERY: new ENIs go to the zone's subnets tagged
+    /// `kubernetes.io/role/cni`, most free addresses first.
+    pub subnet_discovery: bool,
     /// VPC_EBPF_LEAKED_ENI_AGE: how old a detached ENI of ours must be before cleanup
     /// deletes it (younger ones may be in the middle of our own attach).
     pub leaked_eni_age: Duration,
@@ -332,20 +345,10 @@ fn parse_bool(v: &str) -> Option<bool> {
 
 /// VPC CNI features vpc-ebpf does not have: on, they are reported (the node still gets
 /// pod networking from its own subnet), never silently ignored.
-const UNSUPPORTED_FEATURES: [(&str, &str); 3] = [
-    (
-        "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG",
-        "custom networking (ENIConfig) is not supported yet: pods get addresses from the node's subnet",
-    ),
-    (
-        "ENABLE_POD_ENI",
-        "security groups for pods (branch ENIs) are not supported: pods use the node's security groups",
-    ),
-    (
-        "ENABLE_SUBNET_DISCOVERY",
-        "subnet discovery is not supported yet: new ENIs go to the node's subnet",
-    ),
-];
+const UNSUPPORTED_FEATURES: [(&str, &str); 1] = [(
+    "ENABLE_POD_ENI",
+    "security groups for pods (branch ENIs) are not supported: pods use the node's security groups",
+)];
 
 impl Config {
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -447,6 +450,14 @@ impl Config {
             cluster_name: r.raw("CLUSTER_NAME"),
             additional_eni_tags,
             disable_leaked_eni_cleanup: r.cni_flag("DISABLE_LEAKED_ENI_CLEANUP", false),
+            custom_network: r.cni_flag("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", false),
+            eniconfig_label: r
+                .raw("ENI_CONFIG_LABEL_DEF")
+                .unwrap_or_else(|| DEFAULT_ENICONFIG_KEY.into()),
+            eniconfig_annotation: r
+                .raw("ENI_CONFIG_ANNOTATION_DEF")
+                .unwrap_or_else(|| DEFAULT_ENICONFIG_KEY.into()),
+            subnet_discovery: r.cni_flag("ENABLE_SUBNET_DISCOVERY", true),
             leaked_eni_age: Duration::from_secs(u64::from(
                 r.count("VPC_EBPF_LEAKED_ENI_AGE").unwrap_or(300),
             )),
@@ -523,6 +534,10 @@ impl Config {
             "CLUSTER_NAME": self.cluster_name,
             "ADDITIONAL_ENI_TAGS": self.additional_eni_tags,
             "DISABLE_LEAKED_ENI_CLEANUP": self.disable_leaked_eni_cleanup,
+            "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG": self.custom_network,
+            "ENI_CONFIG_LABEL_DEF": self.eniconfig_label,
+            "ENI_CONFIG_ANNOTATION_DEF": self.eniconfig_annotation,
+            "ENABLE_SUBNET_DISCOVERY": self.subnet_discovery,
             "VPC_EBPF_LEAKED_ENI_AGE": self.leaked_eni_age.as_secs(),
             "VPC_EBPF_SUBNET_FULL_PAUSE": self.subnet_full_pause.as_secs(),
             "AWS_VPC_K8S_CNI_EXTERNALSNAT": self.external_snat,
@@ -787,14 +802,27 @@ mod tests {
             ),
             (
                 &[("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "true")],
-                |_| true,
-                true,
+                |c| c.custom_network && c.subnet_discovery,
+                false,
             ),
             (
                 &[("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "false")],
-                |_| true,
+                |c| !c.custom_network,
                 false,
             ),
+            (
+                &[
+                    ("ENABLE_SUBNET_DISCOVERY", "false"),
+                    ("ENI_CONFIG_LABEL_DEF", "topology.kubernetes.io/zone"),
+                ],
+                |c| {
+                    !c.subnet_discovery
+                        && c.eniconfig_label == "topology.kubernetes.io/zone"
+                        && c.eniconfig_annotation == "k8s.amazonaws.com/eniConfig"
+                },
+                false,
+            ),
+            (&[("ENABLE_POD_ENI", "true")], |_| true, true),
         ];
         for (vars, check, reported) in rows {
             let c = parse(vars).unwrap_or_else(|e| panic!("{vars:?}: {e}"));

@@ -78,12 +78,27 @@ async fn metrics(ctx: &Context) -> Response<Body> {
 
 async fn enis(ctx: &Context) -> Value {
     let now = now_ms();
+    let node = ctx.node.borrow().clone();
+    let node_subnet = node
+        .as_ref()
+        .map(|(n, _)| (n.subnet_id.clone(), n.subnet_cidr));
     let (enis, mode, blocked) = ctx
         .services
         .ipam
-        .read(|store, blocked| (eni_rows(store, now), store.mode, blocked))
+        .read(|store, blocked| {
+            (
+                eni_rows(store, now, node_subnet.as_ref()),
+                store.mode,
+                blocked,
+            )
+        })
         .await;
-    let node = ctx.node.borrow().clone();
+    let placement = ctx
+        .services
+        .placement
+        .lock()
+        .map(|p| serde_json::to_value(&*p).unwrap_or_default())
+        .unwrap_or_default();
     let (ready, not_ready_reason) = match ctx.services.ipam.readiness() {
         crate::ipam::Readiness::Ready => (true, String::new()),
         crate::ipam::Readiness::NotReady(why) => (false, why),
@@ -101,12 +116,19 @@ async fn enis(ctx: &Context) -> Value {
             "vpc_cidrs": n.vpc_cidrs,
             "max_enis": n.limits.max_enis,
             "ipv4_per_eni": n.limits.slots_per_eni,
+            "availability_zone": n.availability_zone,
         })),
+        "placement": placement,
+        "max_pods": ctx.services.metrics.max_pods.get(),
         "enis": enis,
     })
 }
 
-fn eni_rows(store: &crate::ipam::store::Store, now: u64) -> Vec<Value> {
+fn eni_rows(
+    store: &crate::ipam::store::Store,
+    now: u64,
+    node_subnet: Option<&(String, ipnet::Ipv4Net)>,
+) -> Vec<Value> {
     store
         .enis()
         .map(|e| {
@@ -127,6 +149,9 @@ fn eni_rows(store: &crate::ipam::store::Store, now: u64) -> Vec<Value> {
                 "device_index": e.device_index,
                 "mac": e.mac,
                 "primary_ip": e.primary_ip,
+                "subnet_id": e.subnet_id.clone().or_else(|| node_subnet.map(|n| n.0.clone())),
+                "subnet_cidr": e.subnet_cidr.or_else(|| node_subnet.map(|n| n.1)),
+                "excluded": e.excluded,
                 "prefixes": e.prefixes.iter().map(|p| format!("{p}/28")).collect::<Vec<_>>(),
                 "addresses": e.addrs.keys().collect::<Vec<_>>(),
                 "assigned": assigned,

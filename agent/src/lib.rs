@@ -15,6 +15,9 @@
 //! | `http`, `metrics` | introspection and Prometheus |
 //! | `aws`, `host`, `persist`, `clock` | thin seams: EC2/IMDS, netlink, crash-safe files, time |
 
+// The effective configuration is one `json!` object of every variable.
+#![recursion_limit = "256"]
+
 pub mod aws;
 pub mod clock;
 pub mod cni_config;

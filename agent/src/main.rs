@@ -185,6 +185,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         pods: k8s.pods.clone(),
         annotate: k8s.annotate.clone(),
         policy: Arc::new(OnceLock::new()),
+        placement: Arc::default(),
     };
     let (node_tx, node_rx) = watch::channel(None);
     let (health, mut tasks) = serve_early(&config, &services, node_rx, &stop).await?;
@@ -252,6 +253,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         notices: k8s.notices,
         on_node: Box::new(on_node),
+        eniconfigs: k8s.kube.as_ref().map(|k| {
+            k8s::eniconfig::EniConfigs::new(
+                k.client.clone(),
+                k.node_name.clone(),
+                k8s::eniconfig::Keys {
+                    label: config.eniconfig_label.clone(),
+                    annotation: config.eniconfig_annotation.clone(),
+                },
+            )
+        }),
+        shown: services.placement.clone(),
     };
     tasks.push(tokio::spawn(reconciler::run_with_discovery(
         ec2_side,

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub enis: Gauge,
     pub eni_max: Gauge,
     pub ip_max: Gauge,
+    /// EKS's max-pods formula for this node (custom networking lowers it).
+    pub max_pods: Gauge,
     pub add_requests: Counter,
     /// Time the agent spends on an AddNetwork call, lock wait and checkpoint included.
     pub add_latency: Histogram,
@@ -106,6 +108,7 @@ impl Metrics {
             enis: Gauge::default(),
             eni_max: Gauge::default(),
             ip_max: Gauge::default(),
+            max_pods: Gauge::default(),
             add_requests: Counter::default(),
             // 10 us .. ~5 s: a warm-pool answer is microseconds; a refill wait is seconds.
             add_latency: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
@@ -160,6 +163,11 @@ impl Metrics {
             "ip_max",
             "Pod addresses the node could hold at most",
             m.ip_max.clone(),
+        );
+        registry.register(
+            "max_pods",
+            "Pods the node can network by EKS's max-pods formula (custom networking leaves out the primary ENI)",
+            m.max_pods.clone(),
         );
         registry.register(
             "add_ip_requests",

@@ -40,6 +40,9 @@ pub struct Node {
     pub availability_zone: String,
     pub subnet_id: String,
     pub subnet_cidr: Ipv4Net,
+    /// Empty in an identity cached by an older agent; discovery fills it in.
+    #[serde(default)]
+    pub vpc_id: String,
     pub vpc_cidrs: Vec<Ipv4Net>,
     pub security_groups: Vec<String>,
     pub primary_eni: String,
@@ -161,6 +164,7 @@ pub async fn discover(
         availability_zone: meta.availability_zone.clone(),
         subnet_id: primary.subnet_id.clone(),
         subnet_cidr: cidr("the subnet CIDR", &pmeta.subnet_cidr)?,
+        vpc_id: pmeta.vpc_id.clone(),
         vpc_cidrs: pmeta
             .vpc_cidrs
             .iter()
@@ -290,6 +294,7 @@ pub(crate) mod tests {
             availability_zone: "us-west-2a".into(),
             subnet_id: "subnet-1".into(),
             subnet_cidr: "10.0.16.0/20".parse().unwrap(),
+            vpc_id: "vpc-1".into(),
             vpc_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
             security_groups: vec!["sg-1".into()],
             primary_eni: "eni-0".into(),

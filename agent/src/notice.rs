@@ -66,4 +66,8 @@ impl Notices {
     pub fn warning(&self, reason: &'static str, message: impl Into<String>) {
         self.raise(Severity::Warning, reason, message);
     }
+
+    pub fn normal(&self, reason: &'static str, message: impl Into<String>) {
+        self.raise(Severity::Normal, reason, message);
+    }
 }

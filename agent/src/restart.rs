@@ -551,20 +551,8 @@ pub async fn adopt_dataplane(
     let (plan, enis) = ipam
         .read(|s, _| {
             let plan = plan_adoption(s, &registry.all(), &pinned, &routes, &links);
-            let enis: HashMap<String, EniDesc> = s
-                .enis()
-                .map(|e| {
-                    (
-                        e.id.clone(),
-                        EniDesc {
-                            id: e.id.clone(),
-                            device_index: e.device_index,
-                            mac: e.mac,
-                            primary_ip: e.primary_ip,
-                        },
-                    )
-                })
-                .collect();
+            let enis: HashMap<String, EniDesc> =
+                s.enis().map(|e| (e.id.clone(), e.desc())).collect();
             (plan, enis)
         })
         .await;

@@ -66,6 +66,8 @@ pub struct Services {
     /// Set before the agent is ready when NetworkPolicy is enforced: a new pod's policy
     /// is programmed before its endpoint, so its first packet is judged.
     pub policy: Arc<OnceLock<Arc<crate::policy::engine::Engine>>>,
+    /// Where new ENIs go (custom networking, subnet discovery), for introspection.
+    pub placement: Arc<std::sync::Mutex<crate::ipam::placer::Shown>>,
 }
 
 pub struct Backend {
@@ -170,6 +172,7 @@ impl Services {
             Some(GrowthBlock::Pool(Blocked::EniLimit)) => reason::ENI_LIMIT,
             Some(GrowthBlock::Pool(Blocked::MaxPods)) => reason::MAX_PODS,
             Some(GrowthBlock::SubnetExhausted) => reason::SUBNET_EXHAUSTED,
+            Some(GrowthBlock::Placement) => reason::ENI_PLACEMENT,
             None => reason::POOL_REFILLING,
         };
         self.metrics

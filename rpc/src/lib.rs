@@ -17,6 +17,9 @@ pub mod reason {
     pub const ENI_LIMIT: &str = "eni-limit";
     /// The subnet has no free addresses.
     pub const SUBNET_EXHAUSTED: &str = "subnet-exhausted";
+    /// New ENIs cannot be placed: custom networking's ENIConfig or subnet discovery's
+    /// subnets are wrong; a user must act.
+    pub const ENI_PLACEMENT: &str = "eni-placement";
     /// The node holds as many addresses as it may run pods.
     pub const MAX_PODS: &str = "max-pods";
     /// The agent has not finished discovery; it assigned nothing.

@@ -84,6 +84,7 @@ impl TestAgent {
             pods: vpc_ebpf_agent::k8s::pods::PodCache::default(),
             annotate: None,
             policy: Arc::new(OnceLock::new()),
+            placement: Arc::default(),
         };
         let rt = Arc::new(
             tokio::runtime::Builder::new_multi_thread()

@@ -24,6 +24,8 @@ use aws_sdk_ec2::{
     },
 };
 
+use ipnet::Ipv4Net;
+
 use crate::metrics::Metrics;
 
 /// Tag keys shared with Amazon VPC CNI, so ENIs left by either are recognised by both.
@@ -245,6 +247,41 @@ pub struct NewEni {
     pub tags: BTreeMap<String, String>,
     pub secondary_ips: u32,
     pub prefixes: u32,
+}
+
+/// One subnet as EC2 describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubnetInfo {
+    pub id: String,
+    pub cidr: Ipv4Net,
+    pub availability_zone: String,
+    pub vpc_id: String,
+    /// EC2's `AvailableIpAddressCount`.
+    pub available: u32,
+    pub tags: BTreeMap<String, String>,
+}
+
+fn parse_subnet(s: &aws_sdk_ec2::types::Subnet) -> Option<SubnetInfo> {
+    Some(SubnetInfo {
+        id: s.subnet_id()?.to_owned(),
+        cidr: s.cidr_block()?.parse().ok()?,
+        availability_zone: s.availability_zone().unwrap_or_default().to_owned(),
+        vpc_id: s.vpc_id().unwrap_or_default().to_owned(),
+        available: s
+            .available_ip_address_count()
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0),
+        tags: s
+            .tags()
+            .iter()
+            .filter_map(|t| {
+                Some((
+                    t.key()?.to_owned(),
+                    t.value().unwrap_or_default().to_owned(),
+                ))
+            })
+            .collect(),
+    })
 }
 
 /// The instance type's network limits.
@@ -592,6 +629,46 @@ impl Ec2 {
         };
         let r = req.send().await.map(|_| ()).map_err(|e| api_error(OP, &e));
         self.observe(OP, t0, r)
+    }
+
+    /// Subnets by id, or with EC2 filters; one page of up to 1000 is plenty for one VPC
+    /// zone.
+    async fn subnets(
+        &self,
+        ids: &[String],
+        filters: Vec<Filter>,
+    ) -> Result<Vec<SubnetInfo>, Ec2Error> {
+        const OP: &str = "DescribeSubnets";
+        let t0 = Instant::now();
+        let r = async {
+            let out = self
+                .client
+                .describe_subnets()
+                .set_subnet_ids((!ids.is_empty()).then(|| ids.to_vec()))
+                .set_filters((!filters.is_empty()).then_some(filters))
+                .send()
+                .await
+                .map_err(|e| api_error(OP, &e))?;
+            Ok(out.subnets().iter().filter_map(parse_subnet).collect())
+        }
+        .await;
+        self.observe(OP, t0, r)
+    }
+
+    /// The subnets of a VPC in one zone: subnet discovery's candidates.
+    pub async fn subnets_in(&self, vpc_id: &str, zone: &str) -> Result<Vec<SubnetInfo>, Ec2Error> {
+        self.subnets(
+            &[],
+            vec![filter("vpc-id", vpc_id), filter("availability-zone", zone)],
+        )
+        .await
+    }
+
+    pub async fn subnets_by_id(&self, ids: &[String]) -> Result<Vec<SubnetInfo>, Ec2Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.subnets(ids, Vec::new()).await
     }
 
     /// Subnet CIDR and the VPC's CIDR blocks.

@@ -49,6 +49,7 @@ pub struct EniMetadata {
     pub device_index: u32,
     pub subnet_id: String,
     pub subnet_cidr: String,
+    pub vpc_id: String,
     pub vpc_cidrs: Vec<String>,
     /// The ENI's primary address first, then its secondaries.
     pub ipv4s: Vec<Ipv4Addr>,
@@ -253,6 +254,10 @@ impl Imds {
             device_index,
             subnet_id: self.need(&format!("{base}/subnet-id")).await?,
             subnet_cidr: self.need(&format!("{base}/subnet-ipv4-cidr-block")).await?,
+            vpc_id: self
+                .get(&format!("{base}/vpc-id"))
+                .await?
+                .unwrap_or_default(),
             vpc_cidrs: list(self.get(&format!("{base}/vpc-ipv4-cidr-blocks")).await?),
             ipv4s,
             prefixes: list(self.get(&format!("{base}/ipv4-prefix")).await?),

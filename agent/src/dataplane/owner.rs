@@ -188,6 +188,8 @@ struct Owner {
     wanted: BTreeMap<String, EniDesc>,
     /// ENI id -> (ifindex, device index), once programmed.
     programmed: HashMap<String, (u32, u32)>,
+    /// ENI id -> the gateway it was programmed with.
+    gateways: HashMap<String, Ipv4Addr>,
     metrics: Arc<Metrics>,
     counted: HashMap<(u8, u16), u64>,
     /// What the policy maps enforce; read from the (pinned) maps on first use, so that a
@@ -236,6 +238,7 @@ pub fn spawn(
                     gateway,
                     wanted: BTreeMap::new(),
                     programmed: HashMap::new(),
+                    gateways: HashMap::new(),
                     metrics,
                     counted: HashMap::new(),
                     policy: None,
@@ -410,7 +413,10 @@ impl Owner {
             let Some(link) = links.get(&e.mac) else {
                 continue;
             };
-            if self.programmed.get(&e.id).map(|(i, _)| *i) == Some(link.index) {
+            let gateway = e.gateway.unwrap_or(self.gateway);
+            if self.programmed.get(&e.id).map(|(i, _)| *i) == Some(link.index)
+                && self.gateways.get(&e.id) == Some(&gateway)
+            {
                 continue;
             }
             if e.device_index != 0
@@ -423,19 +429,22 @@ impl Owner {
                 continue;
             }
             self.apply_mtu(link).await;
+            // An ENI in another subnet (custom networking, subnet discovery) leaves by
+            // that subnet's gateway.
             self.dp.upsert_eni(&EniSpec {
                 ifindex: link.index,
                 mac: e.mac,
                 primary_ip: e.primary_ip,
-                gateway: self.gateway,
+                gateway,
                 is_primary: e.device_index == 0,
             })?;
             if e.device_index != 0 {
                 self.host
-                    .ensure_eni_table(link.index, e.device_index + 1, self.gateway)
+                    .ensure_eni_table(link.index, e.device_index + 1, gateway)
                     .await?;
             }
-            info!(eni = %e.id, ifindex = link.index, "ENI programmed");
+            info!(eni = %e.id, ifindex = link.index, %gateway, "ENI programmed");
+            self.gateways.insert(e.id.clone(), gateway);
             self.programmed
                 .insert(e.id.clone(), (link.index, e.device_index));
         }
@@ -450,6 +459,7 @@ impl Owner {
                 warn!(eni = %id, error = %Chain(&e), "could not remove a detached ENI from the dataplane");
             }
             self.programmed.remove(&id);
+            self.gateways.remove(&id);
         }
         Ok(self.programmed.len())
     }

@@ -27,6 +27,7 @@ pub struct EniView {
     pub primary_ip: Ipv4Addr,
     pub secondary_ips: Vec<Ipv4Addr>,
     pub prefixes: Vec<Ipv4Addr>,
+    pub subnet_id: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -81,6 +82,7 @@ pub fn views(enis: &[EniInfo], instance_id: &str) -> (Vec<EniView>, BTreeSet<u32
             primary_ip: e.primary_ip,
             secondary_ips: e.secondary_ips.clone(),
             prefixes: e.prefixes.clone(),
+            subnet_id: e.subnet_id.clone(),
         });
     }
     (managed, unmanaged)
@@ -184,6 +186,7 @@ mod tests {
             primary_ip: ip(primary),
             secondary_ips: ips.iter().map(|s| ip(s)).collect(),
             prefixes: prefixes.iter().map(|s| ip(s)).collect(),
+            subnet_id: "subnet-1".into(),
         }
     }
 

@@ -9,6 +9,8 @@
 
 pub mod checkpoint;
 pub mod ec2_merge;
+pub mod placement;
+pub mod placer;
 pub mod pool;
 pub mod reconciler;
 pub mod store;
@@ -40,6 +42,8 @@ pub struct EniDesc {
     pub device_index: u32,
     pub mac: MacAddr,
     pub primary_ip: Ipv4Addr,
+    /// Next hop out of this ENI when its subnet is not the node's.
+    pub gateway: Option<Ipv4Addr>,
 }
 
 /// Why the pool cannot grow, as the reconciler last saw it.
@@ -47,6 +51,9 @@ pub struct EniDesc {
 pub enum GrowthBlock {
     Pool(Blocked),
     SubnetExhausted,
+    /// The ENIConfig or the subnets cannot take a new ENI; the words are in
+    /// [`Ipam::placement_problem`].
+    Placement,
 }
 
 /// Whether the IPAM state is the node's: until it is (checkpoint restored, node known),
@@ -61,11 +68,12 @@ pub enum Readiness {
 pub enum AssignError {
     #[error("the agent is not ready yet: {0}")]
     NotReady(String),
-    #[error("no free address on this node ({total} held, {cooling} cooling down); {}", describe(*.block))]
+    #[error("no free address on this node ({total} held, {cooling} cooling down); {why}")]
     Exhausted {
         total: u32,
         cooling: u32,
         block: Option<GrowthBlock>,
+        why: String,
     },
     #[error("the agent could not save its checkpoint")]
     Checkpoint(#[source] CheckpointError),
@@ -83,6 +91,7 @@ pub fn describe(block: Option<GrowthBlock>) -> &'static str {
         Some(GrowthBlock::SubnetExhausted) => {
             "the subnet has no free addresses (InsufficientFreeAddressesInSubnet)"
         }
+        Some(GrowthBlock::Placement) => "no new ENI can be placed",
         None => "more are being requested from EC2",
     }
 }
@@ -91,6 +100,8 @@ struct State {
     store: Store,
     checkpoint: PathBuf,
     blocked: Option<GrowthBlock>,
+    /// Why new ENIs cannot be placed, for pods' errors.
+    placement_problem: Option<String>,
 }
 
 pub struct Ipam {
@@ -110,15 +121,7 @@ impl std::fmt::Debug for Ipam {
 }
 
 fn eni_descs(store: &Store) -> Vec<EniDesc> {
-    store
-        .enis()
-        .map(|e| EniDesc {
-            id: e.id.clone(),
-            device_index: e.device_index,
-            mac: e.mac,
-            primary_ip: e.primary_ip,
-        })
-        .collect()
+    store.enis().map(store::Eni::desc).collect()
 }
 
 impl Ipam {
@@ -130,6 +133,7 @@ impl Ipam {
                 store,
                 checkpoint,
                 blocked: None,
+                placement_problem: None,
             }),
             pool_changed: Notify::new(),
             pool_grown: Notify::new(),
@@ -214,6 +218,11 @@ impl Ipam {
         self.state.lock().await.blocked = blocked;
     }
 
+    /// Why new ENIs cannot be placed (`None`: they can).
+    pub async fn set_placement_problem(&self, problem: Option<String>) {
+        self.state.lock().await.placement_problem = problem;
+    }
+
     /// Gives `key` an address (a key that has one gets the same one again). When the pool
     /// is empty but being refilled, waits for the refill until `deadline`: a short wait
     /// here beats failing the pod into kubelet's much longer retry backoff.
@@ -231,7 +240,7 @@ impl Ipam {
             let grown = self.pool_grown.notified();
             tokio::pin!(grown);
             grown.as_mut().enable();
-            let (result, blocked) = {
+            let (result, blocked, problem) = {
                 let mut st = self.state.lock().await;
                 let mut next = st.store.clone();
                 let result = next.assign(key, pod, now_ms());
@@ -241,7 +250,7 @@ impl Ipam {
                     checkpoint::save(&st.checkpoint, &next).map_err(AssignError::Checkpoint)?;
                     st.store = next;
                 }
-                (result, st.blocked)
+                (result, st.blocked, st.placement_problem.clone())
             };
             self.pool_changed.notify_one();
             match result {
@@ -249,10 +258,15 @@ impl Ipam {
                 Err(StoreError::NoFreeAddress { cooling, total }) => {
                     let refilling = blocked.is_none() && tokio::time::Instant::now() < deadline;
                     if !refilling {
+                        let why = match (blocked, problem) {
+                            (Some(GrowthBlock::Placement), Some(p)) => p,
+                            _ => describe(blocked).to_owned(),
+                        };
                         return Err(AssignError::Exhausted {
                             total,
                             cooling,
                             block: blocked,
+                            why,
                         });
                     }
                     let _ = tokio::time::timeout_at(deadline, grown).await;
@@ -307,15 +321,7 @@ impl Ipam {
         self.read(|s, _| {
             let ip = s.lookup(key)?;
             let e = s.eni_of(ip)?;
-            Some((
-                ip,
-                EniDesc {
-                    id: e.id.clone(),
-                    device_index: e.device_index,
-                    mac: e.mac,
-                    primary_ip: e.primary_ip,
-                },
-            ))
+            Some((ip, e.desc()))
         })
         .await
     }

@@ -66,6 +66,12 @@ pub struct EniUsage {
     pub assigned: u32,
     /// Addresses released by pods and not reusable before their cooldown ends.
     pub cooling: u32,
+    /// Holds no pod addresses (custom networking's primary ENI, an excluded subnet):
+    /// never grown, its free units released, but it takes an ENI slot.
+    pub excluded: bool,
+    /// Its subnet refused more addresses lately (InsufficientFreeAddressesInSubnet):
+    /// growth goes elsewhere for a while.
+    pub subnet_full: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,18 +114,26 @@ pub struct Totals {
 
 pub fn totals(mode: Mode, enis: &[EniUsage]) -> Totals {
     let per_unit = if mode == Mode::Prefix { PREFIX_SIZE } else { 1 };
-    let total = enis.iter().map(|e| e.units * per_unit).sum::<u32>();
-    let assigned = enis.iter().map(|e| e.assigned).sum::<u32>();
-    let cooling = enis.iter().map(|e| e.cooling).sum::<u32>();
+    let usable = || enis.iter().filter(|e| !e.excluded);
+    let total = usable().map(|e| e.units * per_unit).sum::<u32>();
+    let busy = usable().map(|e| e.assigned + e.cooling).sum::<u32>();
     Totals {
         total,
-        assigned,
-        cooling,
-        available: total.saturating_sub(assigned + cooling),
+        assigned: enis.iter().map(|e| e.assigned).sum(),
+        cooling: enis.iter().map(|e| e.cooling).sum(),
+        available: total.saturating_sub(busy),
     }
 }
 
-pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, enis: &[EniUsage]) -> Plan {
+pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, all: &[EniUsage]) -> Plan {
+    let attached = u32::try_from(all.len()).unwrap_or(u32::MAX);
+    let excluded_free: u32 = all
+        .iter()
+        .filter(|e| e.excluded)
+        .map(|e| e.units.saturating_sub(e.busy_units))
+        .sum();
+    let usable: Vec<EniUsage> = all.iter().filter(|e| !e.excluded).copied().collect();
+    let enis = usable.as_slice();
     let cap = limits.slots_per_eni.saturating_sub(1);
     let max_enis = t
         .max_eni
@@ -199,8 +213,13 @@ pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, enis: &[EniUsage]) 
         blocked,
         ..Plan::default()
     };
+    let room = Room {
+        cap,
+        max_enis,
+        attached,
+    };
     if grow_units > 0 {
-        place(&mut out, enis, cap, max_enis, grow_units, warm_eni_mode);
+        place(&mut out, enis, room, grow_units, warm_eni_mode);
     } else if warm_eni_mode {
         out.release_eni = surplus_eni(enis, t.warm_eni * cap, cap, sums.available);
     } else if out.release_units == 0 {
@@ -212,10 +231,23 @@ pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, enis: &[EniUsage]) 
             .max_by_key(|e| e.device_index)
             .map(|e| e.device_index);
         if out.release_eni.is_none() {
-            consolidate(&mut out, enis, cap, max_enis);
+            consolidate(&mut out, enis, room);
         }
     }
+    if grow_units == 0 {
+        // Free addresses on ENIs that serve no pod go back first (the store releases
+        // from them first).
+        out.release_units += excluded_free;
+    }
     out
+}
+
+/// What bounds growth: units per ENI, ENIs allowed, ENIs attached (excluded ones too).
+#[derive(Clone, Copy)]
+struct Room {
+    cap: u32,
+    max_enis: u32,
+    attached: u32,
 }
 
 /// Cooldowns end in any order, so releases can leave the pool spread thinly over several
@@ -223,7 +255,8 @@ pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, enis: &[EniUsage]) 
 /// there: add the units below now; the next plans release the idle ENI's (now excess)
 /// units and then the empty ENI. Only idle ENIs (nothing assigned or cooling) move, so
 /// this never disturbs a pod and converges.
-fn consolidate(out: &mut Plan, enis: &[EniUsage], cap: u32, max_enis: u32) {
+fn consolidate(out: &mut Plan, enis: &[EniUsage], room: Room) {
+    let cap = room.cap;
     let Some(idle) = enis
         .iter()
         .filter(|e| e.device_index != 0 && e.units > 0 && e.assigned == 0 && e.cooling == 0)
@@ -236,20 +269,39 @@ fn consolidate(out: &mut Plan, enis: &[EniUsage], cap: u32, max_enis: u32) {
         .filter(|e| e.device_index < idle.device_index)
         .copied()
         .collect();
-    let room: u32 = below.iter().map(|e| cap.saturating_sub(e.units)).sum();
+    let room_of = room;
+    let room: u32 = below
+        .iter()
+        .filter(|e| !e.subnet_full)
+        .map(|e| cap.saturating_sub(e.units))
+        .sum();
     if room >= idle.units {
-        place(out, &below, cap, max_enis, idle.units, false);
+        // Only filling the ENIs below: never a new ENI for this.
+        let no_new = Room {
+            max_enis: 0,
+            ..room_of
+        };
+        place(out, &below, no_new, idle.units, false);
     }
 }
 
 /// Fills attached ENIs (lowest device index first), then attaches new ones. In warm-ENI
 /// mode every ENI touched is filled completely, as VPC CNI does.
-fn place(out: &mut Plan, enis: &[EniUsage], cap: u32, max_enis: u32, need: u32, fill: bool) {
+fn place(out: &mut Plan, enis: &[EniUsage], room_: Room, need: u32, fill: bool) {
+    let Room {
+        cap,
+        max_enis,
+        mut attached,
+    } = room_;
     let mut left = need;
     let mut sorted: Vec<&EniUsage> = enis.iter().collect();
     sorted.sort_by_key(|e| e.device_index);
     for e in sorted {
-        let room = cap.saturating_sub(e.units);
+        let room = if e.subnet_full {
+            0
+        } else {
+            cap.saturating_sub(e.units)
+        };
         if room == 0 {
             continue;
         }
@@ -263,7 +315,6 @@ fn place(out: &mut Plan, enis: &[EniUsage], cap: u32, max_enis: u32, need: u32, 
             return;
         }
     }
-    let mut attached = u32::try_from(enis.len()).unwrap_or(u32::MAX);
     while left > 0 && cap > 0 {
         if attached >= max_enis {
             out.shortfall = left;
@@ -367,6 +418,8 @@ mod tests {
             busy_units: assigned.min(units),
             assigned,
             cooling: 0,
+            excluded: false,
+            subnet_full: false,
         }
     }
 
@@ -526,6 +579,8 @@ mod tests {
             busy_units: busy,
             assigned,
             cooling: 0,
+            excluded: false,
+            subnet_full: false,
         };
         // Default WARM_PREFIX_TARGET=1 on a fresh node: one prefix.
         let p = plan(Mode::Prefix, &Targets::default(), M5, &[pfx(0, 0, 0, 0)]);
@@ -779,8 +834,53 @@ mod tests {
             busy_units: 1,
             assigned: 1,
             cooling: 0,
+            excluded: false,
+            subnet_full: false,
         };
         let p = plan(Mode::Prefix, &t, M5, &[e]);
         assert_eq!(p.release_units, 1);
+    }
+
+    fn excluded(mut e: EniUsage) -> EniUsage {
+        e.excluded = true;
+        e
+    }
+
+    #[test]
+    fn an_excluded_primary_is_never_filled_but_takes_its_eni_slot() {
+        // Custom networking on a fresh m5.large: the warm ENI is a new one, not eth0.
+        let p = plan(
+            Mode::SecondaryIp,
+            &Targets::default(),
+            M5,
+            &[excluded(eni(0, 0, 0))],
+        );
+        assert_eq!(p.grow, vec![Step::AttachEni { units: 9 }]);
+        // Full: two secondary ENIs are all pods get (3 ENIs, one of them excluded).
+        let p = plan(
+            Mode::SecondaryIp,
+            &Targets::default(),
+            M5,
+            &[excluded(eni(0, 0, 0)), eni(1, 9, 9), eni(2, 9, 9)],
+        );
+        assert_eq!((p.grow.len(), p.blocked), (0, Some(Blocked::EniLimit)));
+        // Under IP targets too.
+        let t = ip_targets(Some(2), None);
+        let p = plan(Mode::SecondaryIp, &t, M5, &[excluded(eni(0, 0, 0))]);
+        assert_eq!(p.grow, vec![Step::AttachEni { units: 2 }]);
+    }
+
+    #[test]
+    fn free_addresses_on_an_excluded_eni_go_back_and_are_not_counted() {
+        // eth0 still holds 5 addresses from before custom networking, 2 in use.
+        let p = plan(
+            Mode::SecondaryIp,
+            &Targets::default(),
+            M5,
+            &[excluded(eni(0, 5, 2)), eni(1, 9, 0)],
+        );
+        assert_eq!((p.grow.len(), p.release_units), (0, 3));
+        let t = totals(Mode::SecondaryIp, &[excluded(eni(0, 5, 2)), eni(1, 9, 1)]);
+        assert_eq!((t.total, t.assigned, t.available), (9, 3, 8));
     }
 }

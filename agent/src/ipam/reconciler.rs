@@ -28,6 +28,8 @@ use vpc_ebpf_rpc::report::Chain;
 use super::{
     GrowthBlock, Ipam,
     ec2_merge::{self, MergeReport},
+    placement::Target,
+    placer::{self, Placer, PlacerError},
     pool::{self, InstanceLimits, Mode, Step},
     store::Store,
 };
@@ -118,10 +120,22 @@ pub struct Reconciler {
     noticed_block: Option<GrowthBlock>,
     /// Whether EC2 refusing us was noticed since the last call that worked.
     noticed_refusal: bool,
+    /// Where new ENIs go, and which ENIs hold no pod addresses.
+    placer: Placer,
+    /// ENIs (by device index) and subnets that refused addresses lately
+    /// (InsufficientFreeAddressesInSubnet): growth tries elsewhere until then.
+    full_enis: BTreeMap<u32, Instant>,
+    full_subnets: BTreeMap<String, Instant>,
+    /// New ENIs cannot be placed (ENIConfig or subnets wrong): look again then.
+    placement_retry: Option<Instant>,
+    noticed_placement: Option<String>,
 }
 
 const IDLE_TICK: Duration = Duration::from_secs(1);
 const LEAK_CHECK_EVERY: Duration = Duration::from_mins(1);
+/// How soon a placement the cluster's configuration stopped is tried again: ENIConfig
+/// reads are cheap API-server GETs, and a fixed ENIConfig should take effect quickly.
+const PLACEMENT_RETRY: Duration = Duration::from_secs(10);
 
 impl Reconciler {
     pub fn new(
@@ -132,7 +146,18 @@ impl Reconciler {
         unmanaged_indexes: BTreeSet<u32>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let placer = Placer::new(
+            ec2.clone(),
+            node.clone(),
+            placer::Mode::NodeSubnet,
+            settings.cluster_name.clone(),
+        );
         Self {
+            placer,
+            full_enis: BTreeMap::new(),
+            full_subnets: BTreeMap::new(),
+            placement_retry: None,
+            noticed_placement: None,
             ec2,
             ipam,
             node,
@@ -154,6 +179,12 @@ impl Reconciler {
     #[must_use]
     pub fn with_host(mut self, host: Host) -> Self {
         self.host = Some(host);
+        self
+    }
+
+    #[must_use]
+    pub fn with_placer(mut self, placer: Placer) -> Self {
+        self.placer = placer;
         self
     }
 
@@ -285,7 +316,8 @@ impl Reconciler {
         }
         self.noticed_block = blocked;
         let (reason, what) = match blocked {
-            None => return,
+            // Noticed where the placement failed, with its words.
+            None | Some(GrowthBlock::Placement) => return,
             Some(GrowthBlock::Pool(pool::Blocked::EniLimit)) => (
                 "ENILimitReached",
                 format!(
@@ -325,23 +357,37 @@ impl Reconciler {
             }
         }
         let paused = self.growth_paused();
+        let now = Instant::now();
+        self.full_enis.retain(|_, until| *until > now);
+        self.full_subnets.retain(|_, until| *until > now);
+        let placement_wait = self.placement_retry.is_some_and(|t| now < t);
+        let full: BTreeSet<u32> = self.full_enis.keys().copied().collect();
         let plan = self
             .ipam
             .read(|store, _| {
+                let mut usage = store.usage(now_ms());
+                for u in &mut usage {
+                    u.subnet_full = full.contains(&u.device_index);
+                }
                 pool::plan(
                     self.settings.mode,
                     &self.settings.targets,
                     self.node.limits,
-                    &store.usage(now_ms()),
+                    &usage,
                 )
             })
             .await;
-        let blocked =
-            if (paused || self.subnet_full) && (plan.shortfall > 0 || !plan.grow.is_empty()) {
-                Some(GrowthBlock::SubnetExhausted)
-            } else {
-                plan.blocked.map(GrowthBlock::Pool)
-            };
+        let wants_eni = plan
+            .grow
+            .first()
+            .is_some_and(|s| matches!(s, Step::AttachEni { .. }));
+        let blocked = if self.noticed_placement.is_some() && wants_eni {
+            Some(GrowthBlock::Placement)
+        } else if (paused || self.subnet_full) && (plan.shortfall > 0 || !plan.grow.is_empty()) {
+            Some(GrowthBlock::SubnetExhausted)
+        } else {
+            plan.blocked.map(GrowthBlock::Pool)
+        };
         self.ipam.set_blocked(blocked).await;
         self.notice_block(blocked);
         self.ipam
@@ -355,7 +401,11 @@ impl Reconciler {
                 );
             })
             .await;
-        if !paused && let Some(step) = plan.grow.first().copied() {
+        let held = placement_wait && wants_eni;
+        if !paused
+            && !held
+            && let Some(step) = plan.grow.first().copied()
+        {
             self.grow(step).await?;
             self.subnet_full = false;
             return Ok(Outcome::Progress);
@@ -393,7 +443,20 @@ impl Reconciler {
                     self.refresh_needed = true;
                     return Ok(());
                 };
-                let got = self.ec2.assign(&eni, units, self.prefixes()).await?;
+                let got = match self.ec2.assign(&eni, units, self.prefixes()).await {
+                    Err(e) if e.kind() == ErrorKind::SubnetFull && self.placer.discovers() => {
+                        // This ENI's subnet is full; another subnet may not be: the
+                        // next plan grows elsewhere (a new ENI in the next subnet).
+                        warn!(%eni, error = %Chain(&e), "the ENI's subnet is full; growing in another subnet");
+                        self.metrics.ipam_error("subnet_full");
+                        self.full_enis.insert(
+                            device_index,
+                            Instant::now() + self.settings.subnet_full_pause,
+                        );
+                        return Ok(());
+                    }
+                    r => r?,
+                };
                 info!(%eni, units, got = got.len(), prefixes = self.prefixes(), "added to the pool");
                 self.store_addrs(&eni, &got).await;
             }
@@ -445,15 +508,9 @@ impl Reconciler {
             .ipam
             .read(|s, _| lowest_free_index(s.enis().map(|e| e.device_index).chain(unmanaged)))
             .await;
-        let spec = NewEni {
-            subnet_id: self.node.subnet_id.clone(),
-            security_groups: self.node.security_groups.clone(),
-            description: format!("vpc-ebpf {}", self.node.instance_id),
-            tags: self.tags(),
-            secondary_ips: if self.prefixes() { 0 } else { units },
-            prefixes: if self.prefixes() { units } else { 0 },
+        let Some((eni, target)) = self.create_in_some_subnet(units).await? else {
+            return Ok(());
         };
-        let eni = self.ec2.create_eni(&spec).await?;
         if let Err(e) = self
             .ec2
             .attach_eni(&eni.id, &self.node.instance_id, device_index)
@@ -479,10 +536,14 @@ impl Reconciler {
             warn!(eni = %eni.id, mac = %eni.mac, "attached, but no interface with its MAC appeared in 15 s; using it anyway");
         }
         let prefixes = self.prefixes();
+        let subnet = (target.subnet_id != self.node.subnet_id)
+            .then(|| (target.subnet_id.clone(), target.subnet_cidr));
+        info!(eni = %eni.id, subnet = %target.subnet_id, cidr = %target.subnet_cidr, groups = ?target.security_groups, why = %target.why, "new ENI placed");
         let r = self
             .ipam
             .update(|s| {
                 s.upsert_eni(&eni.id, device_index, mac, eni.primary_ip);
+                s.set_placement(&eni.id, subnet.clone(), false);
                 if prefixes {
                     eni.prefixes
                         .iter()
@@ -501,6 +562,88 @@ impl Reconciler {
         }
         self.ipam.pool_grown().notify_waiters();
         Ok(())
+    }
+
+    /// Creates an ENI in the first placement target whose subnet takes it. `None`: no
+    /// placement now (the configuration is wrong, or every subnet is full): said, and
+    /// tried again later.
+    async fn create_in_some_subnet(
+        &mut self,
+        units: u32,
+    ) -> Result<Option<(crate::aws::ec2::EniInfo, Target)>, Ec2Error> {
+        let targets = match self.placer.targets().await {
+            Ok(t) => {
+                self.placement_ok().await;
+                t
+            }
+            Err(PlacerError::Ec2(e)) => return Err(e),
+            Err(e) => {
+                self.placement_failed(&e).await;
+                return Ok(None);
+            }
+        };
+        let mut last = None;
+        for target in targets {
+            if self.full_subnets.contains_key(&target.subnet_id) {
+                continue;
+            }
+            let spec = NewEni {
+                subnet_id: target.subnet_id.clone(),
+                security_groups: target.security_groups.clone(),
+                description: format!("vpc-ebpf {}", self.node.instance_id),
+                tags: self.tags(),
+                secondary_ips: if self.prefixes() { 0 } else { units },
+                prefixes: if self.prefixes() { units } else { 0 },
+            };
+            match self.ec2.create_eni(&spec).await {
+                Ok(eni) => return Ok(Some((eni, target))),
+                Err(e) if e.kind() == ErrorKind::SubnetFull => {
+                    warn!(subnet = %target.subnet_id, why = %target.why, error = %Chain(&e), "the subnet is full; trying the next one");
+                    self.full_subnets.insert(
+                        target.subnet_id.clone(),
+                        Instant::now() + self.settings.subnet_full_pause,
+                    );
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match last {
+            Some(e) => Err(e),
+            // Every subnet refused lately: wait as for a full subnet.
+            None => {
+                self.subnet_full = true;
+                self.subnet_full_until = self.full_subnets.values().min().copied();
+                Ok(None)
+            }
+        }
+    }
+
+    async fn placement_ok(&mut self) {
+        self.placement_retry = None;
+        if self.noticed_placement.take().is_some() {
+            info!("new ENIs can be placed again");
+            self.ipam.set_placement_problem(None).await;
+            self.notices
+                .normal("ENIPlacementRestored", "new ENIs can be placed again");
+        }
+    }
+
+    async fn placement_failed(&mut self, e: &PlacerError) {
+        let text = Chain(e).to_string();
+        self.placement_retry = Some(Instant::now() + PLACEMENT_RETRY);
+        self.metrics.ipam_error("placement");
+        if self.noticed_placement.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        error!(error = %text, "no new ENI can be placed");
+        let reason = match e {
+            PlacerError::Kube(_) => "ENIConfigUnreadable",
+            _ => "ENIConfigInvalid",
+        };
+        self.notices.warning(reason, text.clone());
+        self.ipam.set_placement_problem(Some(text.clone())).await;
+        self.noticed_placement = Some(text);
     }
 
     /// Gives back free units from the highest ENI down. Returns whether anything went.
@@ -673,7 +816,24 @@ impl Reconciler {
         let enis = self.ec2.attached_enis(&self.node.instance_id).await?;
         let (views, unmanaged) = ec2_merge::views(&enis, &self.node.instance_id);
         self.unmanaged_indexes = unmanaged;
-        let report = self.ipam.update(|s| ec2_merge::merge(s, &views)).await;
+        let subnets: Vec<(u32, String)> = views
+            .iter()
+            .map(|v| (v.device_index, v.subnet_id.clone()))
+            .collect();
+        let judged = self.placer.judge(&subnets, true).await;
+        let report = self
+            .ipam
+            .update(|s| {
+                let r = ec2_merge::merge(s, &views);
+                for (v, j) in views.iter().zip(&judged) {
+                    let subnet = j.subnet_cidr.map(|c| (v.subnet_id.clone(), c));
+                    if s.set_placement(&v.id, subnet, j.excluded) {
+                        info!(eni = %v.id, subnet = %v.subnet_id, excluded = j.excluded, "ENI placement recorded");
+                    }
+                }
+                r
+            })
+            .await;
         match report {
             Ok(report) => {
                 log_report(&report);
@@ -696,6 +856,10 @@ pub struct Ec2Side {
     pub notices: Notices,
     /// Hears of a node identity other than the one the agent started with.
     pub on_node: Box<dyn Fn(Node) + Send + Sync>,
+    /// Custom networking's ENIConfig reader, on Kubernetes.
+    pub eniconfigs: Option<crate::k8s::eniconfig::EniConfigs>,
+    /// Where introspection finds the placement.
+    pub shown: Arc<std::sync::Mutex<placer::Shown>>,
 }
 
 /// The EC2 side of the agent, run in the background once the agent serves: discovery
@@ -714,6 +878,8 @@ pub async fn run_with_discovery(
         metrics,
         notices,
         on_node,
+        eniconfigs,
+        shown,
     } = ctx;
     let discovered = if let Some(d) = discovered {
         d
@@ -746,6 +912,34 @@ pub async fn run_with_discovery(
             None
         }
     };
+    let mode = if config.custom_network {
+        placer::Mode::Custom(eniconfigs)
+    } else if config.subnet_discovery {
+        placer::Mode::Discovery
+    } else {
+        placer::Mode::NodeSubnet
+    };
+    let limits = node.limits;
+    let max_pods = super::placement::max_pods(
+        limits.max_enis,
+        limits.slots_per_eni,
+        config.mode == Mode::Prefix,
+        config.custom_network,
+    );
+    info!(
+        max_pods,
+        custom_networking = config.custom_network,
+        subnet_discovery = config.subnet_discovery,
+        "ENI placement; max pods by EKS's formula"
+    );
+    metrics.max_pods.set(i64::from(max_pods));
+    let placer = Placer::new(
+        discovered.ec2.clone(),
+        node.clone(),
+        mode,
+        config.cluster_name.clone(),
+    )
+    .showing(shown);
     let mut r = Reconciler::new(
         discovered.ec2,
         ipam,
@@ -754,6 +948,7 @@ pub async fn run_with_discovery(
         unmanaged,
         metrics,
     )
+    .with_placer(placer)
     .with_notices(notices)
     .refresh_first();
     if let Some(h) = host {
@@ -818,6 +1013,7 @@ pub fn refresh_gauges(
             "subnet_exhausted",
             blocked == Some(GrowthBlock::SubnetExhausted),
         ),
+        ("eni_placement", blocked == Some(GrowthBlock::Placement)),
     ] {
         m.growth_blocked
             .get_or_create(&ReasonLabels {

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use vpc_ebpf_rpc::types::MacAddr;
 
 use super::{
-    EniRef,
+    EniDesc, EniRef,
     pool::{EniUsage, Mode, PREFIX_SIZE},
 };
 
@@ -57,6 +57,16 @@ pub struct Eni {
     pub prefixes: Vec<Ipv4Addr>,
     /// Pod-usable addresses: secondary IPs, or every address of every prefix.
     pub addrs: BTreeMap<Ipv4Addr, AddrState>,
+    /// The ENI's subnet when it is not the node's (custom networking, subnet discovery):
+    /// its gateway is the next hop out of this ENI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_cidr: Option<ipnet::Ipv4Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_id: Option<String>,
+    /// Holds no pod addresses: the primary ENI under custom networking, or an ENI in a
+    /// subnet tagged `kubernetes.io/role/cni=0`. Its free addresses go back to EC2.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub excluded: bool,
 }
 
 impl Eni {
@@ -66,6 +76,19 @@ impl Eni {
 
     fn prefix_addrs(base: Ipv4Addr) -> impl Iterator<Item = Ipv4Addr> + Clone {
         (0..PREFIX_SIZE).map(move |i| Ipv4Addr::from(u32::from(base) + i))
+    }
+
+    /// What the dataplane needs to know of the ENI.
+    pub fn desc(&self) -> EniDesc {
+        EniDesc {
+            id: self.id.clone(),
+            device_index: self.device_index,
+            mac: self.mac,
+            primary_ip: self.primary_ip,
+            gateway: self
+                .subnet_cidr
+                .map(|c| Ipv4Addr::from(u32::from(c.network()) + 1)),
+        }
     }
 
     pub fn reference(&self) -> EniRef {
@@ -155,9 +178,31 @@ impl Store {
             primary_ip,
             prefixes: Vec::new(),
             addrs: BTreeMap::new(),
+            subnet_cidr: None,
+            subnet_id: None,
+            excluded: false,
         });
         e.device_index = device_index;
         e.mac = mac;
+    }
+
+    /// Records an ENI's subnet (`None`: the node's) and whether it may hold pod
+    /// addresses. Returns whether anything changed.
+    pub fn set_placement(
+        &mut self,
+        eni: &str,
+        subnet: Option<(String, ipnet::Ipv4Net)>,
+        excluded: bool,
+    ) -> bool {
+        let Some(e) = self.enis.get_mut(eni) else {
+            return false;
+        };
+        let (id, cidr) = subnet.unzip();
+        let changed = e.subnet_cidr != cidr || e.subnet_id != id || e.excluded != excluded;
+        e.subnet_cidr = cidr;
+        e.subnet_id = id;
+        e.excluded = excluded;
+        changed
     }
 
     /// Adds secondary addresses to an ENI; ones it already has are left as they are.
@@ -417,7 +462,7 @@ impl Store {
     /// Lowest device index first. In prefix mode, prefixes already in use are filled before
     /// wholly free ones, so free prefixes stay whole and releasable.
     fn pick(&self, now_ms: u64) -> Option<(String, Ipv4Addr)> {
-        let mut enis: Vec<&Eni> = self.enis.values().collect();
+        let mut enis: Vec<&Eni> = self.enis.values().filter(|e| !e.excluded).collect();
         enis.sort_by_key(|e| e.device_index);
         let free = |e: &Eni, ip: &Ipv4Addr| Self::reusable(&e.addrs[ip], now_ms);
         if self.mode == Mode::Prefix {
@@ -538,16 +583,24 @@ impl Store {
                     busy_units: n(busy_units),
                     assigned: n(assigned),
                     cooling: n(cooling),
+                    excluded: e.excluded,
+                    subnet_full: false,
                 }
             })
             .collect()
     }
 
+    /// Excluded ENIs first (their addresses serve no pod), then from the highest down.
+    fn release_order(&self) -> Vec<&Eni> {
+        let mut enis: Vec<&Eni> = self.enis.values().collect();
+        enis.sort_by_key(|e| (!e.excluded, std::cmp::Reverse(e.device_index)));
+        enis
+    }
+
     /// Up to `n` free secondary addresses to give back, from the highest ENI down so the
     /// primary ENI stays full and secondary ENIs empty out.
     pub fn releasable_ips(&self, n: u32, now_ms: u64) -> Vec<(String, Ipv4Addr)> {
-        let mut enis: Vec<&Eni> = self.enis.values().collect();
-        enis.sort_by_key(|e| std::cmp::Reverse(e.device_index));
+        let enis = self.release_order();
         enis.iter()
             .flat_map(|e| {
                 e.addrs
@@ -562,8 +615,7 @@ impl Store {
 
     /// Up to `n` wholly free prefixes, highest ENI first.
     pub fn releasable_prefixes(&self, n: u32, now_ms: u64) -> Vec<(String, Ipv4Addr)> {
-        let mut enis: Vec<&Eni> = self.enis.values().collect();
-        enis.sort_by_key(|e| std::cmp::Reverse(e.device_index));
+        let enis = self.release_order();
         enis.iter()
             .flat_map(|e| {
                 e.prefixes

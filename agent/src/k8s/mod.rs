@@ -7,6 +7,7 @@
 //! watchers retry with backoff, and nothing here can stop the agent.
 
 pub mod annotate;
+pub mod eniconfig;
 pub mod events;
 pub mod follow;
 pub mod pods;
