@@ -72,8 +72,13 @@ impl Cluster {
     /// A two-node lab with its cluster up (control plane, registry with the images,
     /// kubelets); vpc-ebpf not installed yet.
     pub fn up(tag: &str) -> Self {
+        Self::up_in_zones(tag, 1)
+    }
+
+    /// Two nodes, one per zone when `zones` is 2.
+    pub fn up_in_zones(tag: &str, zones: u32) -> Self {
         let inputs = Inputs::from_env();
-        let lab = Lab::up(tag, 2);
+        let lab = Lab::up_with(tag, 2, &["--zones", &zones.to_string()]);
         let c = Self { lab, inputs };
         c.vpclab_cluster("up", &[]);
         c
@@ -107,10 +112,18 @@ impl Cluster {
     /// `helm upgrade --install` of the chart with the lab's values and `env`; waits for
     /// the DaemonSet's rollout.
     pub fn install(&self, tag: &str, env: &[(&str, &str)]) {
+        self.install_with(tag, env, &[]);
+    }
+
+    /// [`Self::install`] with chart values (`helm --set PATH=VALUE`).
+    pub fn install_with(&self, tag: &str, env: &[(&str, &str)], sets: &[String]) {
         let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut extra = vec!["--tag", tag];
         for e in &env {
             extra.extend(["--agent-env", e]);
+        }
+        for s in sets {
+            extra.extend(["--helm-set", s]);
         }
         self.vpclab_cluster("install", &extra);
     }

@@ -34,6 +34,11 @@ pub struct Lab {
 impl Lab {
     /// Brings up a lab with `nodes` nodes under a prefix unique to this process.
     pub fn up(tag: &str, nodes: u32) -> Self {
+        Self::up_with(tag, nodes, &[])
+    }
+
+    /// [`Self::up`] with more `lab up` arguments (`--zones 2`, `--instance-type ...`).
+    pub fn up_with(tag: &str, nodes: u32, extra: &[&str]) -> Self {
         crate::require_root();
         let prefix = format!("{tag}{}", std::process::id() % 100_000);
         // Built first so that a failing `up` is still torn down by Drop.
@@ -41,14 +46,10 @@ impl Lab {
             prefix,
             status: Value::Null,
         };
-        let out = lab.vpclab(&[
-            "up",
-            "--nodes",
-            &nodes.to_string(),
-            "--imds-lag",
-            "0",
-            "--json",
-        ]);
+        let nodes = nodes.to_string();
+        let mut args = vec!["up", "--nodes", &nodes, "--imds-lag", "0", "--json"];
+        args.extend(extra);
+        let out = lab.vpclab(&args);
         lab.status = serde_json::from_str(&out).expect("lab up --json");
         lab
     }

@@ -78,6 +78,8 @@ def main(argv: list[str]) -> int:
     c.add_argument("--chart", help="the Helm chart's directory")
     c.add_argument("--testsrv", help="the workload's client binary, for checks from outside")
     c.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--helm-set", action="append", default=[], metavar="PATH=VALUE",
+                   help="install: a chart value (helm --set)")
     c.add_argument("--pods", type=int, default=30, help="bench-pods: pods per round")
     c.add_argument("--rounds", type=int, default=3, help="bench-pods: rounds per plugin")
     c.add_argument("--json", help="bench-pods: write the results here")

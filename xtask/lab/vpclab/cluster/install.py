@@ -30,11 +30,13 @@ def helm_cmd(c: cluster.Cluster, *args: str) -> list[str]:
 
 
 def install(c: cluster.Cluster, chart: Path, tag: str, env: dict[str, str],
-            upgrade: bool = False, timeout: int = 180) -> None:
+            upgrade: bool = False, timeout: int = 180, sets: list[str] = ()) -> None:
     argv = ["upgrade", "--install"] if upgrade else ["install"]
     argv += [RELEASE, str(chart), "-n", NAMESPACE]
     for s in lab_values(c.cfg, tag, env):
         argv += ["--set-string", s]
+    for s in sets:
+        argv += ["--set", s]
     p = subprocess.run(helm_cmd(c, *argv), capture_output=True, text=True)
     if p.returncode != 0:
         raise cluster.ClusterError(f"helm {argv[0]}: {p.stderr.strip()}")

@@ -50,7 +50,7 @@ def run(cfg: LabConfig, status: dict, args) -> int:
             print(f"{cluster.REGISTRY}/{name}:{args.tag} {c.push(layout, name, args.tag)}")
         return 0
     if args.action == "install":
-        install.install(c, Path(args.chart), args.tag, env, upgrade=True)
+        install.install(c, Path(args.chart), args.tag, env, upgrade=True, sets=args.helm_set)
         return 0
     if args.action == "stop-apiserver":
         c.stop("kube-apiserver")
