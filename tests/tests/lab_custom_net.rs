@@ -190,6 +190,28 @@ fn custom_networking_puts_pods_in_the_eniconfig_subnets() {
             .ok_or(format!("{ev:?}"))
     });
     eprintln!("cn: b1 told: {:?}", events_of(&c, "Pod", "b1").last());
+    // An ENIConfig of the other zone: EC2 would refuse the attach; said before trying.
+    c.kubectl(&[
+        "annotate",
+        "node",
+        &nodes[1],
+        &format!("k8s.amazonaws.com/eniConfig={}", zones[0]),
+        "--overwrite",
+    ]);
+    wait_for(
+        "the wrong zone said on node 2",
+        Duration::from_mins(1),
+        || {
+            let ev = events_of(&c, "Node", &nodes[1]);
+            ev.iter()
+                .any(|e| {
+                    e.starts_with("ENIConfigInvalid")
+                        && e.contains(&format!("but the node is in {}", zones[1]))
+                })
+                .then_some(())
+                .ok_or(format!("{ev:?}"))
+        },
+    );
     // Fixed without a restart: node 2 falls back to its zone's label.
     c.kubectl(&[
         "annotate",
@@ -285,8 +307,9 @@ fn custom_networking_puts_pods_in_the_eniconfig_subnets() {
     let _ = listener.kill();
     let _ = listener.wait();
 
-    // Node 1 switched to another ENIConfig (a subnet of its zone, no groups given): its
-    // next ENI goes there, with the primary ENI's groups.
+    // Node 1 switched to another ENIConfig by the label that names it first (a subnet
+    // of its zone, no groups given): its next ENI goes there, with the primary ENI's
+    // groups.
     let alt = c
         .lab
         .vpclab(&["subnet", "--cidr", "100.64.128.0/24", "--az", &zones[0]])

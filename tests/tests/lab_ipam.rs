@@ -433,3 +433,59 @@ fn kill9_storms_lose_nothing() {
     });
     assert!(assignments(&n.agent).is_empty());
 }
+
+/// An ENI another program attached (tagged `node.k8s.amazonaws.com/no_manage`, as
+/// aws-node's users tag EFA or their own ENIs) takes one of the instance's ENI slots: the
+/// pool stops at the limit (EniLimit) without trying an ENI EC2 would refuse, and never
+/// touches that ENI.
+#[test]
+fn an_eni_of_other_software_counts_against_the_limit() {
+    let lab = Lab::up("ium", 1);
+    let theirs = lab
+        .vpclab(&[
+            "foreign-eni",
+            "--node",
+            "1",
+            "--device-index",
+            "1",
+            "--tag",
+            "node.k8s.amazonaws.com/no_manage=true",
+        ])
+        .trim()
+        .to_owned();
+    // m5.large: 3 ENIs of 10 addresses; with one taken, the pool can hold 2 x 9.
+    let n = node(
+        &lab,
+        "ium",
+        &[("MINIMUM_IP_TARGET", "20"), ("WARM_IP_TARGET", "1")],
+    );
+    n.wait_for("the two ENIs left filled", Duration::from_secs(30), || {
+        n.ec2_units(false) == 18
+    });
+    let blocked = r#"vpc_ebpf_pool_growth_blocked{reason="eni_limit"} 1"#;
+    n.wait_for(
+        "growth blocked at the ENI limit",
+        Duration::from_secs(10),
+        || {
+            n.agent
+                .get(61678, "/metrics")
+                .is_some_and(|m| m.contains(blocked))
+        },
+    );
+    // Some time at the limit: no ENI created beyond it, nothing attached or deleted.
+    std::thread::sleep(Duration::from_secs(5));
+    let status: Value = serde_json::from_str(&n.lab.vpclab(&["status", "--json"])).unwrap();
+    let calls = &status["ec2_calls"];
+    assert_eq!(calls["CreateNetworkInterface"], 1, "{calls}");
+    assert!(calls.get("DeleteNetworkInterface").is_none(), "{calls}");
+    let ec2 = n.ec2();
+    assert_eq!(ec2.len(), 3, "{ec2:?}");
+    assert_eq!(
+        ec2[&theirs],
+        (vec![], vec![]),
+        "its ENI was touched: {ec2:?}"
+    );
+    let pod = NetNs::new("ium0");
+    let out = n.call("ADD", "ium-0", Some(&pod)).run();
+    assert!(out.ok, "{}", out.stdout);
+}

@@ -165,6 +165,9 @@ pub struct EniInfo {
     pub security_groups: Vec<String>,
     /// `available`, `in-use`, ...
     pub status: String,
+    /// EC2's `InterfaceType`: `interface` for ordinary ENIs; `trunk`, `efa`, ... for ENIs
+    /// other software owns.
+    pub interface_type: String,
 }
 
 fn parse_eni(ni: &NetworkInterface) -> Result<EniInfo, Ec2Error> {
@@ -234,6 +237,10 @@ fn parse_eni(ni: &NetworkInterface) -> Result<EniInfo, Ec2Error> {
         status: ni
             .status()
             .map(|s| s.as_str().to_owned())
+            .unwrap_or_default(),
+        interface_type: ni
+            .interface_type()
+            .map(|t| t.as_str().to_owned())
             .unwrap_or_default(),
     })
 }

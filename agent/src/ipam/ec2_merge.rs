@@ -66,7 +66,10 @@ pub fn views(enis: &[EniInfo], instance_id: &str) -> (Vec<EniView>, BTreeSet<u32
         else {
             continue;
         };
-        if e.tags.get(TAG_NO_MANAGE).is_some_and(|v| v == "true") {
+        // ENIs of other software (security groups for pods' trunk, EFA) are not ours to
+        // fill or empty, as for aws-node; they still take an ENI slot.
+        let foreign = matches!(e.interface_type.as_str(), "trunk" | "efa" | "efa-only");
+        if foreign || e.tags.get(TAG_NO_MANAGE).is_some_and(|v| v == "true") {
             unmanaged.insert(att.device_index);
             continue;
         }
@@ -300,6 +303,7 @@ mod tests {
                 .collect(),
             security_groups: vec![],
             status: "in-use".into(),
+            interface_type: "interface".into(),
         }
     }
 
@@ -310,6 +314,10 @@ mod tests {
                 eni("eni-0", 0, "i-1", &[]),
                 eni("eni-efa", 1, "i-1", &[(TAG_NO_MANAGE, "true")]),
                 eni("eni-2", 2, "i-1", &[]),
+                EniInfo {
+                    interface_type: "trunk".into(),
+                    ..eni("eni-trunk", 4, "i-1", &[])
+                },
                 eni("eni-other", 0, "i-2", &[]),
             ],
             "i-1",
@@ -318,7 +326,7 @@ mod tests {
             v.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
             ["eni-0", "eni-2"]
         );
-        assert_eq!(unmanaged, BTreeSet::from([1]));
+        assert_eq!(unmanaged, BTreeSet::from([1, 4]));
         assert_eq!(
             crate::ipam::reconciler::lowest_free_index(
                 v.iter().map(|e| e.device_index).chain(unmanaged)

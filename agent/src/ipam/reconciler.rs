@@ -340,6 +340,16 @@ impl Reconciler {
         self.notices.warning(reason, what);
     }
 
+    /// The instance's limits less the ENIs that are not ours (no_manage, trunk, EFA):
+    /// they take slots the pool cannot have.
+    fn limits(&self) -> InstanceLimits {
+        let theirs = u32::try_from(self.unmanaged_indexes.len()).unwrap_or(u32::MAX);
+        InstanceLimits {
+            max_enis: self.node.limits.max_enis.saturating_sub(theirs),
+            ..self.node.limits
+        }
+    }
+
     fn growth_paused(&self) -> bool {
         self.subnet_full_until.is_some_and(|t| Instant::now() < t)
     }
@@ -372,7 +382,7 @@ impl Reconciler {
                 pool::plan(
                     self.settings.mode,
                     &self.settings.targets,
-                    self.node.limits,
+                    self.limits(),
                     &usage,
                 )
             })
@@ -392,13 +402,7 @@ impl Reconciler {
         self.notice_block(blocked);
         self.ipam
             .read(|store, blocked| {
-                refresh_gauges(
-                    store,
-                    blocked,
-                    &self.metrics,
-                    self.node.limits,
-                    &self.settings,
-                );
+                refresh_gauges(store, blocked, &self.metrics, self.limits(), &self.settings);
             })
             .await;
         let held = placement_wait && wants_eni;

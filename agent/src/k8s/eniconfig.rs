@@ -23,7 +23,7 @@ pub enum EniConfigError {
         source: kube::Error,
     },
     #[error(
-        "ENIConfig {name:?} (from {source_of_name}) does not exist; create it (kubectl get eniconfigs) or change the node's label"
+        "ENIConfig {name:?} (from {source_of_name}) does not exist; create it (kubectl get eniconfigs) or change the node's label or annotation that names it"
     )]
     Missing {
         name: String,

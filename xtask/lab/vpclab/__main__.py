@@ -67,6 +67,12 @@ def main(argv: list[str]) -> int:
     tg.add_argument("--resource", required=True)
     tg.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
     tg.add_argument("--remove", action="append", default=[], metavar="KEY")
+    fe = sub.add_parser("foreign-eni", help="attach an ENI vpc-ebpf must not manage "
+                        "(tagged no_manage, or trunk/efa)")
+    fe.add_argument("--node", type=int, required=True)
+    fe.add_argument("--device-index", type=int, required=True)
+    fe.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    fe.add_argument("--interface-type")
     vc = sub.add_parser("vpc-cidr", help="associate another CIDR block with the VPC")
     vc.add_argument("--cidr", required=True)
     c = sub.add_parser("cluster", help="the Kubernetes cluster on the running lab")
@@ -135,6 +141,11 @@ def main(argv: list[str]) -> int:
         if args.cmd == "tag":
             client.call(cfg.control_socket, "POST", "/tags", {
                 "resource": args.resource, "tags": parse_env(args.tag), "remove": args.remove})
+            return 0
+        if args.cmd == "foreign-eni":
+            print(client.call(cfg.control_socket, "POST", "/enis", {
+                "node": args.node, "device_index": args.device_index,
+                "tags": parse_env(args.tag), "interface_type": args.interface_type})["eni_id"])
             return 0
         if args.cmd == "vpc-cidr":
             client.call(cfg.control_socket, "POST", "/vpc-cidrs", {"cidr": args.cidr})

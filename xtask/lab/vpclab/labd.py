@@ -108,6 +108,22 @@ class Lab:
         if remove:
             self.ec2.delete_tags(Resources=[resource], Tags=[{"Key": k} for k in remove])
 
+    def attach_foreign_eni(self, node: int, device_index: int, tags: dict[str, str],
+                           interface_type: str | None) -> str:
+        """An ENI some other software attached to node `node` (1-based): tagged no_manage,
+        or of another interface type (trunk, efa)."""
+        z = self.cfg.node_zone(node)
+        kw = {"InterfaceType": interface_type} if interface_type else {}
+        spec = [{"ResourceType": "network-interface",
+                 "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}] if tags else []
+        eni = self.ec2.create_network_interface(
+            SubnetId=self.node_subnets[z], TagSpecifications=spec, **kw)["NetworkInterface"]
+        self.ec2.attach_network_interface(NetworkInterfaceId=eni["NetworkInterfaceId"],
+                                          InstanceId=self.nodes[node - 1].instance_id,
+                                          DeviceIndex=device_index)
+        self.sync()
+        return eni["NetworkInterfaceId"]
+
     def add_vpc_cidr(self, cidr: str) -> None:
         self.ec2.associate_vpc_cidr_block(VpcId=self.vpc_id, CidrBlock=cidr)
         self.sync()  # IMDS shows the VPC's CIDR blocks per ENI
@@ -230,6 +246,13 @@ def control_server(lab: Lab):
                 except Exception as e:  # noqa: BLE001
                     return self.reply(400, {"error": str(e)})
                 return self.reply(200, {})
+            if self.path == "/enis":
+                try:
+                    eni = lab.attach_foreign_eni(int(b["node"]), int(b["device_index"]),
+                                                 b.get("tags") or {}, b.get("interface_type"))
+                except Exception as e:  # noqa: BLE001
+                    return self.reply(400, {"error": str(e)})
+                return self.reply(200, {"eni_id": eni})
             if self.path == "/vpc-cidrs":
                 try:
                     lab.add_vpc_cidr(b["cidr"])
