@@ -249,3 +249,62 @@ fn every_variable_set_through_env_is_used() {
         serde_json::json!(["172.20.0.0/16"])
     );
 }
+
+/// aws-vpc-cni's `eniConfig` values make one ENIConfig per zone, named after it; the
+/// CRD ships in `crds/`; a request to create them without subnets fails naming the value.
+#[test]
+fn eniconfig_values_make_one_eniconfig_per_zone() {
+    let helm = tool("VPC_EBPF_HELM", "the helm binary");
+    let chart = repo_root().join("charts/vpc-ebpf");
+    let render = |extra: &[&str]| {
+        Command::new(&helm)
+            .args(["template", "vpc-ebpf"])
+            .arg(&chart)
+            .args(["-n", "kube-system", "--include-crds"])
+            .args(extra)
+            .output()
+            .expect("running helm")
+    };
+    let out = render(&[
+        "--set",
+        "eniConfig.create=true",
+        "--set",
+        "eniConfig.subnets.us-west-2a.id=subnet-0a",
+        "--set",
+        "eniConfig.subnets.us-west-2b.id=subnet-0b",
+        "--set",
+        "eniConfig.subnets.us-west-2b.securityGroups={sg-01,sg-02}",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("name: eniconfigs.crd.k8s.amazonaws.com"),
+        "no CRD"
+    );
+    let docs: Vec<&str> = text
+        .split("\n---")
+        .filter(|d| d.contains("\nkind: ENIConfig\n"))
+        .collect();
+    assert_eq!(docs.len(), 2, "{text}");
+    assert!(docs[0].contains("name: \"us-west-2a\"") && docs[0].contains("subnet: \"subnet-0a\""));
+    assert!(!docs[0].contains("securityGroups"), "{}", docs[0]);
+    assert!(
+        docs[1].contains("- \"sg-01\"") && docs[1].contains("- \"sg-02\""),
+        "{}",
+        docs[1]
+    );
+    // Off by default: no ENIConfig.
+    let out = render(&[]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("\nkind: ENIConfig\n"));
+    let out = render(&["--set", "eniConfig.create=true"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("eniConfig.subnets is empty"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -127,12 +127,7 @@ pub fn totals(mode: Mode, enis: &[EniUsage]) -> Totals {
 
 pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, all: &[EniUsage]) -> Plan {
     let attached = u32::try_from(all.len()).unwrap_or(u32::MAX);
-    let excluded_free: u32 = all
-        .iter()
-        .filter(|e| e.excluded)
-        .map(|e| e.units.saturating_sub(e.busy_units))
-        .sum();
-    let usable: Vec<EniUsage> = all.iter().filter(|e| !e.excluded).copied().collect();
+    let (usable, excluded_free) = split_excluded(all);
     let enis = usable.as_slice();
     let cap = limits.slots_per_eni.saturating_sub(1);
     let max_enis = t
@@ -240,6 +235,16 @@ pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, all: &[EniUsage]) -
         out.release_units += excluded_free;
     }
     out
+}
+
+/// The ENIs that may hold pod addresses, and the free units on those that may not.
+fn split_excluded(all: &[EniUsage]) -> (Vec<EniUsage>, u32) {
+    let free = all
+        .iter()
+        .filter(|e| e.excluded)
+        .map(|e| e.units.saturating_sub(e.busy_units))
+        .sum();
+    (all.iter().filter(|e| !e.excluded).copied().collect(), free)
 }
 
 /// What bounds growth: units per ENI, ENIs allowed, ENIs attached (excluded ones too).

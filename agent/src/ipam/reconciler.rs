@@ -612,15 +612,13 @@ impl Reconciler {
                 Err(e) => return Err(e),
             }
         }
-        match last {
-            Some(e) => Err(e),
-            // Every subnet refused lately: wait as for a full subnet.
-            None => {
-                self.subnet_full = true;
-                self.subnet_full_until = self.full_subnets.values().min().copied();
-                Ok(None)
-            }
+        if let Some(e) = last {
+            return Err(e);
         }
+        // Every subnet refused lately: wait as for a full subnet.
+        self.subnet_full = true;
+        self.subnet_full_until = self.full_subnets.values().min().copied();
+        Ok(None)
     }
 
     async fn placement_ok(&mut self) {

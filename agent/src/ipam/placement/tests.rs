@@ -21,6 +21,16 @@ fn subnet(id: &str, cidr: &str, zone: &str, available: u32, tags: &[(&str, &str)
     }
 }
 
+/// (name wanted, labels, annotations, label key, annotation key, source wanted)
+type Case = (
+    &'static str,
+    BTreeMap<String, String>,
+    BTreeMap<String, String>,
+    &'static str,
+    &'static str,
+    &'static str,
+);
+
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 #[test]
@@ -31,14 +41,7 @@ fn the_eniconfig_is_chosen_in_aws_nodes_order() {
         (DEFAULT_ENICONFIG_KEY, "by-label"),
     ]);
     let annotations = map(&[(DEFAULT_ENICONFIG_KEY, "by-annotation")]);
-    let cases: [(
-        &str,
-        BTreeMap<String, String>,
-        BTreeMap<String, String>,
-        &str,
-        &str,
-        &str,
-    ); 6] = [
+    let cases: [Case; 6] = [
         // The external label wins over everything.
         (
             "external",
