@@ -307,9 +307,23 @@ async fn identify(
         () = shutdown_signal() => return Ok(None),
     };
     let (views, _) = ec2_merge::views(&d.enis, &d.node.instance_id);
-    ipam.update(|s| reconciler::log_report(&ec2_merge::merge(s, &views)))
-        .await
-        .context("saving the checkpoint after discovery")?;
+    let custom = config.custom_network;
+    ipam.update(|s| {
+        reconciler::log_report(&ec2_merge::merge(s, &views));
+        // Custom networking: the primary ENI serves no pod, from the first ADD on (the
+        // reconciler judges the other ENIs' subnets).
+        if custom {
+            let primary: Vec<String> = (s.enis())
+                .filter(|e| e.device_index == 0)
+                .map(|e| e.id.clone())
+                .collect();
+            for id in primary {
+                s.set_placement(&id, None, true);
+            }
+        }
+    })
+    .await
+    .context("saving the checkpoint after discovery")?;
     Ok(Some((d.node.clone(), Some(d))))
 }
 

@@ -319,10 +319,10 @@ fn custom_networking_puts_pods_in_the_eniconfig_subnets() {
         "apiVersion: crd.k8s.amazonaws.com/v1alpha1\nkind: ENIConfig\nmetadata: {{name: alt-a}}\nspec: {{subnet: {alt}}}\n"
     ));
     c.kubectl(&[
-        "annotate",
+        "label",
         "node",
         &nodes[0],
-        "k8s.amazonaws.com/eniConfig=alt-a",
+        "vpc.amazonaws.com/externalEniConfig=alt-a",
     ]);
     let primary_groups = enis(&c, 0).into_iter().find(|x| x.1 == 0).unwrap().3;
     for i in 0..9 {
@@ -345,5 +345,9 @@ fn custom_networking_puts_pods_in_the_eniconfig_subnets() {
         .iter()
         .filter(|p| inside(pod_ip(p), "100.64.128.0/24"))
         .count();
+    assert!(
+        in_alt >= 1,
+        "no new pod got an address of the new ENIConfig's subnet"
+    );
     eprintln!("cn: a1 {a1}, b1 {b1}; after the switch to alt-a, {in_alt} of 9 new pods in {alt}");
 }

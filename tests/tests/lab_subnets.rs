@@ -149,7 +149,11 @@ fn subnet_discovery_places_enis_in_tagged_subnets_and_moves_on_when_one_is_full(
     // EC2: the primary holds nothing; one ENI in each tagged subnet; none elsewhere.
     let mut by_subnet: BTreeMap<String, (u64, usize)> = BTreeMap::new();
     for (s, dev, n) in enis(&lab, 0) {
-        by_subnet.insert(s, (dev, n));
+        assert!(
+            by_subnet.insert(s.clone(), (dev, n)).is_none(),
+            "two ENIs in {s}: {:?}",
+            enis(&lab, 0)
+        );
     }
     assert_eq!(
         by_subnet.get(&node_subnets[0]),

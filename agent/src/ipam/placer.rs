@@ -171,6 +171,7 @@ impl Placer {
                 } else {
                     self.subnet(&spec.subnet).await?
                 };
+                self.vpc_id().await?;
                 Ok(vec![placement::check_eniconfig(
                     &choice,
                     &spec,
@@ -181,11 +182,33 @@ impl Placer {
                 )?])
             }
             Mode::Discovery => {
-                let vpc = self.vpc_id().await?;
-                let zone = self
-                    .ec2
-                    .subnets_in(&vpc, &self.node.availability_zone)
-                    .await?;
+                let zone = match self.vpc_id().await {
+                    Ok(vpc) => {
+                        self.ec2
+                            .subnets_in(&vpc, &self.node.availability_zone)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                let zone = match zone {
+                    Ok(z) => z,
+                    Err(e) => {
+                        // As aws-node: without DescribeSubnets (a missing permission,
+                        // throttling) the node's own subnet still serves, unless it is
+                        // known to be excluded.
+                        let excluded = self
+                            .subnets
+                            .get(&self.node.subnet_id)
+                            .is_some_and(|s| placement::excluded(s, self.cluster.as_deref()));
+                        warn!(error = %Chain(&e), excluded, "subnet discovery could not read the zone's subnets; using the node's subnet");
+                        if excluded {
+                            return Err(e.into());
+                        }
+                        return Ok(vec![
+                            self.node_target("the node's subnet (discovery failed)"),
+                        ]);
+                    }
+                };
                 for s in &zone {
                     self.subnets.insert(s.id.clone(), s.clone());
                 }
@@ -237,9 +260,9 @@ impl Placer {
     }
 
     /// Judges attached ENIs `(device index, subnet id)`. With `fresh`, subnets are read
-    /// again (their tags may have changed). A subnet EC2 cannot describe now is judged
-    /// usable, as aws-node does.
-    pub async fn judge(&mut self, enis: &[(u32, String)], fresh: bool) -> Vec<Judged> {
+    /// again (their tags may have changed). `None`: the ENI's subnet is unknown now (EC2
+    /// did not answer), so what was recorded stands.
+    pub async fn judge(&mut self, enis: &[(u32, String)], fresh: bool) -> Vec<Option<Judged>> {
         let discovery = matches!(self.mode, Mode::Discovery);
         let mut ids: Vec<String> = enis
             .iter()
@@ -265,6 +288,11 @@ impl Placer {
         enis.iter()
             .map(|(dev, sid)| {
                 let info = self.subnets.get(sid);
+                let needed = discovery || *sid != self.node.subnet_id;
+                if needed && info.is_none() && !(self.custom_networking() && *dev == 0) {
+                    // Unknown now (EC2 did not answer): what the store has stands.
+                    return None;
+                }
                 let subnet_cidr = if *sid == self.node.subnet_id {
                     None
                 } else {
@@ -277,10 +305,10 @@ impl Placer {
                         && info.is_some_and(|s| placement::excluded(s, self.cluster.as_deref()))
                 };
                 debug!(device_index = dev, subnet = %sid, ?subnet_cidr, excluded, "ENI judged");
-                Judged {
+                Some(Judged {
                     subnet_cidr,
                     excluded,
-                }
+                })
             })
             .collect()
     }

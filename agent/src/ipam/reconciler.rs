@@ -453,10 +453,9 @@ impl Reconciler {
                         // next plan grows elsewhere (a new ENI in the next subnet).
                         warn!(%eni, error = %Chain(&e), "the ENI's subnet is full; growing in another subnet");
                         self.metrics.ipam_error("subnet_full");
-                        self.full_enis.insert(
-                            device_index,
-                            Instant::now() + self.settings.subnet_full_pause,
-                        );
+                        // At least a second, so a zero pause cannot spin on EC2.
+                        let pause = self.settings.subnet_full_pause.max(Duration::from_secs(1));
+                        self.full_enis.insert(device_index, Instant::now() + pause);
                         return Ok(());
                     }
                     r => r?,
@@ -828,6 +827,7 @@ impl Reconciler {
             .update(|s| {
                 let r = ec2_merge::merge(s, &views);
                 for (v, j) in views.iter().zip(&judged) {
+                    let Some(j) = j else { continue };
                     let subnet = j.subnet_cidr.map(|c| (v.subnet_id.clone(), c));
                     if s.set_placement(&v.id, subnet, j.excluded) {
                         info!(eni = %v.id, subnet = %v.subnet_id, excluded = j.excluded, "ENI placement recorded");

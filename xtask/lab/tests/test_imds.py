@@ -56,7 +56,8 @@ def test_imds_matches_ec2_for_every_node(lab, ec2):
         assert get(ns, base + "device-number") == "0"
         assert get(ns, base + "interface-id") == primary["id"]
         assert get(ns, base + "subnet-ipv4-cidr-block") == lab.cfg.subnet_cidr
-        assert get(ns, base + "vpc-ipv4-cidr-blocks") == lab.cfg.vpc_cidr
+        assert get(ns, base + "vpc-ipv4-cidr-blocks") == \
+            f"{lab.cfg.vpc_cidr}\n{lab.cfg.secondary_cidr}"
         sg = ec2.describe_network_interfaces(NetworkInterfaceIds=[primary["id"]]
                                              )["NetworkInterfaces"][0]["Groups"]
         assert get(ns, base + "security-group-ids") == "\n".join(g["GroupId"] for g in sg)
