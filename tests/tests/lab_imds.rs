@@ -35,7 +35,8 @@ fn discovery_matches_ec2_and_follows_attachments() {
                 node["primary_ip"].as_str().unwrap()
             );
             assert_eq!(primary.subnet_cidr, "10.0.0.0/20");
-            assert_eq!(primary.vpc_cidrs, ["10.0.0.0/16"]);
+            // The lab VPC has a secondary CIDR for pods, as EKS users add.
+            assert_eq!(primary.vpc_cidrs, ["10.0.0.0/16", "100.64.0.0/16"]);
             assert!(!primary.security_groups.is_empty());
             assert!(primary.prefixes.is_empty());
 
