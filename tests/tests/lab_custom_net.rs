@@ -176,7 +176,7 @@ fn custom_networking_puts_pods_in_the_eniconfig_subnets() {
     wait_for("an Event on node 2", Duration::from_mins(1), || {
         let ev = events_of(&c, "Node", &nodes[1]);
         ev.iter()
-            .any(|e| e.starts_with("ENIConfigInvalid") && e.contains("missing-b"))
+            .any(|e| e.starts_with("ENIConfigMissing") && e.contains("missing-b"))
             .then_some(())
             .ok_or(format!("{ev:?}"))
     });

@@ -219,16 +219,7 @@ fn parse_eni(ni: &NetworkInterface) -> Result<EniInfo, Ec2Error> {
         secondary_ips,
         prefixes,
         attachment,
-        tags: ni
-            .tag_set()
-            .iter()
-            .filter_map(|t| {
-                Some((
-                    t.key()?.to_owned(),
-                    t.value().unwrap_or_default().to_owned(),
-                ))
-            })
-            .collect(),
+        tags: tag_map(ni.tag_set()),
         security_groups: ni
             .groups()
             .iter()
@@ -268,6 +259,18 @@ pub struct SubnetInfo {
     pub tags: BTreeMap<String, String>,
 }
 
+/// EC2's tag list as a map (a tag without a key is dropped).
+fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
+    tags.iter()
+        .filter_map(|t| {
+            Some((
+                t.key()?.to_owned(),
+                t.value().unwrap_or_default().to_owned(),
+            ))
+        })
+        .collect()
+}
+
 fn parse_subnet(s: &aws_sdk_ec2::types::Subnet) -> Option<SubnetInfo> {
     Some(SubnetInfo {
         id: s.subnet_id()?.to_owned(),
@@ -278,16 +281,7 @@ fn parse_subnet(s: &aws_sdk_ec2::types::Subnet) -> Option<SubnetInfo> {
             .available_ip_address_count()
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(0),
-        tags: s
-            .tags()
-            .iter()
-            .filter_map(|t| {
-                Some((
-                    t.key()?.to_owned(),
-                    t.value().unwrap_or_default().to_owned(),
-                ))
-            })
-            .collect(),
+        tags: tag_map(s.tags()),
     })
 }
 

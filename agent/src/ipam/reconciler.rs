@@ -28,7 +28,7 @@ use vpc_ebpf_rpc::report::Chain;
 use super::{
     GrowthBlock, Ipam,
     ec2_merge::{self, MergeReport},
-    placement::Target,
+    placement::{PlaceError, Target},
     placer::{self, Placer, PlacerError},
     pool::{self, InstanceLimits, Mode, Step},
     store::Store,
@@ -638,9 +638,15 @@ impl Reconciler {
             return;
         }
         error!(error = %text, "no new ENI can be placed");
+        // One reason per kind of problem: kube's recorder folds Events of one reason on
+        // the Node into a series that keeps its first message, so a different problem
+        // needs a reason of its own to be seen.
         let reason = match e {
             PlacerError::Kube(_) => "ENIConfigUnreadable",
-            _ => "ENIConfigInvalid",
+            PlacerError::Config(PlaceError::Cluster(_)) => "ENIConfigMissing",
+            PlacerError::Config(PlaceError::EniConfig { .. }) => "ENIConfigInvalid",
+            PlacerError::Config(PlaceError::NoSubnet { .. }) => "NoPodSubnet",
+            PlacerError::Ec2(_) => "EC2Refused",
         };
         self.notices.warning(reason, text.clone());
         self.ipam.set_placement_problem(Some(text.clone())).await;
