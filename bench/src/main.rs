@@ -5,13 +5,15 @@ mod cni;
 mod dataplane;
 mod ipam;
 mod policy_scale;
+mod policy_sweep;
 mod progcost;
 
 const USAGE: &str = "usage: vpc-ebpf-bench cni --plugin PATH [--pods N] [--rounds N] [--json FILE]\n       \
                      vpc-ebpf-bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE] ...\n       \
                      vpc-ebpf-bench ipam [--modes secondary|prefix|both] [--pods N] [--restarts N] [--json FILE]\n       \
                      vpc-ebpf-bench progcost [--runs N] [--json FILE]\n       \
-                     vpc-ebpf-bench policy-scale [--pods N] [--namespaces N] [--local N] [--changes N] [--json FILE]";
+                     vpc-ebpf-bench policy-scale [--pods N] [--namespaces N] [--local N] [--changes N] [--json FILE]\n       \
+                     vpc-ebpf-bench policy --floor-object FILE [--rules 0,100,1000,10000] [--rounds N] [--secs S] [--json FILE] [--plot FILE]";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -21,6 +23,7 @@ fn main() {
         Some("ipam") => ipam::main(&args[1..]),
         Some("progcost") => progcost::main(&args[1..]),
         Some("policy-scale") => policy_scale::main(&args[1..]),
+        Some("policy") => policy_sweep::main(&args[1..]),
         _ => {
             eprintln!("{USAGE}");
             2

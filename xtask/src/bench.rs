@@ -16,6 +16,7 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
              cargo xtask bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE]\n       \
              cargo xtask bench ipam [--modes secondary|prefix|both] [--pods N] [--restarts N] [--json FILE]\n       \
              cargo xtask bench progcost [--runs N] [--object FILE] [--json FILE] [--policy]\n       \
+             cargo xtask bench policy [--rules 0,100,1000,10000] [--rounds N] [--secs S] [--json FILE] [--plot FILE]\n       \
              cargo xtask bench policy-scale [--pods N] [--namespaces N] [--local N] [--changes N] [--json FILE]\n       \
              cargo xtask bench pods [--pods N] [--rounds N] [--json FILE]"
         );
@@ -48,10 +49,11 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
         "dataplane" => dataplane(&args[1..]),
         "pods" => pods(&args[1..]),
         "ipam" => ipam(&args[1..]),
+        "policy" => policy(&args[1..]),
         "policy-scale" | "progcost" => in_netns(what, &args[1..]),
         other => {
             bail!(
-                "unknown benchmark {other:?}: available: cni, dataplane, ipam, pods, policy-scale, progcost"
+                "unknown benchmark {other:?}: available: cni, dataplane, ipam, pods, policy, policy-scale, progcost"
             )
         }
     }
@@ -77,6 +79,44 @@ fn dataplane(args: &[String]) -> anyhow::Result<()> {
     }
     run(Command::new(target.join("release/vpc-ebpf-bench"))
         .arg("dataplane")
+        .args(&args))
+}
+
+/// The NetworkPolicy rule sweep: the redirect-only build of the programs (the floor it is
+/// measured against, from the committed programs) and the release bench; the plot and
+/// JSON go to `<target-dir>/bench/` unless told otherwise.
+fn policy(args: &[String]) -> anyhow::Result<()> {
+    deps::ensure_system_packages(deps::DATAPLANE_BENCH_PACKAGES)?;
+    deps::ensure_system_packages(&[("ipset", "ipset")])?;
+    deps::ensure_files(deps::DATAPLANE_BENCH_FILES)?;
+    deps::ensure_ebpf_toolchain()?;
+    crate::ebpf::build(true)?;
+    let target = target_dir()?;
+    let dir = target.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let floor = dir.join("redirect-only.o");
+    eprintln!(
+        "building the redirect-only variant of the programs (the floor) into {}",
+        floor.display()
+    );
+    run(Command::new(root().join("bench/variants/build.sh"))
+        .arg("redirect-only")
+        .arg(&floor)
+        .env("CARGO_TARGET_DIR", &target))?;
+    run(Command::new(cargo())
+        .args(["build", "--release", "-p", "vpc-ebpf-bench"])
+        .current_dir(root()))?;
+    let mut args = args.to_vec();
+    for (flag, file) in [("--plot", "policy.png"), ("--json", "policy.json")] {
+        if !args.iter().any(|a| a == flag) {
+            args.push(flag.into());
+            args.push(dir.join(file).display().to_string());
+        }
+    }
+    run(Command::new(target.join("release/vpc-ebpf-bench"))
+        .arg("policy")
+        .arg("--floor-object")
+        .arg(&floor)
         .args(&args))
 }
 

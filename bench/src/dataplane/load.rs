@@ -328,6 +328,18 @@ pub fn transactions(
     }
 }
 
+/// One connect + exchange from `e.client_ns` to `e.server_ip:port` (refused or timed
+/// out after 2 s: `false`), to check what a policy admits.
+pub fn one_transaction(e: &Endpoints, port: u16) -> bool {
+    let server = Server::start(&e.server_ns, e.server_ip, port, true);
+    let to = SocketAddr::from((e.server_ip, port));
+    let ok = spawn_in(&e.client_ns, move || crr_once(to))
+        .join()
+        .expect("client thread");
+    server.finish();
+    ok
+}
+
 fn netns_cmd(ns: &str, program: &str) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns]);

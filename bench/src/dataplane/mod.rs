@@ -6,10 +6,10 @@
 //! measures each of them within seconds of the others: drift in a shared, noisy machine
 //! hits all three alike, and the medians over rounds drop the outliers.
 
-mod load;
-mod plot;
-mod stats;
-mod topo;
+pub(crate) mod load;
+pub(crate) mod plot;
+pub(crate) mod stats;
+pub(crate) mod topo;
 
 use std::{
     collections::BTreeMap,
@@ -28,7 +28,7 @@ use vpc_ebpf_agent::dataplane::AttachMode;
 use vpc_ebpf_common::counters::{direction, reason};
 
 /// Set by SIGINT/SIGTERM: the run stops after the current measurement and cleans up.
-static STOP: AtomicBool = AtomicBool::new(false);
+pub(crate) static STOP: AtomicBool = AtomicBool::new(false);
 
 const USAGE: &str = "usage: vpc-ebpf-bench dataplane [--rounds N] [--secs S] [--json FILE] \
                      [--plot FILE] [--metrics rr,crr,stream] [--paths same-node,pod-internet] \
@@ -186,7 +186,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// First Ctrl-C: finish the current measurement, report, clean up. A second one kills
 /// (SA_RESETHAND), for a run stuck somewhere; the next run removes what it left.
-fn install_signal_handlers() {
+pub(crate) fn install_signal_handlers() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: zeroed sigaction is valid; the handler only stores to an atomic, which
         // is async-signal-safe.
@@ -206,7 +206,7 @@ fn pid_alive(pid: &str) -> bool {
 
 /// Removes what an earlier run killed with SIGKILL left: its namespaces (named
 /// `vpce-bdp-…-<pid>-<n>`) and its pin root.
-fn clean_stale() {
+pub(crate) fn clean_stale() {
     let list = Command::new("ip")
         .args(["netns", "list"])
         .output()
@@ -225,7 +225,10 @@ fn clean_stale() {
     if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") {
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("vpc-ebpf-bench-")
+            // `vpc-ebpf-bench-<pid>`, or `-<pid>-<setup>` for the policy bench's.
+            if let Some(pid) = name
+                .strip_prefix("vpc-ebpf-bench-")
+                .and_then(|rest| rest.split('-').next())
                 && !pid_alive(pid)
             {
                 eprintln!("removing /sys/fs/bpf/{name}, left by an earlier run");
@@ -514,14 +517,14 @@ fn table(opts: &Options, cells: &BTreeMap<String, Cell>) -> String {
     out
 }
 
-fn kernel() -> String {
+pub(crate) fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
         .trim()
         .to_owned()
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()
@@ -532,7 +535,7 @@ fn loadavg() -> String {
 
 /// Which code was measured: the checkout's commit, whether the dataplane's sources
 /// differed from it, and a fingerprint of the embedded eBPF object.
-fn source_state() -> Value {
+pub(crate) fn source_state() -> Value {
     let repo = &vpc_ebpf_tests::repo_root();
     let git = |args: &[&str]| {
         Command::new("git")

@@ -124,3 +124,115 @@ pub fn draw(path: &Path, title: &str, panels: &[Panel]) -> Result<(), String> {
     }
     root.present().map_err(|x| e(&x))
 }
+
+/// One line of a [`LinePanel`]: a setup's medians at each x, with min-max whiskers.
+pub struct Line {
+    pub label: String,
+    /// (median, min, max) per x; `None` where nothing was measured.
+    pub points: Vec<Option<(f64, f64, f64)>>,
+}
+
+pub struct LinePanel {
+    pub title: String,
+    pub unit: &'static str,
+    pub xs: Vec<String>,
+    pub lines: Vec<Line>,
+}
+
+/// Panels of lines over categorical x values (the rule counts of the policy sweep).
+pub fn draw_lines(path: &Path, title: &str, panels: &[LinePanel]) -> Result<(), String> {
+    if panels.is_empty() {
+        return Err("nothing measured".into());
+    }
+    load_font()?;
+    let cols = panels.len().min(2);
+    let rows = panels.len().div_ceil(cols);
+    let size = (
+        u32::try_from(cols).unwrap_or(2) * 560,
+        u32::try_from(rows).unwrap_or(2) * 400 + 50,
+    );
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let root = root.titled(title, ("sans-serif", 18)).map_err(|x| e(&x))?;
+    for (area, panel) in root.split_evenly((rows, cols)).iter().zip(panels) {
+        let top = panel
+            .lines
+            .iter()
+            .flat_map(|l| l.points.iter().flatten().map(|p| p.2))
+            .fold(0.0, f64::max)
+            * 1.15;
+        let top = if top > 0.0 { top } else { 1.0 };
+        let n = i32::try_from(panel.xs.len()).unwrap_or(1);
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, ("sans-serif", 17))
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(70)
+            .build_cartesian_2d(-0.5f64..f64::from(n) - 0.5, 0.0..top)
+            .map_err(|x| e(&x))?;
+        let xs = panel.xs.clone();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(xs.len())
+            .y_desc(panel.unit)
+            .x_desc("rules selecting each pod")
+            .y_label_formatter(&|v| label(*v))
+            .x_label_formatter(&|v| {
+                let i = v.round();
+                if (v - i).abs() > 0.01 || i < 0.0 {
+                    return String::new();
+                }
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "a small index"
+                )]
+                xs.get(i as usize).cloned().unwrap_or_default()
+            })
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(|x| e(&x))?;
+        for (li, line) in panel.lines.iter().enumerate() {
+            let color = COLORS[li % COLORS.len()];
+            let pts: Vec<(f64, f64)> = line
+                .points
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| {
+                    p.map(|(m, _, _)| (f64::from(u32::try_from(i).unwrap_or(0)), m))
+                })
+                .collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|x| e(&x))?
+                .label(line.label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(3))
+                });
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|x| e(&x))?;
+            for (i, p) in line.points.iter().enumerate() {
+                let Some((_, lo, hi)) = *p else { continue };
+                let x = f64::from(u32::try_from(i).unwrap_or(0));
+                chart
+                    .draw_series([PathElement::new(
+                        vec![(x, lo), (x, hi)],
+                        color.stroke_width(1),
+                    )])
+                    .map_err(|x| e(&x))?;
+            }
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .position(SeriesLabelPosition::LowerLeft)
+            .draw()
+            .map_err(|x| e(&x))?;
+    }
+    root.present().map_err(|x| e(&x))
+}

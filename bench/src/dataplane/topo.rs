@@ -36,6 +36,12 @@ const VPC_CIDR: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(10, 0, 0, 0), 16);
 pub const INTERNET: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 const HOST_VETH_A: &str = "eni5f0d3a9c21e";
 const HOST_VETH_B: &str = "eni8b7e41c6d0f";
+/// The second node (policy bench only), in a subnet of its own: a pod on it is reached
+/// through both nodes' ENIs and the VPC router.
+pub const POD_C: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 7);
+pub const NODE2_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 10);
+const SUBNET2_GW: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
+const HOST_VETH_C: &str = "eni2c94d07be13";
 /// The ENI is `eth0` of the node, as on EC2.
 const ENI: &str = "eth0";
 /// Route table of the primary ENI for pod egress to the VPC (VPC CNI numbers ENI tables
@@ -73,6 +79,8 @@ impl Kind {
 pub enum PathKind {
     SameNode,
     Internet,
+    /// Pod to a pod of the second node (two-node setups only).
+    CrossNode,
 }
 
 impl PathKind {
@@ -82,6 +90,7 @@ impl PathKind {
         match self {
             Self::SameNode => "same-node",
             Self::Internet => "pod-internet",
+            Self::CrossNode => "cross-node",
         }
     }
 }
@@ -122,8 +131,11 @@ pub struct Setup {
     pub kind: Kind,
     same_node: Endpoints,
     internet: Endpoints,
+    cross_node: Option<Endpoints>,
     node: Option<String>,
+    node2: Option<String>,
     ebpf: Option<EbpfState>,
+    ebpf2: Option<EbpfState>,
     // Declared last so that it is dropped last: programs are unpinned first, then every
     // interface goes with its namespace.
     namespaces: Vec<NetNs>,
@@ -134,11 +146,28 @@ impl Setup {
         match path {
             PathKind::SameNode => &self.same_node,
             PathKind::Internet => &self.internet,
+            PathKind::CrossNode => self
+                .cross_node
+                .as_ref()
+                .expect("cross-node traffic needs a two-node setup"),
         }
     }
 
     pub fn node_ns(&self) -> Option<&str> {
         self.node.as_deref()
+    }
+
+    pub fn node2_ns(&self) -> Option<&str> {
+        self.node2.as_deref()
+    }
+
+    /// The dataplanes of the nodes (one per node), for (c).
+    pub fn dataplanes(&self) -> Vec<Arc<Mutex<Dataplane>>> {
+        [&self.ebpf, &self.ebpf2]
+            .into_iter()
+            .flatten()
+            .map(|e| Arc::clone(&e.dp))
+            .collect()
     }
 
     pub fn namespaces(&self) -> impl Iterator<Item = &str> {
@@ -219,8 +248,11 @@ pub fn floor() -> Setup {
         kind: Kind::Floor,
         same_node: ends.clone(),
         internet: ends,
+        cross_node: None,
         node: None,
+        node2: None,
         ebpf: None,
+        ebpf2: None,
         namespaces: vec![cli, srv],
     }
 }
@@ -232,6 +264,66 @@ struct Layout {
     pb: NetNs,
     router: NetNs,
     inet: NetNs,
+    /// The second node and its pod, when asked for.
+    node2: Option<(NetNs, NetNs)>,
+}
+
+/// One pod: its namespace, with its `/32`, the link-local gateway route and its host
+/// veth in `node`, and the node's `/32` route to it.
+fn pod_link(pod: &NetNs, node: &NetNs, host: &str, addr: Ipv4Addr) {
+    veth(pod, "eth0", node, host);
+    pod.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
+    pod.ip(&[
+        "route",
+        "add",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ]);
+    pod.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ]);
+    // Both plugins keep this route: kubelet probes and kube-proxy DNAT use it.
+    node.ip(&[
+        "route",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        host,
+        "scope",
+        "link",
+    ]);
+}
+
+/// The second node on the router's `vpc1`, in its own subnet, with pod C.
+fn add_node2(tag: &str, router: &NetNs) -> (NetNs, NetNs) {
+    let node = NetNs::new(&format!("bdp-{tag}-node2"));
+    let pc = NetNs::new(&format!("bdp-{tag}-pc"));
+    pod_link(&pc, &node, HOST_VETH_C, POD_C);
+    veth(&node, ENI, router, "vpc1");
+    node.ip(&["addr", "add", &format!("{NODE2_IP}/24"), "dev", ENI]);
+    node.ip(&["route", "add", "default", "via", &SUBNET2_GW.to_string()]);
+    ns_sysctl(&node, "net.ipv4.ip_forward=1");
+    router.ip(&["addr", "add", &format!("{SUBNET2_GW}/24"), "dev", "vpc1"]);
+    router.ip(&[
+        "route",
+        "add",
+        &POD_C.to_string(),
+        "via",
+        &NODE2_IP.to_string(),
+        "dev",
+        "vpc1",
+    ]);
+    ns_sysctl(router, "net.ipv4.conf.vpc1.rp_filter=1");
+    (node, pc)
 }
 
 fn layout(tag: &str) -> Layout {
@@ -241,36 +333,7 @@ fn layout(tag: &str) -> Layout {
     let router = NetNs::new(&format!("bdp-{tag}-vpc"));
     let inet = NetNs::new(&format!("bdp-{tag}-inet"));
     for (pod, host, addr) in [(&pa, HOST_VETH_A, POD_A), (&pb, HOST_VETH_B, POD_B)] {
-        veth(pod, "eth0", &node, host);
-        pod.ip(&["addr", "add", &format!("{addr}/32"), "dev", "eth0"]);
-        pod.ip(&[
-            "route",
-            "add",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-            "scope",
-            "link",
-        ]);
-        pod.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "169.254.1.1",
-            "dev",
-            "eth0",
-        ]);
-        // Both plugins keep this route: kubelet probes and kube-proxy DNAT use it.
-        node.ip(&[
-            "route",
-            "add",
-            &format!("{addr}/32"),
-            "dev",
-            host,
-            "scope",
-            "link",
-        ]);
+        pod_link(pod, &node, host, addr);
     }
     veth(&node, ENI, &router, "vpc0");
     node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", ENI]);
@@ -304,36 +367,66 @@ fn layout(tag: &str) -> Layout {
         pb,
         router,
         inet,
+        node2: None,
     }
 }
 
-fn finish(kind: Kind, l: Layout, ebpf: Option<EbpfState>) -> Setup {
+fn finish(kind: Kind, l: Layout, ebpf: Option<EbpfState>, ebpf2: Option<EbpfState>) -> Setup {
+    let ends = |server: &NetNs, server_ip, expect_peer| Endpoints {
+        client_ns: l.pa.name().to_owned(),
+        server_ns: server.name().to_owned(),
+        server_ip,
+        expect_peer,
+    };
+    let same_node = ends(&l.pb, POD_B, POD_A);
+    let internet = ends(&l.inet, INTERNET, NODE_IP);
+    let cross_node = l.node2.as_ref().map(|(_, pc)| ends(pc, POD_C, POD_A));
+    let node = Some(l.node.name().to_owned());
+    let node2 = l.node2.as_ref().map(|(n, _)| n.name().to_owned());
+    let mut namespaces = vec![l.pa, l.pb, l.inet];
+    if let Some((n, pc)) = l.node2 {
+        namespaces.extend([pc, n]);
+    }
+    namespaces.extend([l.router, l.node]);
     Setup {
         kind,
-        same_node: Endpoints {
-            client_ns: l.pa.name().to_owned(),
-            server_ns: l.pb.name().to_owned(),
-            server_ip: POD_B,
-            expect_peer: POD_A,
-        },
-        internet: Endpoints {
-            client_ns: l.pa.name().to_owned(),
-            server_ns: l.inet.name().to_owned(),
-            server_ip: INTERNET,
-            expect_peer: NODE_IP,
-        },
-        node: Some(l.node.name().to_owned()),
+        same_node,
+        internet,
+        cross_node,
+        node,
+        node2,
         ebpf,
-        namespaces: vec![l.pa, l.pb, l.inet, l.router, l.node],
+        ebpf2,
+        namespaces,
     }
 }
 
 /// (b): what Amazon VPC CNI programs on a node (plugin + ipamd), for pods on the primary
 /// ENI with external SNAT off and NodePort support on (its defaults).
 pub fn vpc_cni() -> Setup {
-    let l = layout("b");
-    for (pod, host, addr) in [(&l.pa, HOST_VETH_A, POD_A), (&l.pb, HOST_VETH_B, POD_B)] {
-        let mac = link_mac(l.node.name(), host).to_string();
+    vpc_cni_nodes(false)
+}
+
+/// (b), with a second node when `two_nodes`.
+pub fn vpc_cni_nodes(two_nodes: bool) -> Setup {
+    let mut l = layout("b");
+    vpc_cni_node(
+        &l.node,
+        &[(&l.pa, HOST_VETH_A, POD_A), (&l.pb, HOST_VETH_B, POD_B)],
+        SUBNET_GW,
+        NODE_IP,
+    );
+    if two_nodes {
+        let (node2, pc) = add_node2("b", &l.router);
+        vpc_cni_node(&node2, &[(&pc, HOST_VETH_C, POD_C)], SUBNET2_GW, NODE2_IP);
+        l.node2 = Some((node2, pc));
+    }
+    finish(Kind::VpcCni, l, None, None)
+}
+
+fn vpc_cni_node(node: &NetNs, pods: &[(&NetNs, &str, Ipv4Addr)], gw: Ipv4Addr, node_ip: Ipv4Addr) {
+    for &(pod, host, addr) in pods {
+        let mac = link_mac(node.name(), host).to_string();
         pod.ip(&[
             "neigh",
             "add",
@@ -346,9 +439,8 @@ pub fn vpc_cni() -> Setup {
             "permanent",
         ]);
         let a = addr.to_string();
-        l.node
-            .ip(&["rule", "add", "to", &a, "lookup", "main", "prio", "512"]);
-        l.node.ip(&[
+        node.ip(&["rule", "add", "to", &a, "lookup", "main", "prio", "512"]);
+        node.ip(&[
             "rule",
             "add",
             "from",
@@ -361,10 +453,10 @@ pub fn vpc_cni() -> Setup {
             "1536",
         ]);
     }
-    l.node.ip(&[
+    node.ip(&[
         "route",
         "add",
-        &SUBNET_GW.to_string(),
+        &gw.to_string(),
         "dev",
         ENI,
         "scope",
@@ -372,18 +464,18 @@ pub fn vpc_cni() -> Setup {
         "table",
         ENI_TABLE,
     ]);
-    l.node.ip(&[
+    node.ip(&[
         "route",
         "add",
         "default",
         "via",
-        &SUBNET_GW.to_string(),
+        &gw.to_string(),
         "dev",
         ENI,
         "table",
         ENI_TABLE,
     ]);
-    l.node.ip(&[
+    node.ip(&[
         "rule",
         "add",
         "fwmark",
@@ -393,16 +485,15 @@ pub fn vpc_cni() -> Setup {
         "prio",
         "1024",
     ]);
-    ns_sysctl(&l.node, &format!("net.ipv4.conf.{ENI}.rp_filter=2"));
-    vpc_cni_iptables(&l.node);
-    finish(Kind::VpcCni, l, None)
+    ns_sysctl(node, &format!("net.ipv4.conf.{ENI}.rp_filter=2"));
+    vpc_cni_iptables(node, node_ip);
 }
 
 /// VPC CNI's SNAT for destinations outside the VPC and its connmark rules for traffic
 /// arriving on the primary ENI (NodePort support).
-fn vpc_cni_iptables(node: &NetNs) {
+fn vpc_cni_iptables(node: &NetNs, node_ip: Ipv4Addr) {
     let vpc = VPC_CIDR.to_string();
-    let node_ip = NODE_IP.to_string();
+    let node_ip = node_ip.to_string();
     let rules: [&[&str]; 6] = [
         &["-t", "nat", "-N", "AWS-SNAT-CHAIN-0"],
         &[
@@ -510,18 +601,90 @@ pub fn ebpf(
     snat_ports: (u16, u16),
     object: Option<&[u8]>,
 ) -> Setup {
-    let l = layout("c");
-    let pod_mac = |ns: &NetNs| link_mac(ns.name(), "eth0");
-    let (mac_a, mac_b) = (pod_mac(&l.pa), pod_mac(&l.pb));
-    let node = l.node.name().to_owned();
+    ebpf_nodes(&EbpfOptions {
+        tag: "c",
+        pin_root,
+        mode,
+        snat_ports,
+        object,
+        network_policy: false,
+        two_nodes: false,
+    })
+}
+
+pub struct EbpfOptions<'a> {
+    /// Names the setup's namespaces (`bdp-<tag>-…`).
+    pub tag: &'static str,
+    pub pin_root: PathBuf,
+    pub mode: Option<AttachMode>,
+    pub snat_ports: (u16, u16),
+    pub object: Option<&'a [u8]>,
+    /// `ENABLE_NETWORK_POLICY` on both nodes.
+    pub network_policy: bool,
+    pub two_nodes: bool,
+}
+
+/// (c) with the options of the policy bench: each node loads its own programs under its
+/// own pin root, as two agents would.
+pub fn ebpf_nodes(o: &EbpfOptions<'_>) -> Setup {
+    let mut l = layout(o.tag);
+    let node1 = NodeDesc {
+        node: &l.node,
+        node_ip: NODE_IP,
+        gateway: SUBNET_GW,
+        pods: vec![(&l.pa, HOST_VETH_A, POD_A), (&l.pb, HOST_VETH_B, POD_B)],
+    };
+    let first = load_node(&node1, o, o.pin_root.clone());
+    let second = if o.two_nodes {
+        let (node2, pc) = add_node2(o.tag, &l.router);
+        let desc = NodeDesc {
+            node: &node2,
+            node_ip: NODE2_IP,
+            gateway: SUBNET2_GW,
+            pods: vec![(&pc, HOST_VETH_C, POD_C)],
+        };
+        let state = load_node(
+            &desc,
+            o,
+            PathBuf::from(format!("{}-node2", o.pin_root.display())),
+        );
+        l.node2 = Some((node2, pc));
+        Some(state)
+    } else {
+        None
+    };
+    finish(Kind::Ebpf, l, Some(first), second)
+}
+
+struct NodeDesc<'a> {
+    node: &'a NetNs,
+    node_ip: Ipv4Addr,
+    gateway: Ipv4Addr,
+    pods: Vec<(&'a NetNs, &'a str, Ipv4Addr)>,
+}
+
+fn load_node(n: &NodeDesc<'_>, o: &EbpfOptions<'_>, pin_root: PathBuf) -> EbpfState {
+    let node = n.node.name().to_owned();
     let config = DataplaneConfig {
         pin_root: pin_root.clone(),
-        attach_mode: mode,
+        attach_mode: o.mode,
         nat_max_entries: None,
     };
+    let pods: Vec<(Ipv4Addr, u32, MacAddr, MacAddr)> = n
+        .pods
+        .iter()
+        .map(|&(ns, host, addr)| {
+            (
+                addr,
+                ifindex(&node, host),
+                link_mac(&node, host),
+                link_mac(ns.name(), "eth0"),
+            )
+        })
+        .collect();
     let dp = run_in(&node, || {
-        let mut dp = match object {
-            Some(o) => Dataplane::load_object(&config, o),
+        let mut dp = match o.object {
+            Some(obj) => Dataplane::load_object(&config, obj),
             None => Dataplane::load(&config),
         }
         .expect("loading the eBPF object");
@@ -529,30 +692,30 @@ pub fn ebpf(
         // Read inside the node namespace, as the agent does at start.
         let snat_skip = Some(vpc_ebpf_agent::dataplane::settings::host_ephemeral_ports());
         dp.set_node(&NodeSpec {
-            node_ip: NODE_IP,
+            node_ip: n.node_ip,
             primary_eni_ifindex: eni,
             vpc_cidrs: vec![VPC_CIDR],
             snat_exclusions: vec![],
             passthrough_cidrs: vec![],
             external_snat: false,
-            network_policy: false,
-            snat_ports,
+            network_policy: o.network_policy,
+            snat_ports: o.snat_ports,
             snat_skip,
         })
         .expect("set_node");
         dp.upsert_eni(&EniSpec {
             ifindex: eni,
             mac: link_mac(&node, ENI),
-            primary_ip: NODE_IP,
-            gateway: SUBNET_GW,
+            primary_ip: n.node_ip,
+            gateway: n.gateway,
             is_primary: true,
         })
         .expect("upsert_eni");
-        for (addr, host, pod_mac) in [(POD_A, HOST_VETH_A, mac_a), (POD_B, HOST_VETH_B, mac_b)] {
+        for &(addr, host_ifindex, host_mac, pod_mac) in &pods {
             dp.upsert_endpoint(&EndpointSpec {
                 ipv4: addr,
-                host_ifindex: ifindex(&node, host),
-                host_mac: link_mac(&node, host),
+                host_ifindex,
+                host_mac,
                 pod_mac,
                 eni_ifindex: eni,
             })
@@ -578,17 +741,13 @@ pub fn ebpf(
             }
         })
     };
-    finish(
-        Kind::Ebpf,
-        l,
-        Some(EbpfState {
-            dp,
-            stop_gc,
-            gc: Some(gc),
-            pin_root,
-            attach_mode,
-        }),
-    )
+    EbpfState {
+        dp,
+        stop_gc,
+        gc: Some(gc),
+        pin_root,
+        attach_mode,
+    }
 }
 
 fn ip_out(args: &[&str]) -> String {
