@@ -132,8 +132,9 @@ fn pod(o: &Options, i: usize, app: &str) -> PodView {
             ("app".to_owned(), app.to_owned()),
             ("pod-template-hash".to_owned(), format!("{:08x}", i / 7)),
             ("version".to_owned(), "v1".to_owned()),
-        ]),
-        named_ports: vec![("http".to_owned(), TCP, 8080)],
+        ])
+        .into(),
+        named_ports: vec![("http".to_owned(), TCP, 8080)].into(),
         host_network: false,
     }
 }

@@ -27,6 +27,8 @@ pub struct Ipv4 {
     pub proto: u8,
     /// Flags and fragment offset, host order.
     pub frag: u16,
+    /// Identification, host order.
+    pub id: u16,
     pub src: [u8; 4],
     pub dst: [u8; 4],
 }
@@ -38,6 +40,7 @@ impl Default for Ipv4 {
             ihl: 5,
             proto: 17,
             frag: 0x4000, // DF
+            id: 0,
             src: [192, 0, 2, 1],
             dst: [192, 0, 2, 2],
         }
@@ -51,6 +54,7 @@ pub fn ipv4(h: &Ipv4, l4: &[u8]) -> Vec<u8> {
     let mut p = vec![0u8; hlen];
     p[0] = (h.version << 4) | (h.ihl & 0x0f);
     p[2..4].copy_from_slice(&total.to_be_bytes());
+    p[4..6].copy_from_slice(&h.id.to_be_bytes());
     p[6..8].copy_from_slice(&h.frag.to_be_bytes());
     p[8] = 64;
     p[9] = h.proto;

@@ -132,6 +132,11 @@ fn case(c: &Cluster, t: &Topology, name: &str, policies: &str, checks: &[Check])
     if !policies.trim().is_empty() {
         c.apply(policies);
     }
+    expect(c, t, name, checks);
+}
+
+/// Waits until every truth table of `checks` holds (pods always reach themselves).
+fn expect(c: &Cluster, t: &Topology, name: &str, checks: &[Check]) {
     let t0 = Instant::now();
     for (proto, port, want) in checks {
         let mut tries = 0;
@@ -179,7 +184,10 @@ fn network_policies_follow_the_upstream_e2e_truth_tables() {
     selectors(&c, &t);
     ports_and_blocks(&c, &t);
     combinations(&c, &t);
+    more_upstream(&c, &t);
+    more_blocks_and_ports(&c, &t);
     relabelling(&c, &t);
+    updates(&c, &t);
     services(&c);
     first_packet(&c, &t);
     flow_log(&c, &t);
@@ -380,6 +388,228 @@ fn combinations(c: &Cluster, t: &Topology) {
         ]
         .concat(),
         &[(tcp, 8080, &|from: P, to: P| from != (X, A) && to != (Y, B) && (from != (Y, B) || to == (X, A)))],
+    );
+}
+
+/// More of upstream's `network_policy.go` cases, one truth table each.
+fn more_upstream(c: &Cluster, t: &Topology) {
+    let (c, t, tcp, every) = (c, t, TCP, &every);
+    case(
+        c,
+        t,
+        "default-deny-egress",
+        &np("x", "deny", "{podSelector: {}, policyTypes: [Egress]}"),
+        &[(tcp, 8080, &|from: P, _| from.0 != X)],
+    );
+    case(
+        c,
+        t,
+        "deny ingress from pods of other namespaces",
+        &np(
+            "x",
+            "same-ns",
+            "{podSelector: {}, ingress: [{from: [{podSelector: {}}]}]}",
+        ),
+        &[(tcp, 8080, &|from: P, to: P| to.0 != X || from.0 == X)],
+    );
+    case(
+        c,
+        t,
+        "ingress from any of several pod selectors",
+        &np(
+            "x",
+            "any",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}, {podSelector: {matchLabels: {pod: c}}}]}]}",
+        ),
+        &[(tcp, 8080, &|from: P, to: P| {
+            to != (X, A) || from == (X, B) || from == (X, C)
+        })],
+    );
+    case(
+        c,
+        t,
+        "multiple pod and namespace selectors with expressions",
+        &np(
+            "x",
+            "multi",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: ns, operator: NotIn, values: [x]}]}, podSelector: {matchExpressions: [{key: pod, operator: In, values: [b, c]}]}}]}]}",
+        ),
+        &[(tcp, 8080, &|from: P, to: P| {
+            to != (X, A) || (from.0 != X && from.1 != A)
+        })],
+    );
+    case(
+        c,
+        t,
+        "multiple ingress policies, allow-all taking precedence",
+        &[
+            np(
+                "x",
+                "port-8082",
+                "{podSelector: {matchLabels: {pod: a}}, ingress: [{ports: [{port: 8082}]}]}",
+            ),
+            np(
+                "x",
+                "allow-all",
+                "{podSelector: {matchLabels: {pod: a}}, ingress: [{}]}",
+            ),
+        ]
+        .concat(),
+        &[(tcp, 8080, &every), (tcp, 8082, &every)],
+    );
+}
+
+/// More of upstream's cases on blocks, protocols and ports.
+fn more_blocks_and_ports(c: &Cluster, t: &Topology) {
+    let (c, t, tcp, every) = (c, t, TCP, &every);
+    let zc = t.ips[&(Z, C)].clone();
+    case(
+        c,
+        t,
+        "egress to an ipBlock with except",
+        &np(
+            "x",
+            "block",
+            &format!(
+                "{{podSelector: {{matchLabels: {{pod: a}}}}, policyTypes: [Egress], egress: [{{to: [{{ipBlock: {{cidr: 10.0.0.0/16, except: [{zc}/32]}}}}]}}]}}"
+            ),
+        ),
+        &[(tcp, 8080, &|from: P, to: P| from != (X, A) || to != (Z, C))],
+    );
+    case(
+        c,
+        t,
+        "an address in one policy's except and another's cidr is admitted",
+        &[
+            np("x", "block", &format!("{{podSelector: {{matchLabels: {{pod: a}}}}, policyTypes: [Egress], egress: [{{to: [{{ipBlock: {{cidr: 10.0.0.0/16, except: [{zc}/32]}}}}]}}]}}")),
+            np("x", "exact", &format!("{{podSelector: {{matchLabels: {{pod: a}}}}, policyTypes: [Egress], egress: [{{to: [{{ipBlock: {{cidr: {zc}/32}}}}]}}]}}")),
+        ]
+        .concat(),
+        &[(tcp, 8080, &every)],
+    );
+    case(
+        c,
+        t,
+        "protocol SCTP is not mistaken for TCP",
+        &np(
+            "x",
+            "sctp",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{ports: [{protocol: SCTP, port: 8080}]}]}",
+        ),
+        &[(tcp, 8080, &|_, to: P| to != (X, A))],
+    );
+    case(
+        c,
+        t,
+        "ports with endPort",
+        &np(
+            "x",
+            "range",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{ports: [{port: 8081, endPort: 8082}]}]}",
+        ),
+        &[(tcp, 8080, &|_, to: P| to != (X, A)), (tcp, 8082, &every)],
+    );
+    case(
+        c,
+        t,
+        "egress denied on the client side though the server admits it",
+        &[
+            np(
+                "x",
+                "server",
+                "{podSelector: {matchLabels: {pod: a}}, ingress: [{}]}",
+            ),
+            np(
+                "y",
+                "client",
+                "{podSelector: {matchLabels: {pod: b}}, policyTypes: [Egress]}",
+            ),
+        ]
+        .concat(),
+        &[(tcp, 8080, &|from: P, _| from != (Y, B))],
+    );
+    case(
+        c,
+        t,
+        "egress on a named port of the destination",
+        &np(
+            "x",
+            "named-egress",
+            "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{ports: [{port: serve-8082-tcp}]}]}",
+        ),
+        &[
+            (tcp, 8080, &|from: P, _| from != (X, A)),
+            (tcp, 8082, &every),
+        ],
+    );
+    case(
+        c,
+        t,
+        "ingress from a namespace on one named port",
+        &np(
+            "x",
+            "ns-named",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}], ports: [{port: serve-8080-tcp}]}]}",
+        ),
+        &[
+            (tcp, 8080, &|from: P, to: P| to != (X, A) || from.0 == Y),
+            (tcp, 8082, &|_, to: P| to != (X, A)),
+        ],
+    );
+}
+
+/// Policies and namespaces that change under running pods (upstream's "updated" cases).
+fn updates(c: &Cluster, t: &Topology) {
+    let (c, t, tcp, every) = (c, t, TCP, &every);
+    case(
+        c,
+        t,
+        "a policy before its update",
+        &np(
+            "x",
+            "upd",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]}",
+        ),
+        &[(tcp, 8080, &|from: P, to: P| to != (X, A) || from == (X, B))],
+    );
+    c.apply(&np(
+        "x",
+        "upd",
+        "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{podSelector: {matchLabels: {pod: c}}}]}]}",
+    ));
+    expect(
+        c,
+        t,
+        "the updated policy",
+        &[(tcp, 8080, &|from: P, to: P| to != (X, A) || from == (X, C))],
+    );
+    case(
+        c,
+        t,
+        "ingress from a namespace not labelled yet",
+        &np(
+            "x",
+            "from-team",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {team: blue}}}]}]}",
+        ),
+        &[(tcp, 8080, &|_, to: P| to != (X, A))],
+    );
+    c.kubectl(&["label", "namespace", "y", "team=blue"]);
+    expect(
+        c,
+        t,
+        "ingress from the namespace once labelled",
+        &[(tcp, 8080, &|from: P, to: P| to != (X, A) || from.0 == Y)],
+    );
+    c.kubectl(&["label", "namespace", "y", "team-"]);
+    for ns in NAMESPACES {
+        c.kubectl(&["-n", ns, "delete", "networkpolicy", "--all", "--wait=true"]);
+    }
+    expect(
+        c,
+        t,
+        "no enforcement once the policies are deleted",
+        &[(tcp, 8080, every)],
     );
 }
 

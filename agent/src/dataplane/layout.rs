@@ -21,8 +21,9 @@ use vpc_ebpf_common::{
         NodeConfig,
     },
     policy::{
-        EVENTS_BYTES, FLOWS_DEFAULT_MAX_ENTRIES, FlowKey, FlowState, POLICED_MAX_ENTRIES,
-        PolicedPod, PortRules, RULES_MAX_ENTRIES, RulePeer,
+        EVENTS_BYTES, FLOWS_DEFAULT_MAX_ENTRIES, FRAGS_MAX_ENTRIES, FlowKey, FlowState,
+        FragAdmitted, FragKey, POLICED_MAX_ENTRIES, PolicedPod, PortRules, RULES_MAX_ENTRIES,
+        RulePeer,
     },
 };
 
@@ -63,7 +64,7 @@ const fn layout(map_type: MapType, key: u32, value: u32, max: Option<u32>, flags
 /// A root test loads the object into an empty pin directory and checks this table
 /// against what the kernel created, so the two cannot drift apart unnoticed.
 #[expect(clippy::too_many_lines, reason = "one entry per map, a table")]
-pub fn expected() -> [(&'static str, Layout); 17] {
+pub fn expected() -> [(&'static str, Layout); 18] {
     let cidrs = layout(
         MapType::LpmTrie,
         size::<Ipv4Prefix>(),
@@ -177,6 +178,16 @@ pub fn expected() -> [(&'static str, Layout); 17] {
                 size::<FlowKey>(),
                 size::<FlowState>(),
                 Some(FLOWS_DEFAULT_MAX_ENTRIES),
+                0,
+            ),
+        ),
+        (
+            names::POLICY_FRAGMENTS,
+            layout(
+                MapType::LruHash,
+                size::<FragKey>(),
+                size::<FragAdmitted>(),
+                Some(FRAGS_MAX_ENTRIES),
                 0,
             ),
         ),

@@ -67,7 +67,9 @@ const PINNED_PROGRAMS: [&str; 4] = [
     programs::TO_ENI,
 ];
 
-/// What runs on an ENI: traffic from the VPC, and what the host stack sends out.
+/// What runs on an ENI: traffic from the VPC, and (with NetworkPolicy on) what the host
+/// stack sends out. The egress program only judges Service traffic for policy; without
+/// policy it would cost every packet leaving the node a program run for nothing.
 const ENI_HOOKS: [(Hook, &str); 2] = [
     (Hook::Ingress, programs::FROM_ENI),
     (Hook::Egress, programs::TO_ENI),
@@ -171,6 +173,11 @@ pub struct Dataplane {
     links: attach::Attachments,
     replaced: Vec<&'static str>,
     load_times: Vec<(&'static str, std::time::Duration)>,
+    /// `ENABLE_NETWORK_POLICY` as last set: whether ENIs get their egress program.
+    network_policy: bool,
+    /// The ENIs recorded by this process, to attach or detach the egress program when
+    /// policy is switched.
+    enis: std::collections::BTreeSet<u32>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -233,6 +240,8 @@ impl Dataplane {
             links,
             replaced,
             load_times,
+            network_policy: false,
+            enis: std::collections::BTreeSet::new(),
         })
     }
 
@@ -268,7 +277,25 @@ impl Dataplane {
             policy_maps::open_mid_stream_window(&mut self.ebpf, monotonic_now_ns())?;
         }
         // Last: the programs start acting on the flag only once the tables are in place.
-        maps::set_config(&mut self.ebpf, &value)
+        maps::set_config(&mut self.ebpf, &value)?;
+        if self.network_policy != n.network_policy {
+            self.network_policy = n.network_policy;
+            for ifindex in self.enis.clone() {
+                self.eni_egress(ifindex)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches the ENI egress program with policy on, detaches it (a pinned link of an
+    /// earlier run with policy on) with policy off.
+    fn eni_egress(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        let (hook, program) = ENI_HOOKS[1];
+        if self.network_policy {
+            self.links.attach(&mut self.ebpf, ifindex, hook, program)
+        } else {
+            self.links.detach(ifindex, hook, program)
+        }
     }
 
     /// Makes the policy maps enforce what `plan` leads to (see [`crate::policy::sets`]).
@@ -295,11 +322,11 @@ impl Dataplane {
     /// Records the ENI and attaches the ENI program to it. Idempotent.
     pub fn upsert_eni(&mut self, e: &EniSpec) -> Result<(), DataplaneError> {
         maps::put_eni(&mut self.ebpf, e.ifindex, &e.value())?;
-        for (hook, program) in ENI_HOOKS {
-            self.links
-                .attach(&mut self.ebpf, e.ifindex, hook, program)?;
-        }
-        Ok(())
+        let (hook, program) = ENI_HOOKS[0];
+        self.links
+            .attach(&mut self.ebpf, e.ifindex, hook, program)?;
+        self.enis.insert(e.ifindex);
+        self.eni_egress(e.ifindex)
     }
 
     /// Detaches the ENI programs and forgets the ENI. An unknown ENI is success.
@@ -307,6 +334,7 @@ impl Dataplane {
         for (hook, program) in ENI_HOOKS {
             self.links.detach(ifindex, hook, program)?;
         }
+        self.enis.remove(&ifindex);
         maps::remove_eni(&mut self.ebpf, ifindex)
     }
 
@@ -437,6 +465,12 @@ impl Dataplane {
             self.links
                 .is_attached(&self.ebpf, ep.host_ifindex, *hook, program)
         })
+    }
+
+    /// Whether the ENI's egress program runs (NetworkPolicy on).
+    pub fn eni_egress_attached(&self, ifindex: u32) -> bool {
+        let (hook, program) = ENI_HOOKS[1];
+        self.links.is_attached(&self.ebpf, ifindex, hook, program)
     }
 
     /// Makes the pod's hostPorts exactly `ports`; an empty slice removes them. Every

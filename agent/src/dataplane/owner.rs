@@ -326,7 +326,7 @@ impl Owner {
         // next apply reads them again.
         self.dp.apply_policy(&plan)?;
         let out = PolicyApplied {
-            sets_written: plan.new_sets.len(),
+            sets_written: plan.new_sets.len() + plan.amended.len(),
             pods_changed: plan.pods_set.len() + plan.pods_removed.len(),
             sets_removed: plan.dead_sets.len(),
             pods: next.pods.len(),

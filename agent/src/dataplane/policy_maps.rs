@@ -86,6 +86,13 @@ pub fn apply(ebpf: &mut Ebpf, plan: &Plan) -> Result<(), DataplaneError> {
                     .map_err(map_err(maps::POLICY_RULES))?;
             }
         }
+        for (id, dir, old, new) in &plan.amended {
+            for (net, ranges) in new.iter().filter(|(n, r)| old.get(n) != Some(r)) {
+                rules
+                    .insert(&key(*id, *dir, *net), value(ranges), 0)
+                    .map_err(map_err(maps::POLICY_RULES))?;
+            }
+        }
     }
     {
         let mut pods = policed_map(ebpf)?;
@@ -103,8 +110,19 @@ pub fn apply(ebpf: &mut Ebpf, plan: &Plan) -> Result<(), DataplaneError> {
     }
     {
         let mut rules = rules_map(ebpf)?;
-        for (id, dir, set) in &plan.dead_sets {
-            for net in set.keys() {
+        let gone = plan
+            .dead_sets
+            .iter()
+            .map(|(id, dir, set)| (id, dir, set, None));
+        let dropped = plan
+            .amended
+            .iter()
+            .map(|(id, dir, old, new)| (id, dir, old, Some(new)));
+        for (id, dir, set, kept) in gone.chain(dropped) {
+            for net in set
+                .keys()
+                .filter(|n| kept.is_none_or(|k| !k.contains_key(*n)))
+            {
                 match rules.remove(&key(*id, *dir, *net)) {
                     Ok(()) | Err(MapError::KeyNotFound) => {}
                     Err(MapError::SyscallError(e))

@@ -38,12 +38,13 @@ pub fn pod_view(p: &Pod) -> PodView {
             .and_then(|s| s.pod_ip.as_deref())
             .and_then(|ip| ip.parse().ok())
             .filter(|_| !finished),
-        labels: info.labels,
+        labels: info.labels.into(),
         named_ports: info
             .named_ports
             .into_iter()
             .filter_map(|n| Some((n.name, proto_number(&n.protocol)?, n.port)))
-            .collect(),
+            .collect::<Vec<_>>()
+            .into(),
         host_network: info.host_network,
     }
 }
@@ -192,6 +193,7 @@ mod tests {
                 ("serve-80-tcp".into(), TCP, 80),
                 ("serve-81-udp".into(), UDP, 81)
             ]
+            .into()
         );
         assert!(!v.host_network);
     }

@@ -82,7 +82,7 @@ impl Deps {
                             }
                         }
                         Peer::Block { .. } if is_egress && named => d.any_pod = true,
-                        Peer::Pods { .. } | Peer::Block { .. } => {}
+                        Peer::Pods { .. } | Peer::Block { .. } | Peer::Ipv6Block => {}
                     }
                 }
             }

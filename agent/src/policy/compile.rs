@@ -11,7 +11,10 @@ use std::{
 use ipnet::Ipv4Net;
 use vpc_ebpf_common::policy::{PORT_RANGES_MAX, PortRange};
 
-use super::model::{Peer, PodView, Policy, PortRule, PortSel, Rule, Selector};
+use super::{
+    intern::Interner,
+    model::{Peer, PodView, Policy, PortRule, PortSel, Rule, Selector},
+};
 
 /// Peer prefix → the port ranges peers under it may use, flattened so that the longest
 /// matching prefix alone holds the answer. An empty list admits nothing.
@@ -56,6 +59,9 @@ pub struct World {
     /// (label, value) → the namespaces carrying it: a `namespaceSelector` with labels
     /// looks at the namespaces that can match, not at thousands.
     ns_by_label: HashMap<(String, String), BTreeSet<String>>,
+    /// One copy of each label set and named-port list the pods share.
+    label_sets: Interner<BTreeMap<String, String>>,
+    port_lists: Interner<[(String, u8, u16)]>,
 }
 
 fn key_of(namespace: &str, name: &str) -> Key {
@@ -91,10 +97,12 @@ impl World {
     // -- keeping it current ------------------------------------------------------------
 
     /// Adds or replaces a pod; whether anything changed.
-    pub fn upsert_pod(&mut self, p: PodView) -> bool {
+    pub fn upsert_pod(&mut self, mut p: PodView) -> bool {
         if self.pod(&p.namespace, &p.name) == Some(&p) {
             return false;
         }
+        p.labels = self.label_sets.intern(p.labels);
+        p.named_ports = self.port_lists.intern(p.named_ports);
         self.unindex_ip(&p.namespace, &p.name);
         let key = key_of(&p.namespace, &p.name);
         if routable(&p)
@@ -406,6 +414,7 @@ impl World {
                                     })
                                     .filter_map(|(_, (ns, n))| self.pod(ns, n)),
                             ),
+                            Peer::Ipv6Block => Box::new(std::iter::empty()),
                         }
                     }),
             )
@@ -441,6 +450,7 @@ impl World {
         for peer in &r.peers {
             match peer {
                 Peer::Block { cidr, except } => nets.push((*cidr, except.clone())),
+                Peer::Ipv6Block => {}
                 Peer::Pods { namespaces, pods } => nets.extend(
                     self.peer_candidates(pol, namespaces.as_ref())
                         .filter(|p| routable(p))

@@ -10,6 +10,7 @@ pub mod compile;
 pub mod engine;
 pub mod flow_log;
 pub mod flows;
+pub mod intern;
 pub mod model;
 pub mod sets;
 #[cfg(test)]

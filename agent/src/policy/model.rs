@@ -1,7 +1,7 @@
 //! NetworkPolicy (`networking.k8s.io/v1`) as the compiler reads it: the API object with
 //! its defaults applied and its strings parsed, and nothing the compiler does not use.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use ipnet::Ipv4Net;
 use k8s_openapi::{
@@ -17,7 +17,7 @@ pub const SCTP: u8 = 132;
 pub enum ModelError {
     #[error("selector operator {0:?} is not In, NotIn, Exists or DoesNotExist")]
     Operator(String),
-    #[error("ipBlock {0:?} is not an IPv4 CIDR")]
+    #[error("ipBlock {0:?} is not a CIDR")]
     Cidr(String),
     #[error("protocol {0:?} is not TCP, UDP or SCTP")]
     Protocol(String),
@@ -117,6 +117,10 @@ pub enum Peer {
         cidr: Ipv4Net,
         except: Vec<Ipv4Net>,
     },
+    /// An IPv6 `ipBlock`: the API takes it, and policies written for dual-stack clusters
+    /// carry one beside their IPv4 block (`::/0` next to `0.0.0.0/0`). No IPv4 address
+    /// matches it; the policy's other peers still count.
+    Ipv6Block,
 }
 
 /// One ingress or egress rule. No peers: every peer; no ports: every port and protocol.
@@ -219,6 +223,9 @@ fn rule(
 
 fn peer(p: &NetworkPolicyPeer) -> Result<Peer, ModelError> {
     if let Some(b) = &p.ip_block {
+        if b.cidr.parse::<ipnet::Ipv6Net>().is_ok() {
+            return Ok(Peer::Ipv6Block);
+        }
         let cidr = parse_cidr(&b.cidr)?;
         let except = b
             .except
@@ -283,15 +290,23 @@ fn range(port: i32, end: Option<i32>) -> Result<PortSel, ModelError> {
     Ok(PortSel::Range(first, last))
 }
 
+/// A pod's labels. Shared: the pods of one ReplicaSet carry the same set, and
+/// [`super::compile::World`] keeps one copy of each (a 150k-pod cluster's label maps
+/// were most of the agent's memory).
+pub type Labels = Arc<BTreeMap<String, String>>;
+
+/// (name, protocol number, port) of a pod's containers' named ports; shared as
+/// [`Labels`] are.
+pub type NamedPorts = Arc<[(String, u8, u16)]>;
+
 /// A pod as policy sees it, on this node or any other.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodView {
     pub namespace: String,
     pub name: String,
     pub ip: Option<Ipv4Addr>,
-    pub labels: BTreeMap<String, String>,
-    /// (name, protocol number, port) of its containers' named ports.
-    pub named_ports: Vec<(String, u8, u16)>,
+    pub labels: Labels,
+    pub named_ports: NamedPorts,
     pub host_network: bool,
 }
 

@@ -1,6 +1,11 @@
-//! Rule sets: pods whose rules compile the same share one set in the maps. A set is never
-//! changed in place: new content gets a new set, written before any pod points to it, and
-//! a set is removed only once no pod points to it, so a pod never sees half a change.
+//! Rule sets: pods whose rules compile the same share one set in the maps. New content
+//! gets a new set, written before any pod points to it, and a set is removed only once no
+//! pod points to it. One exception keeps big sets cheap to change: a set whose pods all
+//! move to the same new content (one peer more in a 600-peer set, typically) is amended
+//! in place, entries added and changed first and removed last. Every lookup then sees
+//! either the old answer or the new one for its peer (the longest prefix present is the
+//! old or the new set's own longest match), never one neither admits; peers switch over
+//! one by one instead of all at once, as they would on a restarted agent.
 //! Pure: the plan of what to write, which [`super::apply`] carries out.
 
 use std::{
@@ -36,6 +41,9 @@ pub struct Plan {
     pub pods_removed: Vec<Ipv4Addr>,
     /// 4. Sets no pod points to any more.
     pub dead_sets: Vec<(u32, u32, Set)>,
+    /// Sets amended in place: (id, direction, old, new); their new and changed entries
+    /// are written with step 1, the entries gone with step 4.
+    pub amended: Vec<(u32, u32, Set, Set)>,
 }
 
 impl Plan {
@@ -44,6 +52,7 @@ impl Plan {
             && self.pods_set.is_empty()
             && self.pods_removed.is_empty()
             && self.dead_sets.is_empty()
+            && self.amended.is_empty()
     }
 }
 
@@ -97,7 +106,80 @@ impl Applied {
             .filter(|(id, _)| !next.sets.contains_key(id))
             .map(|(id, (dir, rules))| (*id, *dir, rules.clone()))
             .collect();
+        self.amend_in_place(&mut plan, &mut next);
         (plan, next)
+    }
+
+    /// Turns "write set N, point its pods at it, remove set O" into "amend O" where O's
+    /// pods are exactly N's.
+    fn amend_in_place(&self, plan: &mut Plan, next: &mut Applied) {
+        if plan.new_sets.is_empty() || plan.dead_sets.is_empty() {
+            return;
+        }
+        let users = |a: &Applied| {
+            let mut u: BTreeMap<u32, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+            for (ip, p) in &a.pods {
+                for id in [p.ingress_set, p.egress_set] {
+                    if id != SET_NONE {
+                        u.entry(id).or_default().insert(*ip);
+                    }
+                }
+            }
+            u
+        };
+        let (old_users, new_users) = (users(self), users(next));
+        let mut dead: BTreeMap<u32, (u32, Set)> = plan
+            .dead_sets
+            .drain(..)
+            .map(|(id, dir, set)| (id, (dir, set)))
+            .collect();
+        let mut kept_new = Vec::new();
+        for (new_id, dir, set) in plan.new_sets.drain(..) {
+            let pods = new_users.get(&new_id);
+            let old_id = pods
+                .and_then(|p| p.first())
+                .and_then(|ip| self.pods.get(ip))
+                .map(|p| {
+                    if dir == direction::INGRESS {
+                        p.ingress_set
+                    } else {
+                        p.egress_set
+                    }
+                });
+            let Some(old_id) = old_id.filter(|o| {
+                dead.get(o).is_some_and(|(d, _)| *d == dir) && old_users.get(o) == pods
+            }) else {
+                kept_new.push((new_id, dir, set));
+                continue;
+            };
+            let (_, old_set) = dead.remove(&old_id).expect("checked above");
+            next.sets.remove(&new_id);
+            next.sets.insert(old_id, (dir, set.clone()));
+            for ip in pods.into_iter().flatten() {
+                if let Some(p) = next.pods.get_mut(ip) {
+                    for slot in [&mut p.ingress_set, &mut p.egress_set] {
+                        if *slot == new_id {
+                            *slot = old_id;
+                        }
+                    }
+                }
+            }
+            plan.amended.push((old_id, dir, old_set, set));
+        }
+        plan.new_sets = kept_new;
+        plan.dead_sets = dead
+            .into_iter()
+            .map(|(id, (dir, set))| (id, dir, set))
+            .collect();
+        // Pods whose sets kept their ids need no new pointer.
+        plan.pods_set = plan
+            .pods_set
+            .iter()
+            .filter_map(|(ip, _)| {
+                let p = *next.pods.get(ip)?;
+                (self.pods.get(ip) != Some(&p)).then_some((*ip, p))
+            })
+            .collect();
     }
 }
 
@@ -195,6 +277,49 @@ mod tests {
             plan.dead_sets.iter().map(|s| s.0).collect::<Vec<_>>(),
             vec![old]
         );
+    }
+
+    #[test]
+    fn a_set_whose_pods_all_move_to_new_content_is_amended_in_place() {
+        let (_, before) = Applied::default().plan(&BTreeMap::from([
+            (A, pod(Some("10.0.0.0/8"), None)),
+            (B, pod(Some("10.0.0.0/8"), Some("10.2.0.0/16"))),
+        ]));
+        let (old_in, old_out) = (before.pods[&A].ingress_set, before.pods[&B].egress_set);
+        let (plan, after) = before.plan(&BTreeMap::from([
+            (A, pod(Some("10.1.0.0/16"), None)),
+            (B, pod(Some("10.1.0.0/16"), Some("10.3.0.0/16"))),
+        ]));
+        assert!(
+            plan.new_sets.is_empty() && plan.dead_sets.is_empty(),
+            "{plan:?}"
+        );
+        assert!(plan.pods_set.is_empty(), "no pointer moves: {plan:?}");
+        let amended: Vec<u32> = plan.amended.iter().map(|a| a.0).collect();
+        assert_eq!(amended, vec![old_in, old_out]);
+        assert_eq!(after.pods, before.pods);
+        assert_eq!(*after.sets[&old_in].1, rules("10.1.0.0/16"));
+        // Applying the same again is nothing.
+        let (again, _) = after.plan(&BTreeMap::from([
+            (A, pod(Some("10.1.0.0/16"), None)),
+            (B, pod(Some("10.1.0.0/16"), Some("10.3.0.0/16"))),
+        ]));
+        assert!(again.is_empty(), "{again:?}");
+    }
+
+    #[test]
+    fn a_shared_set_left_by_some_of_its_pods_is_not_amended() {
+        let (_, before) = Applied::default().plan(&BTreeMap::from([
+            (A, pod(Some("10.0.0.0/8"), None)),
+            (B, pod(Some("10.0.0.0/8"), None)),
+        ]));
+        // A moves to new content; B stays on the old set, which must stay as it is.
+        let (plan, _) = before.plan(&BTreeMap::from([
+            (A, pod(Some("10.1.0.0/16"), None)),
+            (B, pod(Some("10.0.0.0/8"), None)),
+        ]));
+        assert!(plan.amended.is_empty());
+        assert_eq!(plan.new_sets.len(), 1);
     }
 
     #[test]

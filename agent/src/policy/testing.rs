@@ -12,8 +12,8 @@ pub fn pod(ns: &str, name: &str, ip: Ipv4Addr, app: &str) -> PodView {
         namespace: ns.into(),
         name: name.into(),
         ip: Some(ip),
-        labels: BTreeMap::from([("app".into(), app.into())]),
-        named_ports: vec![("http".into(), TCP, 8080)],
+        labels: BTreeMap::from([("app".into(), app.into())]).into(),
+        named_ports: vec![("http".into(), TCP, 8080)].into(),
         host_network: false,
     }
 }

@@ -163,8 +163,8 @@ fn pod(name: &str, ip: Ipv4Addr, role: &str) -> PodView {
         namespace: rules::NAMESPACE.into(),
         name: name.into(),
         ip: Some(ip),
-        labels: BTreeMap::from([("role".into(), role.into())]),
-        named_ports: Vec::new(),
+        labels: BTreeMap::from([("role".into(), role.into())]).into(),
+        named_ports: std::sync::Arc::default(),
         host_network: false,
     }
 }

@@ -46,6 +46,7 @@ pub mod maps {
     pub const POLICED: &str = "VPC_POLICED";
     pub const POLICY_RULES: &str = "VPC_POL_RULES";
     pub const POLICY_FLOWS: &str = "VPC_POL_FLOWS";
+    pub const POLICY_FRAGMENTS: &str = "VPC_POL_FRAGS";
     pub const POLICY_REVISION: &str = "VPC_POL_REV";
     pub const POLICY_EVENTS: &str = "VPC_POL_EVENTS";
     /// Events the ring buffer had no room for, per CPU.

@@ -147,6 +147,26 @@ impl FlowKey {
     }
 }
 
+/// Key of the fragment table: an IPv4 datagram as its fragments share it (RFC 791: source,
+/// destination, protocol and identification), the identification as in the packet.
+/// Later fragments carry no ports; they follow the verdict their first fragment got.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: u32,
+    pub dst: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// Value of the fragment table: 1, the first fragment was admitted.
+pub type FragAdmitted = u32;
+
+/// Datagrams in reassembly at once: fragments within the VPC are rare (9001 MTU), and an
+/// evicted entry only makes its later fragments judged on their own.
+pub const FRAGS_MAX_ENTRIES: u32 = 8192;
+
 /// Value of the flow table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -240,6 +260,7 @@ const _: () = assert!(core::mem::size_of::<RulePeer>() == 12);
 const _: () = assert!(core::mem::size_of::<PortRange>() == 6);
 const _: () = assert!(core::mem::size_of::<PortRules>() == 4 + 6 * PORT_RANGES_MAX);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FlowState>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyEvent>() == 32);
 
@@ -253,6 +274,8 @@ mod pod {
     unsafe impl aya::Pod for super::PortRules {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowState {}
     // SAFETY: as above.

@@ -63,7 +63,7 @@ pub fn handle(ctx: &TcContext) -> Outcome {
             src_local: false,
             dst_local: true,
         };
-        if let Some(r) = policy::judge(cfg, &conn, ends) {
+        if let Some(r) = policy::judge(ctx, cfg, &conn, ends) {
             return drop(r);
         }
     }

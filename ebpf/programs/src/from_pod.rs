@@ -66,7 +66,7 @@ fn ipv4(ctx: &TcContext, ifindex: u32, src_mac: &[u8; 6]) -> Outcome {
         // The ports are read again rather than kept from deciding: a value held across
         // `decide` costs stack and registers the verifier then follows on every path.
         let ports = packet::ports(ctx, &ip).ok().flatten();
-        if let Some(r) = policy::judge(cfg, &Conn::of(&ip, ports), ends) {
+        if let Some(r) = policy::judge(ctx, cfg, &Conn::of(&ip, ports), ends) {
             return drop(r);
         }
     }

@@ -12,8 +12,9 @@ use vpc_ebpf_common::{
     },
     node::{CIDRS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, ENIS_MAX_ENTRIES, Endpoint, Eni, NodeConfig},
     policy::{
-        EVENTS_BYTES, FLOWS_DEFAULT_MAX_ENTRIES, FlowKey, FlowState, POLICED_MAX_ENTRIES,
-        PolicedPod, PortRules, RULES_MAX_ENTRIES, RulePeer,
+        EVENTS_BYTES, FLOWS_DEFAULT_MAX_ENTRIES, FRAGS_MAX_ENTRIES, FlowKey, FlowState,
+        FragAdmitted, FragKey, POLICED_MAX_ENTRIES, PolicedPod, PortRules, RULES_MAX_ENTRIES,
+        RulePeer,
     },
 };
 
@@ -67,6 +68,12 @@ pub static VPC_POL_RULES: LpmTrie<RulePeer, PortRules> = LpmTrie::pinned(RULES_M
 #[map]
 pub static VPC_POL_FLOWS: LruHashMap<FlowKey, FlowState> =
     LruHashMap::pinned(FLOWS_DEFAULT_MAX_ENTRIES, 0);
+
+/// Datagrams whose first fragment policy admitted: their later fragments, which carry no
+/// ports, pass too.
+#[map]
+pub static VPC_POL_FRAGS: LruHashMap<FragKey, FragAdmitted> =
+    LruHashMap::pinned(FRAGS_MAX_ENTRIES, 0);
 
 /// The policy revision, bumped by user space after every policy change, and the end of
 /// the mid-stream window (see [`vpc_ebpf_common::policy::MID_STREAM_UNTIL_INDEX`]).

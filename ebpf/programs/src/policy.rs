@@ -8,22 +8,24 @@
 //!
 //! See [`vpc_ebpf_common::policy`] for the maps' layout.
 
-use aya_ebpf::{bindings::BPF_ANY, maps::lpm_trie::Key};
+use aya_ebpf::{bindings::BPF_ANY, maps::lpm_trie::Key, programs::TcContext};
+use network_types::ip::Ipv4Hdr;
 use vpc_ebpf_common::{
     counters::reason,
     node::{NodeConfig, config_flags},
     policy::{
-        FLOW_IDLE_OTHER_NS, FLOW_IDLE_TCP_NS, FlowKey, FlowState, MID_STREAM_UNTIL_INDEX,
+        FLOW_IDLE_OTHER_NS, FLOW_IDLE_TCP_NS, FlowKey, FlowState, FragKey, MID_STREAM_UNTIL_INDEX,
         PolicyEvent, REVISION_INDEX, RulePeer, SET_NONE, direction, verdict,
     },
 };
 
 use crate::{
     maps::{
-        VPC_POL_EVENTS, VPC_POL_EVLOST, VPC_POL_FLOWS, VPC_POL_REV, VPC_POL_RULES, VPC_POLICED,
+        VPC_POL_EVENTS, VPC_POL_EVLOST, VPC_POL_FLOWS, VPC_POL_FRAGS, VPC_POL_REV, VPC_POL_RULES,
+        VPC_POLICED,
     },
     nat,
-    packet::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ports},
+    packet::{IP_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ports, ptr_at},
 };
 
 /// Which ends of a packet are pods of this node, whose rules this node enforces.
@@ -56,6 +58,43 @@ impl Conn {
     }
 }
 
+/// Where a packet stands in its datagram, read from the packet (not carried in
+/// [`Conn`]: the calling programs' stack and registers are at their limit).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Piece {
+    Whole,
+    /// More fragments follow, offset 0: the one with the ports.
+    First(FragKey),
+    Later(FragKey),
+}
+
+#[inline(always)]
+fn piece(ctx: &TcContext, ip: &Conn) -> Piece {
+    let Ok(hdr) = ptr_at::<Ipv4Hdr>(ctx, IP_OFF) else {
+        return Piece::Whole;
+    };
+    // SAFETY: ptr_at checked the whole fixed header.
+    let (frags, id) = unsafe { ((*hdr).frags, (*hdr).id) };
+    let frags = u16::from_be_bytes(frags);
+    let key = FragKey {
+        src: ip.src,
+        dst: ip.dst,
+        id: u16::from_ne_bytes(id),
+        proto: ip.proto,
+        pad: 0,
+    };
+    if frags & IP_OFFSET != 0 {
+        Piece::Later(key)
+    } else if frags & IP_MORE_FRAGMENTS != 0 {
+        Piece::First(key)
+    } else {
+        Piece::Whole
+    }
+}
+
+const IP_MORE_FRAGMENTS: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+
 /// Whether `NetworkPolicy` is on: callers test it before gathering what [`judge`] needs,
 /// so that with policy off the policy point costs this test alone.
 #[inline(always)]
@@ -65,10 +104,22 @@ pub fn enabled(cfg: &NodeConfig) -> bool {
 
 /// `None`: the packet may go on; `Some(reason)`: drop it, counted under `reason`.
 #[inline(always)]
-pub fn judge(cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option<u16> {
+pub fn judge(ctx: &TcContext, cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option<u16> {
     if !enabled(cfg) {
         return None;
     }
+    let verdict = judge_packet(ctx, cfg, ip, ends);
+    // The datagram's later fragments carry no ports to judge: they follow this one.
+    if verdict.is_none()
+        && let Piece::First(key) = piece(ctx, ip)
+    {
+        let _ = VPC_POL_FRAGS.insert(key, 1, u64::from(BPF_ANY));
+    }
+    verdict
+}
+
+#[inline(always)]
+fn judge_packet(ctx: &TcContext, cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option<u16> {
     // A pod and its own node always talk (kubelet probes, node-local agents).
     if ip.src == cfg.node_ip || ip.dst == cfg.node_ip {
         return None;
@@ -80,6 +131,11 @@ pub fn judge(cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option<u16> {
     // Without ports (a later fragment, a protocol without them) there is no connection
     // to track: the packet is judged on its own, by protocol.
     let Some(p) = ip.ports else {
+        if let Piece::Later(key) = piece(ctx, ip)
+            && VPC_POL_FRAGS.get_ptr(key).is_some()
+        {
+            return None;
+        }
         let r = admitted(ip.src, ip.dst, ip.proto, None, ends).err()?;
         report(ip, ends, verdict::DENY, r, 0);
         return Some(r);

@@ -52,7 +52,7 @@ pub fn handle(ctx: &TcContext) -> Outcome {
         src_local: true,
         dst_local: false,
     };
-    match policy::judge(cfg, &Conn::of(&ip, Some(p)), ends) {
+    match policy::judge(ctx, cfg, &Conn::of(&ip, Some(p)), ends) {
         Some(r) => drop(r),
         None => pass(reason::PASS_TO_VPC),
     }

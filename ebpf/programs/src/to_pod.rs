@@ -63,7 +63,7 @@ pub fn handle(ctx: &TcContext) -> Outcome {
             src_local: unsafe { VPC_ENDPOINTS.get(ip.src) }.is_some(),
             dst_local: true,
         };
-        if let Some(r) = policy::judge(cfg, &Conn::of(&ip, ports), ends) {
+        if let Some(r) = policy::judge(ctx, cfg, &Conn::of(&ip, ports), ends) {
             return drop(r);
         }
     }

@@ -23,11 +23,11 @@ fn world(policies: &[serde_json::Value]) -> World {
         namespace: "x".into(),
         name: name.into(),
         ip: Some(ip),
-        labels: BTreeMap::from([("pod".to_owned(), name.to_owned())]),
+        labels: BTreeMap::from([("pod".to_owned(), name.to_owned())]).into(),
         named_ports: if name == "b" {
-            vec![("http".into(), TCP, 8080)]
+            vec![("http".into(), TCP, 8080)].into()
         } else {
-            Vec::new()
+            std::sync::Arc::default()
         },
         host_network: false,
     };
@@ -109,6 +109,27 @@ fn without_the_flag_policies_are_not_judged() {
         );
         let (v, _, r) = run(&mut n.dp, FROM_POD, &tcp_from_a(POD_B, 4000, 80, SYN));
         assert_eq!((v, r), (REDIRECT, reason::FWD_LOCAL_POD));
+    });
+}
+
+#[test]
+fn the_eni_egress_program_runs_only_with_policy_on() {
+    let pins = PinRoot::new("pol-eni");
+    let ns = NetNs::new("pol-eni");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        assert!(
+            !n.dp.eni_egress_attached(n.eni0),
+            "policy off: not attached"
+        );
+        let on = NodeSpec {
+            network_policy: true,
+            ..node_spec(n.eni0)
+        };
+        n.dp.set_node(&on).expect("set_node");
+        assert!(n.dp.eni_egress_attached(n.eni0), "switched on: attached");
+        n.dp.set_node(&node_spec(n.eni0)).expect("set_node");
+        assert!(!n.dp.eni_egress_attached(n.eni0), "switched off: detached");
     });
 }
 
@@ -364,6 +385,65 @@ fn later_fragments_and_portless_protocols_are_judged_by_protocol() {
         assert_eq!(
             run(&mut n.dp, FROM_ENI, &gre).2,
             reason::DROP_POLICY_INGRESS
+        );
+    });
+}
+
+#[test]
+fn later_fragments_follow_the_verdict_of_their_first_fragment() {
+    on_policy_node("pol-frag2", |n| {
+        // B admits UDP 53 alone.
+        enforce(
+            n,
+            &[serde_json::json!({
+                "podSelector": {"matchLabels": {"pod": "b"}},
+                "ingress": [{"ports": [{"protocol": "UDP", "port": 53}]}],
+            })],
+        );
+        let piece = |src: Ipv4Addr, id, frag, l4: &[u8]| {
+            from_vpc(&packets::ipv4(
+                &Ipv4 {
+                    frag,
+                    id,
+                    proto: 17,
+                    src: src.octets(),
+                    dst: POD_B.octets(),
+                    ..Ipv4::default()
+                },
+                l4,
+            ))
+        };
+        // More fragments, offset 0: the first; offset 3 (24 bytes): a later one.
+        let (first, later) = (0x2000, 0x0003);
+        let to = |port| packets::udp(5000, port, &[0u8; 16]);
+        let mut verdict = |p: Vec<u8>| run(&mut n.dp, FROM_ENI, &p).2;
+        assert_eq!(
+            verdict(piece(REMOTE, 7, first, &to(53))),
+            reason::FWD_LOCAL_POD
+        );
+        assert_eq!(
+            verdict(piece(REMOTE, 7, later, &[0u8; 24])),
+            reason::FWD_LOCAL_POD,
+            "the rest of an admitted datagram passes"
+        );
+        assert_eq!(
+            verdict(piece(REMOTE, 8, first, &to(54))),
+            reason::DROP_POLICY_INGRESS
+        );
+        assert_eq!(
+            verdict(piece(REMOTE, 8, later, &[0u8; 24])),
+            reason::DROP_POLICY_INGRESS,
+            "the rest of a denied datagram is denied"
+        );
+        assert_eq!(
+            verdict(piece(OTHER, 7, later, &[0u8; 24])),
+            reason::DROP_POLICY_INGRESS,
+            "the same identification from another source is another datagram"
+        );
+        assert_eq!(
+            verdict(piece(REMOTE, 9, later, &[0u8; 24])),
+            reason::DROP_POLICY_INGRESS,
+            "a fragment whose first was never seen is judged on its own"
         );
     });
 }

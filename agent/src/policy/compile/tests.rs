@@ -30,13 +30,14 @@ fn world(policies: &[serde_json::Value]) -> World {
                 namespace: (*ns).to_owned(),
                 name: (*pod).to_owned(),
                 ip: Some(ip_of(i, j)),
-                labels: BTreeMap::from([("pod".to_owned(), (*pod).to_owned())]),
+                labels: BTreeMap::from([("pod".to_owned(), (*pod).to_owned())]).into(),
                 named_ports: vec![
                     ("serve-80-tcp".into(), TCP, 80),
                     ("serve-80-udp".into(), UDP, 80),
                     ("serve-81-tcp".into(), TCP, 81),
                     ("serve-81-udp".into(), UDP, 81),
-                ],
+                ]
+                .into(),
                 host_network: false,
             });
         }
@@ -319,7 +320,9 @@ fn named_egress_ports_resolve_on_each_destination() {
     )]);
     // Only y/b serves "web", on 81.
     change(&mut w, Y * 3 + B, |p| {
-        p.named_ports.push(("web".into(), TCP, 81));
+        let mut ports = p.named_ports.to_vec();
+        ports.push(("web".into(), TCP, 81));
+        p.named_ports = ports.into();
     });
     assert_eq!(
         table(&w, TCP, 81),
@@ -352,6 +355,36 @@ fn ip_block_with_except_also_matches_pods() {
         table(&w, TCP, 80),
         expect(|from, to| to != (X, A) || from.0 != Y)
     );
+}
+
+#[test]
+fn an_ipv6_block_matches_no_pod_and_leaves_the_rest_of_the_policy_alone() {
+    // Written for dual stack: x/a reaches 0.0.0.0/0 and ::/0; x/b reaches ::/0 alone.
+    let w = world(&[
+        np(
+            "dual",
+            "x",
+            &serde_json::json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                               "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}}]}]}),
+        ),
+        np(
+            "v6",
+            "x",
+            &serde_json::json!({"podSelector": {"matchLabels": {"pod": "b"}}, "policyTypes": ["Egress"],
+                               "egress": [{"to": [{"ipBlock": {"cidr": "2001:db8::/32", "except": ["2001:db8::/64"]}}]}]}),
+        ),
+    ]);
+    assert_eq!(table(&w, TCP, 80), expect(|from, _| from != (X, B)));
+    let (pol, err) = Policy::from_api(
+        &serde_json::from_value(np(
+            "v6",
+            "x",
+            &serde_json::json!({"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "::/0"}}]}]}),
+        ))
+        .unwrap(),
+    );
+    assert_eq!(err, None, "an IPv6 block is no error");
+    assert_eq!(pol.egress.map(|r| r.len()), Some(1));
 }
 
 #[test]
@@ -414,14 +447,14 @@ fn policy_is_per_pod_labels_not_name_prefix() {
         namespace: "x".into(),
         name: "web-1".into(),
         ip: Some(Ipv4Addr::new(10, 0, 1, 50)),
-        labels: BTreeMap::from([("app".into(), "web".into())]),
+        labels: BTreeMap::from([("app".into(), "web".into())]).into(),
         ..Default::default()
     });
     w.upsert_pod(PodView {
         namespace: "x".into(),
         name: "web-1-canary".into(),
         ip: Some(Ipv4Addr::new(10, 0, 1, 51)),
-        labels: BTreeMap::from([("app".into(), "web-canary".into())]),
+        labels: BTreeMap::from([("app".into(), "web-canary".into())]).into(),
         ..Default::default()
     });
     assert!(w.compile(w.pod("x", "web-1").unwrap()).0.ingress.is_some());
