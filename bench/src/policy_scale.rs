@@ -124,19 +124,19 @@ fn ns_name(n: usize) -> String {
 
 /// Pod `i`: namespace `i % namespaces`, so a namespace's pods have every app.
 fn pod(o: &Options, i: usize, app: &str) -> PodView {
-    PodView {
-        namespace: ns_name(i % o.namespaces),
-        name: format!("pod-{i:06}"),
-        ip: Some(pod_ip(i)),
-        labels: BTreeMap::from([
+    // As the watcher makes them: labels and named ports shared between equal pods.
+    PodView::new(
+        ns_name(i % o.namespaces),
+        format!("pod-{i:06}"),
+        Some(pod_ip(i)),
+        BTreeMap::from([
             ("app".to_owned(), app.to_owned()),
             ("pod-template-hash".to_owned(), format!("{:08x}", i / 7)),
             ("version".to_owned(), "v1".to_owned()),
-        ])
-        .into(),
-        named_ports: vec![("http".to_owned(), TCP, 8080)].into(),
-        host_network: false,
-    }
+        ]),
+        vec![("http".to_owned(), TCP, 8080)],
+        false,
+    )
 }
 
 fn app_of(i: usize, o: &Options) -> &'static str {

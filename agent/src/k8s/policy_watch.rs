@@ -31,22 +31,20 @@ pub fn pod_view(p: &Pod) -> PodView {
     let finished = status
         .and_then(|s| s.phase.as_deref())
         .is_some_and(|ph| ph == "Succeeded" || ph == "Failed");
-    PodView {
-        namespace: p.metadata.namespace.clone().unwrap_or_default(),
-        name: p.metadata.name.clone().unwrap_or_default(),
-        ip: status
+    PodView::new(
+        p.metadata.namespace.clone().unwrap_or_default(),
+        p.metadata.name.clone().unwrap_or_default(),
+        status
             .and_then(|s| s.pod_ip.as_deref())
             .and_then(|ip| ip.parse().ok())
             .filter(|_| !finished),
-        labels: info.labels.into(),
-        named_ports: info
-            .named_ports
+        info.labels,
+        info.named_ports
             .into_iter()
             .filter_map(|n| Some((n.name, proto_number(&n.protocol)?, n.port)))
-            .collect::<Vec<_>>()
-            .into(),
-        host_network: info.host_network,
-    }
+            .collect(),
+        info.host_network,
+    )
 }
 
 fn policy(np: &NetworkPolicy) -> Policy {

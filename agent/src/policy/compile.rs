@@ -12,7 +12,7 @@ use ipnet::Ipv4Net;
 use vpc_ebpf_common::policy::{PORT_RANGES_MAX, PortRange};
 
 use super::{
-    intern::Interner,
+    intern,
     model::{Peer, PodView, Policy, PortRule, PortSel, Rule, Selector},
 };
 
@@ -59,9 +59,6 @@ pub struct World {
     /// (label, value) → the namespaces carrying it: a `namespaceSelector` with labels
     /// looks at the namespaces that can match, not at thousands.
     ns_by_label: HashMap<(String, String), BTreeSet<String>>,
-    /// One copy of each label set and named-port list the pods share.
-    label_sets: Interner<BTreeMap<String, String>>,
-    port_lists: Interner<[(String, u8, u16)]>,
 }
 
 fn key_of(namespace: &str, name: &str) -> Key {
@@ -101,8 +98,9 @@ impl World {
         if self.pod(&p.namespace, &p.name) == Some(&p) {
             return false;
         }
-        p.labels = self.label_sets.intern(p.labels);
-        p.named_ports = self.port_lists.intern(p.named_ports);
+        // Views made by `PodView::new` are shared already; this finds the same copy.
+        p.labels = intern::labels(p.labels);
+        p.named_ports = intern::named_ports(p.named_ports);
         self.unindex_ip(&p.namespace, &p.name);
         let key = key_of(&p.namespace, &p.name);
         if routable(&p)

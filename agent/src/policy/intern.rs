@@ -1,8 +1,38 @@
 //! One shared copy of each distinct pod label set and named-port list. A cluster's pods
 //! repeat them (every pod of a ReplicaSet has the same), and at 150k pods one map per pod
-//! was most of the agent's memory.
+//! was most of the agent's memory. Shared process-wide and taken where a pod view is
+//! made (the watcher's relist hands over every pod at once; interning only when the
+//! engine stores them would leave the relist's own copies as the peak).
 
-use std::{collections::HashSet, hash::Hash, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashSet},
+    hash::Hash,
+    sync::{Arc, LazyLock, Mutex},
+};
+
+use super::model::{Labels, NamedPorts};
+
+type Shared<T> = LazyLock<Mutex<Interner<T>>>;
+
+static LABEL_SETS: Shared<BTreeMap<String, String>> = LazyLock::new(Mutex::default);
+static PORT_LISTS: Shared<[(String, u8, u16)]> = LazyLock::new(Mutex::default);
+
+/// The process's shared copy of `labels`.
+pub fn labels(labels: Labels) -> Labels {
+    // A poisoned lock only means another thread panicked mid-insert; the set is intact.
+    LABEL_SETS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .intern(labels)
+}
+
+/// The process's shared copy of `ports`.
+pub fn named_ports(ports: NamedPorts) -> NamedPorts {
+    PORT_LISTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .intern(ports)
+}
 
 /// Below this many values nothing is purged: the walk would cost more than it frees.
 const MIN_PURGE: usize = 1024;

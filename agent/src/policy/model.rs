@@ -311,6 +311,25 @@ pub struct PodView {
 }
 
 impl PodView {
+    /// A view whose labels and named ports are the process's shared copies.
+    pub fn new(
+        namespace: String,
+        name: String,
+        ip: Option<Ipv4Addr>,
+        labels: BTreeMap<String, String>,
+        named_ports: Vec<(String, u8, u16)>,
+        host_network: bool,
+    ) -> Self {
+        Self {
+            namespace,
+            name,
+            ip,
+            labels: super::intern::labels(labels.into()),
+            named_ports: super::intern::named_ports(named_ports.into()),
+            host_network,
+        }
+    }
+
     /// The port `name` resolves to on this pod for `proto`.
     pub fn named_port(&self, name: &str, proto: u8) -> Option<u16> {
         self.named_ports

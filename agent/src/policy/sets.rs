@@ -60,21 +60,47 @@ impl Applied {
     /// The plan that makes the maps enforce `desired` (every local pod's rules), and the
     /// state once it is applied.
     pub fn plan(&self, desired: &BTreeMap<Ipv4Addr, PodRules>) -> (Plan, Applied) {
-        let mut by_content: BTreeMap<(u32, &Set), u32> = self
-            .sets
-            .iter()
-            .map(|(id, (dir, rules))| ((*dir, rules), *id))
-            .collect();
+        // Sets by content, made only when a pod's set is not the very one it had: comparing
+        // sets of hundreds of peers is what a plan would otherwise spend its time on.
+        let mut by_content: Option<BTreeMap<(u32, &Set), u32>> = None;
         let mut next = Applied::default();
         let mut plan = Plan::default();
         let mut used: BTreeSet<u32> = self.sets.keys().copied().collect();
         for (ip, rules) in desired {
             let mut pod = PolicedPod::default();
-            for (dir, set, slot) in [
-                (direction::INGRESS, &rules.ingress, &mut pod.ingress_set),
-                (direction::EGRESS, &rules.egress, &mut pod.egress_set),
+            let before = self.pods.get(ip);
+            for (dir, set, slot, had) in [
+                (
+                    direction::INGRESS,
+                    &rules.ingress,
+                    &mut pod.ingress_set,
+                    before.map(|p| p.ingress_set),
+                ),
+                (
+                    direction::EGRESS,
+                    &rules.egress,
+                    &mut pod.egress_set,
+                    before.map(|p| p.egress_set),
+                ),
             ] {
                 let Some(set) = set else { continue };
+                // The engine hands an unchanged pod the same shared set it had.
+                let same = had.filter(|id| {
+                    self.sets
+                        .get(id)
+                        .is_some_and(|(d, s)| *d == dir && std::sync::Arc::ptr_eq(s, set))
+                });
+                if let Some(id) = same {
+                    next.sets.insert(id, (dir, set.clone()));
+                    *slot = id;
+                    continue;
+                }
+                let by_content = by_content.get_or_insert_with(|| {
+                    self.sets
+                        .iter()
+                        .map(|(id, (dir, rules))| ((*dir, rules), *id))
+                        .collect()
+                });
                 let id = *by_content.entry((dir, set)).or_insert_with(|| {
                     let id = (1..=u32::MAX)
                         .find(|i| !used.contains(i))
