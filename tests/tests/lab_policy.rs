@@ -498,17 +498,8 @@ fn more_blocks_and_ports(c: &Cluster, t: &Topology) {
         ),
         &[(tcp, 8080, &|_, to: P| to != (X, A))],
     );
-    case(
-        c,
-        t,
-        "ports with endPort",
-        &np(
-            "x",
-            "range",
-            "{podSelector: {matchLabels: {pod: a}}, ingress: [{ports: [{port: 8081, endPort: 8082}]}]}",
-        ),
-        &[(tcp, 8080, &|_, to: P| to != (X, A)), (tcp, 8082, &every)],
-    );
+    // `endPort` is not here: the lab's Kubernetes 1.20 API server does not know the
+    // field (1.21 added it); the compiler and dataplane tests cover port ranges.
     case(
         c,
         t,

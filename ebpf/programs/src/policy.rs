@@ -94,6 +94,29 @@ fn piece(ctx: &TcContext, ip: &Conn) -> Piece {
 
 const IP_MORE_FRAGMENTS: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
+const IPPROTO_SCTP: u8 = 132;
+
+/// SCTP's ports (the first four bytes of its common header), read by policy alone: the
+/// dataplane neither translates nor tracks SCTP for itself, as its `CRC32c` checksum cannot
+/// be patched incrementally.
+#[inline(always)]
+fn sctp_ports(ctx: &TcContext) -> Option<Ports> {
+    let hdr = ptr_at::<Ipv4Hdr>(ctx, IP_OFF).ok()?;
+    // SAFETY: ptr_at checked the whole fixed header.
+    let (vihl, frags) = unsafe { ((*hdr).vihl, (*hdr).frags) };
+    if u16::from_be_bytes(frags) & IP_OFFSET != 0 {
+        return None;
+    }
+    let l4 = IP_OFF + usize::from(vihl & 0x0f) * 4;
+    let ports = ptr_at::<[u8; 4]>(ctx, l4).ok()?;
+    // SAFETY: ptr_at checked the four bytes.
+    let b = unsafe { *ports };
+    Some(Ports {
+        src: u16::from_be_bytes([b[0], b[1]]),
+        dst: u16::from_be_bytes([b[2], b[3]]),
+        tcp_flags: 0,
+    })
+}
 
 /// Whether `NetworkPolicy` is on: callers test it before gathering what [`judge`] needs,
 /// so that with policy off the policy point costs this test alone.
@@ -118,6 +141,21 @@ pub fn judge(ctx: &TcContext, cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option
     verdict
 }
 
+/// Without ports (a later fragment, a protocol without them) there is no connection to
+/// track: a later fragment follows its first fragment's verdict when that was seen, and
+/// the rest is judged on its own, by protocol.
+#[inline(always)]
+fn judge_portless(ctx: &TcContext, ip: &Conn, ends: Ends) -> Option<u16> {
+    if let Piece::Later(key) = piece(ctx, ip)
+        && VPC_POL_FRAGS.get_ptr(key).is_some()
+    {
+        return None;
+    }
+    let r = admitted(ip.src, ip.dst, ip.proto, None, ends).err()?;
+    report(ip, ends, verdict::DENY, r, 0);
+    Some(r)
+}
+
 #[inline(always)]
 fn judge_packet(ctx: &TcContext, cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option<u16> {
     // A pod and its own node always talk (kubelet probes, node-local agents).
@@ -128,17 +166,11 @@ fn judge_packet(ctx: &TcContext, cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Opt
     if ip.proto == IPPROTO_ICMP && ip.ports.is_none() {
         return None;
     }
-    // Without ports (a later fragment, a protocol without them) there is no connection
-    // to track: the packet is judged on its own, by protocol.
-    let Some(p) = ip.ports else {
-        if let Piece::Later(key) = piece(ctx, ip)
-            && VPC_POL_FRAGS.get_ptr(key).is_some()
-        {
-            return None;
-        }
-        let r = admitted(ip.src, ip.dst, ip.proto, None, ends).err()?;
-        report(ip, ends, verdict::DENY, r, 0);
-        return Some(r);
+    let ports = ip
+        .ports
+        .or_else(|| (ip.proto == IPPROTO_SCTP).then(|| sctp_ports(ctx))?);
+    let Some(p) = ports else {
+        return judge_portless(ctx, ip, ends);
     };
     let key = FlowKey {
         src: ip.src,
@@ -238,7 +270,7 @@ const TCP_ACK: u8 = 0x10;
 /// The destination port rules match, for the protocols whose ports rules name.
 #[inline(always)]
 fn port_of(proto: u8, port: u16) -> Option<u16> {
-    (proto == IPPROTO_TCP || proto == IPPROTO_UDP).then_some(port)
+    (proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP).then_some(port)
 }
 
 /// Whether a new connection `src` → `dst` (`proto`, destination `port`) is admitted by the

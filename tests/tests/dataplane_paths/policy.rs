@@ -448,6 +448,57 @@ fn later_fragments_follow_the_verdict_of_their_first_fragment() {
     });
 }
 
+#[test]
+fn sctp_is_judged_by_its_ports_and_its_replies_pass() {
+    on_policy_node("pol-sctp", |n| {
+        // A is isolated both ways and admits SCTP 9000 in, nothing out.
+        enforce(
+            n,
+            &[serde_json::json!({
+                "podSelector": {"matchLabels": {"pod": "a"}},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [{"ports": [{"protocol": "SCTP", "port": 9000}]}],
+            })],
+        );
+        // The SCTP common header: ports, verification tag, checksum.
+        let sctp = |sport: u16, dport: u16| {
+            let mut h = Vec::from(sport.to_be_bytes());
+            h.extend_from_slice(&dport.to_be_bytes());
+            h.extend_from_slice(&[0u8; 8]);
+            h
+        };
+        let to_a = |dport| from_vpc(&v4(REMOTE, POD_A, 132, &sctp(5000, dport)));
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &to_a(9000)).2,
+            reason::FWD_LOCAL_POD
+        );
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &to_a(9001)).2,
+            reason::DROP_POLICY_INGRESS
+        );
+        assert_eq!(
+            run(
+                &mut n.dp,
+                FROM_ENI,
+                &tcp_from_vpc(REMOTE, POD_A, 5000, 9000, SYN)
+            )
+            .2,
+            reason::DROP_POLICY_INGRESS,
+            "TCP to the SCTP port"
+        );
+        // A's answers on the admitted association pass; A opening one of its own does not.
+        let from_a_to = |sport, dport| from_a(&v4(POD_A, REMOTE, 132, &sctp(sport, dport)));
+        assert_ne!(
+            run(&mut n.dp, FROM_POD, &from_a_to(9000, 5000)).2,
+            reason::DROP_POLICY_EGRESS
+        );
+        assert_eq!(
+            run(&mut n.dp, FROM_POD, &from_a_to(9000, 5001)).2,
+            reason::DROP_POLICY_EGRESS
+        );
+    });
+}
+
 /// Runs the ENI egress program: the verdict and the one reason counted.
 fn run_to_eni(dp: &mut Dataplane, frame: &[u8]) -> (i32, u16) {
     let (verdict, _, r) = run_egress_of(dp, TO_ENI, frame);
