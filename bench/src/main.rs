@@ -1,6 +1,7 @@
 //! `cargo xtask bench <what>`: measurements against the anchors, same machine, same run,
 //! alternating A/B rounds, medians and tails.
 
+mod args;
 mod cni;
 mod dataplane;
 mod ipam;

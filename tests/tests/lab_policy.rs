@@ -540,7 +540,7 @@ fn more_blocks_and_ports(c: &Cluster, t: &Topology) {
         &np(
             "x",
             "ns-named",
-            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}], ports: [{port: serve-8080-tcp}]}]}",
+            "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: [{namespaceSelector: {matchLabels: {ns: \"y\"}}}], ports: [{port: serve-8080-tcp}]}]}",
         ),
         &[
             (tcp, 8080, &|from: P, to: P| to != (X, A) || from.0 == Y),

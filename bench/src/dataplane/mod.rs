@@ -21,6 +21,8 @@ use std::{
 };
 
 use load::{Metric, Sample};
+
+use crate::args::{flag, only_known, positive};
 use serde_json::{Value, json};
 use stats::median;
 use topo::{Kind, PathKind, Setup};
@@ -55,12 +57,6 @@ struct Options {
 
 /// A build of the programs: where it was read from, and its bytes.
 type Object = (String, Vec<u8>);
-
-fn flag(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
 
 /// `--object FILE` and `--only a|b|c`: what (c) runs, and which setups run.
 fn variant(args: &[String]) -> Result<(Option<Object>, Option<Kind>), String> {
@@ -97,20 +93,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
         "--object",
         "--only",
     ];
-    for (i, a) in args.iter().enumerate() {
-        let is_value = i > 0 && known.contains(&args[i - 1].as_str());
-        if !is_value && !known.contains(&a.as_str()) {
-            return Err(format!("unknown argument {a:?}"));
-        }
-    }
-    let num = |name: &str, default: u64| -> Result<u64, String> {
-        flag(args, name).map_or(Ok(default), |v| {
-            v.parse()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or(format!("{name} wants a positive integer, got {v:?}"))
-        })
-    };
+    only_known(args, &known)?;
+    let num = |name: &str, default: u64| positive(args, name, default);
     let metrics = match flag(args, "--metrics") {
         None => Metric::ALL.to_vec(),
         Some(v) => v

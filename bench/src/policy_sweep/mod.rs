@@ -33,6 +33,7 @@ use vpc_ebpf_agent::policy::{
     model::{PodView, Policy},
 };
 
+use crate::args::{flag, only_known, positive};
 use crate::dataplane::{
     STOP, clean_stale, install_signal_handlers, kernel,
     load::{self, Metric, Sample},
@@ -85,12 +86,6 @@ struct Options {
     plot: Option<PathBuf>,
 }
 
-fn flag(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
 fn parse(args: &[String]) -> Result<Options, String> {
     let known = [
         "--floor-object",
@@ -100,20 +95,8 @@ fn parse(args: &[String]) -> Result<Options, String> {
         "--json",
         "--plot",
     ];
-    for (i, a) in args.iter().enumerate() {
-        let is_value = i > 0 && known.contains(&args[i - 1].as_str());
-        if !is_value && !known.contains(&a.as_str()) {
-            return Err(format!("unknown argument {a:?}"));
-        }
-    }
-    let num = |name: &str, default: u64| -> Result<u64, String> {
-        flag(args, name).map_or(Ok(default), |v| {
-            v.parse()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or(format!("{name} wants a positive integer, got {v:?}"))
-        })
-    };
+    only_known(args, &known)?;
+    let num = |name: &str, default: u64| positive(args, name, default);
     let f = flag(args, "--floor-object").ok_or(
         "--floor-object FILE is required: the redirect-only build \
          (bench/variants/build.sh redirect-only FILE; `cargo xtask bench policy` builds it)",
