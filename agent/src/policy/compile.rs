@@ -11,10 +11,7 @@ use std::{
 use ipnet::Ipv4Net;
 use vpc_ebpf_common::policy::{PORT_RANGES_MAX, PortRange};
 
-use super::{
-    intern,
-    model::{Peer, PodView, Policy, PortRule, PortSel, Rule, Selector},
-};
+use super::model::{Peer, PodView, Policy, PortRule, PortSel, Rule, Selector};
 
 /// Peer prefix → the port ranges peers under it may use, flattened so that the longest
 /// matching prefix alone holds the answer. An empty list admits nothing.
@@ -94,13 +91,10 @@ impl World {
     // -- keeping it current ------------------------------------------------------------
 
     /// Adds or replaces a pod; whether anything changed.
-    pub fn upsert_pod(&mut self, mut p: PodView) -> bool {
+    pub fn upsert_pod(&mut self, p: PodView) -> bool {
         if self.pod(&p.namespace, &p.name) == Some(&p) {
             return false;
         }
-        // Views made by `PodView::new` are shared already; this finds the same copy.
-        p.labels = intern::labels(p.labels);
-        p.named_ports = intern::named_ports(p.named_ports);
         self.unindex_ip(&p.namespace, &p.name);
         let key = key_of(&p.namespace, &p.name);
         if routable(&p)

@@ -291,8 +291,8 @@ fn range(port: i32, end: Option<i32>) -> Result<PortSel, ModelError> {
 }
 
 /// A pod's labels. Shared: the pods of one ReplicaSet carry the same set, and
-/// [`super::compile::World`] keeps one copy of each (a 150k-pod cluster's label maps
-/// were most of the agent's memory).
+/// [`PodView::new`] takes the process's one copy of each ([`super::intern`]; a 150k-pod
+/// cluster's label maps were most of the agent's memory).
 pub type Labels = Arc<BTreeMap<String, String>>;
 
 /// (name, protocol number, port) of a pod's containers' named ports; shared as
