@@ -84,6 +84,9 @@ pub struct Config {
     pub log_level: String,
     /// MY_NODE_NAME: the node's name in Kubernetes (from `spec.nodeName`).
     pub node_name: Option<String>,
+    /// POD_NAMESPACE: the agent's own namespace (from `metadata.namespace`), where its
+    /// Leases live. Default kube-system, aws-node's.
+    pub namespace: String,
     /// ANNOTATE_POD_IP: write each pod's address to its `vpc.amazonaws.com/pod-ips`
     /// annotation, as aws-node does.
     pub annotate_pod_ip: bool,
@@ -503,6 +506,9 @@ impl Config {
             disable_introspection: r.cni_flag("DISABLE_INTROSPECTION", false),
             log_level,
             node_name: r.raw(crate::k8s::NODE_NAME_VAR),
+            namespace: r
+                .raw("POD_NAMESPACE")
+                .unwrap_or_else(|| "kube-system".to_owned()),
             annotate_pod_ip: r.cni_flag("ANNOTATE_POD_IP", false),
             cni_conf_dir: r.raw("VPC_EBPF_CNI_CONF_DIR").map(PathBuf::from),
             pod_mtu,
@@ -562,6 +568,7 @@ impl Config {
             "DISABLE_INTROSPECTION": self.disable_introspection,
             "AWS_VPC_K8S_CNI_LOGLEVEL": self.log_level,
             "MY_NODE_NAME": self.node_name,
+            "POD_NAMESPACE": self.namespace,
             "ANNOTATE_POD_IP": self.annotate_pod_ip,
             "VPC_EBPF_CNI_CONF_DIR": self.cni_conf_dir,
             "POD_MTU": self.pod_mtu,

@@ -264,6 +264,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
             )
         }),
         shown: services.placement.clone(),
+        kube: k8s.kube.clone(),
+        sweep_lease: k8s.kube.as_ref().map(|k| {
+            k8s::lease::ChoreLease::new(
+                k.client.clone(),
+                &config.namespace,
+                LEAKED_ENI_SWEEP_LEASE,
+                &k.node_name,
+                LEAKED_ENI_SWEEP_PERIOD,
+            )
+        }),
     };
     tasks.push(tokio::spawn(reconciler::run_with_discovery(
         ec2_side,
@@ -394,6 +404,11 @@ async fn load_dataplane(
 
 /// A node identity read from IMDS/EC2 after start (the first one, or one that changed: a
 /// VPC CIDR added): cached, shown, and given to the dataplane.
+/// The Lease under which one node at a time sweeps the cluster's leaked ENIs, and how
+/// long a sweep keeps others off: about two sweeps an hour for the whole cluster.
+const LEAKED_ENI_SWEEP_LEASE: &str = "vpc-ebpf-leaked-eni-sweep";
+const LEAKED_ENI_SWEEP_PERIOD: Duration = Duration::from_mins(30);
+
 fn on_new_node(
     config: &Config,
     node_tx: &watch::Sender<Option<(Node, Settings)>>,

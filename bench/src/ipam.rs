@@ -1,7 +1,8 @@
 //! The agent's IPAM in the lab, release builds of the agent and plugin against the lab's
 //! EC2 (moto behind the EC2 front) and IMDS: ADD/DEL latency from a warm pool, start to
 //! ready with a checkpoint of 100 pods, memory and CPU at 100 pods, EC2 calls per 100
-//! pods created; in secondary-IP and in prefix mode.
+//! pods created, EC2 calls per node per hour at steady state and under pod churn; in
+//! secondary-IP and in prefix mode.
 //!
 //! Plugin calls enter the node namespace with setns(2) between fork and exec, as the cni
 //! benchmark does: `ip netns exec` would add its own mount-namespace setup to every sample.
@@ -33,7 +34,13 @@ struct Opts {
     restarts: usize,
     instance_type: String,
     modes: Vec<bool>,
+    /// Length of each EC2-calls-per-hour window (steady, churn).
+    window: Duration,
 }
+
+/// The leaked-ENI sweep, the one call a node schedules at steady state: every 15–25
+/// minutes (the reconciler's interval), 20 on average.
+const SWEEPS_PER_HOUR: f64 = 3.0;
 
 struct Node {
     lab: Lab,
@@ -504,6 +511,52 @@ fn restart(n: &mut Node) -> Value {
     })
 }
 
+/// EC2 calls over `window` idle and `window` of churn, scaled to an hour. The leaked-ENI
+/// sweep is scheduled far apart (and the first one ran at start), so it is added as
+/// scheduled rather than caught by chance in a short window.
+fn ec2_per_hour(n: &Node, tag: &str, window: Duration) -> Value {
+    let total = |c: &BTreeMap<String, u64>| c.values().sum::<u64>();
+    let scale = 3600.0 / window.as_secs_f64();
+    n.settle();
+    let c0 = n.ec2_calls();
+    std::thread::sleep(window);
+    let idle = diff(&n.ec2_calls(), &c0);
+    let live: Vec<NetNs> = (0..5).map(|_| NetNs::new("bip")).collect();
+    for (i, pod) in live.iter().enumerate() {
+        n.add(&format!("{tag}-c{i}-0"), pod);
+    }
+    n.settle();
+    let c1 = n.ec2_calls();
+    let t0 = Instant::now();
+    let mut round = 0;
+    while t0.elapsed() < window {
+        let i = round % live.len();
+        let gen_ = round / live.len();
+        n.del(&format!("{tag}-c{i}-{gen_}"), &live[i]);
+        n.add(&format!("{tag}-c{i}-{}", gen_ + 1), &live[i]);
+        round += 1;
+        // On a 5 s beat, whatever the calls took.
+        let next = Duration::from_secs(u64::try_from(round).unwrap_or(u64::MAX).saturating_mul(5));
+        std::thread::sleep(next.saturating_sub(t0.elapsed()));
+    }
+    let churn = diff(&n.ec2_calls(), &c1);
+    for (i, pod) in live.iter().enumerate() {
+        let gen_ = (round + live.len() - 1 - i) / live.len();
+        let _ = n.plugin("DEL", &format!("{tag}-c{i}-{gen_}"), pod);
+    }
+    #[expect(clippy::cast_precision_loss, reason = "call counts are small")]
+    let rate = |c: &BTreeMap<String, u64>| total(c) as f64 * scale + SWEEPS_PER_HOUR;
+    json!({
+        "window_s": window.as_secs(),
+        "steady": rate(&idle),
+        "steady_calls_in_window": idle,
+        "churn": rate(&churn),
+        "churn_pods_replaced": round,
+        "churn_calls_in_window": churn,
+        "scheduled_sweeps_per_hour": SWEEPS_PER_HOUR,
+    })
+}
+
 fn mode_name(prefixes: bool) -> &'static str {
     if prefixes { "prefix" } else { "secondary-ip" }
 }
@@ -658,6 +711,11 @@ fn run_mode(o: &Opts, prefixes: bool) -> Value {
         summary(&rpc_add)["p99_ms"],
         rpc_add.len()
     );
+    // 7. EC2 calls per node per hour, from what the lab's EC2 front counted: an idle
+    // node, then one whose pods churn (one deleted and another created every 5 s, as a
+    // rollout or a job queue does).
+    let per_hour = ec2_per_hour(&n, tag, o.window);
+    eprintln!("{name}: EC2 calls per hour {per_hour}");
     let (rss_end, hwm_end, cpu_end) = proc_stats(pid);
     let status = n.status();
     drop(n);
@@ -735,6 +793,7 @@ fn run_mode(o: &Opts, prefixes: bool) -> Value {
             "pool_at_pods": pool_json(pool_at_pods),
             "pool_peak": pool_json(pool_peak),
             "lab_calls_whole_run": calls_of(&status),
+            "per_hour": per_hour,
         },
     })
 }
@@ -963,6 +1022,13 @@ fn print_table(modes: &[Value]) {
         })
     );
     println!(
+        "| EC2 calls per node per hour: steady / pod churn (5 s) | {} | steady < 6 |",
+        col(&|m| {
+            let h = &m["ec2"]["per_hour"];
+            format!("{} / {}", f1(&h["steady"]), f1(&h["churn"]))
+        })
+    );
+    println!(
         "| pool at pods: ENIs / free / assigned / prefixes | {} | |",
         col(&|m| {
             let p = &m["ec2"]["pool_at_pods"];
@@ -997,6 +1063,7 @@ pub fn main(args: &[String]) -> i32 {
         restarts: num("--restarts", 7),
         instance_type: flag(args, "--instance-type").unwrap_or_else(|| "m5.4xlarge".into()),
         modes,
+        window: Duration::from_secs(num("--ec2-window-s", 180) as u64),
     };
     eprintln!(
         "agent {}, plugin {}; load {}",

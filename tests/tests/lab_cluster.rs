@@ -139,7 +139,34 @@ fn the_chart_installs_and_pods_live_and_die_through_the_kubelet() {
     std::fs::remove_file(&path).unwrap();
     assert!(dry.ok, "server-side dry run: {}", dry.stderr);
 
-    c.install(&c.inputs.tag.clone(), &[("ANNOTATE_POD_IP", "true")]);
+    // An ENI a terminated node of this cluster left detached; vpc-ebpf's node sweeping
+    // the cluster deletes it (one node, under the sweep Lease).
+    let leaked = c
+        .lab
+        .vpclab(&[
+            "foreign-eni",
+            "--node",
+            "1",
+            "--device-index",
+            "-1",
+            "--tag",
+            "cluster.k8s.amazonaws.com/name=vpc-ebpf-lab",
+            "--tag",
+            "vpc-ebpf.io/managed-by=vpc-ebpf",
+            "--tag",
+            "node.k8s.amazonaws.com/instance_id=i-0terminated",
+            "--tag",
+            "node.k8s.amazonaws.com/createdAt=2026-01-01T00:00:00Z",
+        ])
+        .trim()
+        .to_owned();
+    c.install(
+        &c.inputs.tag.clone(),
+        &[
+            ("ANNOTATE_POD_IP", "true"),
+            ("CLUSTER_NAME", "vpc-ebpf-lab"),
+        ],
+    );
     wait_until("every node Ready", Duration::from_mins(1), || {
         c.kubectl_json(&["get", "nodes"])["items"]
             .as_array()
@@ -147,6 +174,31 @@ fn the_chart_installs_and_pods_live_and_die_through_the_kubelet() {
             .iter()
             .all(is_ready)
     });
+    wait_until("the leaked ENI swept", Duration::from_mins(1), || {
+        let status: Value =
+            serde_json::from_str(&c.lab.vpclab(&["status", "--json"])).expect("lab status");
+        !status["unattached_enis"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e.as_str() == Some(leaked.as_str()))
+    });
+    let lease = c.kubectl_json(&[
+        "-n",
+        "kube-system",
+        "get",
+        "lease",
+        "vpc-ebpf-leaked-eni-sweep",
+    ]);
+    let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default();
+    assert!(
+        nodes.iter().any(|n| n == holder),
+        "sweep Lease held by {holder:?}: {lease}"
+    );
+    let swept: Vec<u32> = (1..=u32::try_from(nodes.len()).unwrap())
+        .filter(|n| agent_log(&c, *n).contains("deleted a leaked ENI"))
+        .collect();
+    assert_eq!(swept.len(), 1, "one node sweeps, not {swept:?}");
     // Least privilege: what the agent's service account may and may not do.
     let sa = "--as=system:serviceaccount:kube-system:vpc-ebpf";
     for (verb, resource, allowed) in [

@@ -264,3 +264,142 @@ fn subnet_exhaustion_is_reported_and_growth_resumes() {
         Some(0.0)
     );
 }
+
+fn lab_status(lab: &Lab) -> serde_json::Value {
+    serde_json::from_str(&lab.vpclab(&["status", "--json"])).expect("lab status")
+}
+
+fn ec2_calls(lab: &Lab, action: &str) -> u64 {
+    lab_status(lab)["ec2_calls"][action].as_u64().unwrap_or(0)
+}
+
+/// EC2 attaches a new ENI, then refuses to mark it delete-on-termination. The ENI is
+/// attached all the same: the agent keeps it and uses it (before, it forgot it, tried to
+/// delete it, and looped create/attach/delete against the device index it held), and
+/// sets delete-on-termination at a later reconcile once EC2 takes it.
+#[test]
+fn an_eni_attached_before_a_failure_is_kept() {
+    let lab = Lab::up("fa", 1);
+    fault(
+        &lab,
+        "ModifyNetworkInterfaceAttribute",
+        "InternalError",
+        100_000,
+    );
+    // 12 addresses: more than the primary ENI of an m5.large holds (9).
+    let mut n = Node::start(
+        &lab,
+        "fa",
+        &[("WARM_IP_TARGET", "1"), ("MINIMUM_IP_TARGET", "12")],
+    );
+    n.agent.wait_ready(Duration::from_secs(30));
+    let held = |n: &Node| {
+        n.agent.introspect("/v1/enis").map_or(0, |v| {
+            v["enis"]
+                .as_array()
+                .map_or(0, |a| a.iter().filter(|e| e["id"].is_string()).count())
+        })
+    };
+    let t0 = Instant::now();
+    while held(&n) < 2 || n.metric_line("vpc_ebpf_total_ip_addresses ").unwrap_or(0.0) < 12.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the second ENI was not taken into the pool: {}\n{}",
+            lab_status(&lab)["nodes"][0]["enis"],
+            n.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let calls = |a| ec2_calls(&lab, a);
+    let before = (
+        calls("CreateNetworkInterface"),
+        calls("AttachNetworkInterface"),
+        calls("DeleteNetworkInterface"),
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let after = (
+        calls("CreateNetworkInterface"),
+        calls("AttachNetworkInterface"),
+        calls("DeleteNetworkInterface"),
+    );
+    assert_eq!(
+        before,
+        after,
+        "create/attach/delete went on after the ENI was in the pool:\n{}",
+        n.agent.log_text()
+    );
+    assert_eq!(
+        after,
+        (1, 1, 0),
+        "one ENI created and attached, none deleted"
+    );
+    let status = lab_status(&lab);
+    assert_eq!(status["nodes"][0]["enis"].as_array().unwrap().len(), 2);
+    assert_eq!(status["unattached_enis"].as_array().unwrap().len(), 0);
+    // A pod gets an address (the pool spans both ENIs).
+    let pod = NetNs::new("fa0");
+    let out = n.cni("ADD", "fa-0", Some(&pod));
+    assert!(out.ok, "{}", out.stdout);
+
+    // EC2 takes the attribute again: the next reconcile (a minute) sets it.
+    let tries = calls("ModifyNetworkInterfaceAttribute");
+    lab.vpclab(&["clear-faults"]);
+    let t0 = Instant::now();
+    while !n.agent.log_text().contains("delete-on-termination set") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(80),
+            "delete-on-termination was not set again after EC2 recovered:\n{}",
+            n.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(calls("ModifyNetworkInterfaceAttribute") > tries);
+    eprintln!(
+        "fa: delete-on-termination set {:?} after EC2 recovered",
+        t0.elapsed()
+    );
+}
+
+/// A CIDR block associated with the VPC while the agent runs is taken at the next
+/// minute's reconcile (from IMDS, no EC2 call), without a restart.
+#[test]
+fn a_cidr_added_to_the_vpc_is_taken_without_a_restart() {
+    let lab = Lab::up("fv", 1);
+    let mut n = Node::start(&lab, "fv", &[]);
+    n.agent.wait_ready(Duration::from_secs(30));
+    let cidrs = |n: &Node| -> Vec<String> {
+        n.agent
+            .introspect("/v1/enis")
+            .and_then(|v| {
+                v["instance"]["vpc_cidrs"].as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|c| c.as_str().map(str::to_owned))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    };
+    // Past the start's own calls (the first leaked-ENI check among them).
+    std::thread::sleep(Duration::from_secs(3));
+    let start = cidrs(&n);
+    assert!(!start.iter().any(|c| c == "10.77.0.0/16"), "{start:?}");
+    let describes = ec2_calls(&lab, "DescribeNetworkInterfaces");
+    lab.vpclab(&["vpc-cidr", "--cidr", "10.77.0.0/16"]);
+    let t0 = Instant::now();
+    while !cidrs(&n).iter().any(|c| c == "10.77.0.0/16") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(80),
+            "the VPC's new CIDR was not taken: {:?}\n{}",
+            cidrs(&n),
+            n.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "fv: the new VPC CIDR taken {:?} after it was added",
+        t0.elapsed()
+    );
+    // The reconcile read IMDS, not EC2: the pool agreed, so no describe was needed.
+    assert_eq!(ec2_calls(&lab, "DescribeNetworkInterfaces"), describes);
+    assert!(n.agent.alive());
+}

@@ -167,8 +167,9 @@ fn warm_targets(prefixes: bool) {
         assert!(out.ok, "DEL {i}: {}", out.stdout);
     }
     // After the cooldown the pool shrinks back to MINIMUM_IP_TARGET (in prefix mode: the
-    // one prefix that covers it) and surplus ENIs go.
-    let took = n.wait_for("shrink after cooldown", Duration::from_secs(40), || {
+    // one prefix that covers it) and surplus ENIs go: an ENI once it is a minute old
+    // (ipamd's minimum ENI lifetime), the addresses at most every 30 s.
+    let took = n.wait_for("shrink after cooldown", Duration::from_secs(100), || {
         let e = n.ec2();
         let units = n.ec2_units(prefixes);
         units == min_units && e.len() == 1

@@ -14,7 +14,7 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
         bail!(
             "usage: cargo xtask bench cni [--pods N] [--rounds N] [--json FILE]\n       \
              cargo xtask bench dataplane [--rounds N] [--secs S] [--json FILE] [--plot FILE]\n       \
-             cargo xtask bench ipam [--modes secondary|prefix|both] [--pods N] [--restarts N] [--json FILE]\n       \
+             cargo xtask bench ipam [--modes secondary|prefix|both] [--pods N] [--restarts N] [--ec2-window-s S] [--json FILE]\n       \
              cargo xtask bench progcost [--runs N] [--object FILE] [--json FILE] [--policy]\n       \
              cargo xtask bench policy [--rules 0,100,1000,10000] [--rounds N] [--secs S] [--json FILE] [--plot FILE]\n       \
              cargo xtask bench policy-scale [--pods N] [--namespaces N] [--local N] [--changes N] [--json FILE]\n       \

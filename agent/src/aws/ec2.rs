@@ -449,6 +449,20 @@ impl Ec2 {
             .collect())
     }
 
+    /// Unattached ENIs vpc-ebpf created for any node of the cluster: those of terminated
+    /// nodes among them.
+    pub async fn detached_enis_of_cluster(&self, cluster: &str) -> Result<Vec<EniInfo>, Ec2Error> {
+        Ok(self
+            .describe(vec![
+                filter(&format!("tag:{TAG_CLUSTER_NAME}"), cluster),
+                filter("status", "available"),
+            ])
+            .await?
+            .into_iter()
+            .filter(|e| e.tags.contains_key(TAG_MANAGED_BY))
+            .collect())
+    }
+
     pub async fn create_eni(&self, spec: &NewEni) -> Result<EniInfo, Ec2Error> {
         const OP: &str = "CreateNetworkInterface";
         let t0 = Instant::now();
@@ -516,12 +530,12 @@ impl Ec2 {
                 })
         }
         .await;
-        let attachment = self.observe(OP, t0, r)?;
-        self.set_delete_on_termination(eni_id, &attachment).await?;
-        Ok(attachment)
+        self.observe(OP, t0, r)
     }
 
-    async fn set_delete_on_termination(
+    /// Makes EC2 delete the ENI with the instance. Separate from [`Self::attach_eni`]:
+    /// when this fails the ENI is attached all the same, and the caller must keep it.
+    pub async fn set_delete_on_termination(
         &self,
         eni_id: &str,
         attachment_id: &str,

@@ -6,12 +6,15 @@
 //! and the store lacks come in as free, addresses the store has and EC2 lacks go away,
 //! and an assignment survives exactly when its address still exists in EC2.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use tracing::warn;
 use vpc_ebpf_rpc::types::MacAddr;
 
-use crate::aws::ec2::EniInfo;
+use crate::aws::{ec2::EniInfo, imds::EniMetadata};
 
 use super::{
     pool::Mode,
@@ -48,6 +51,43 @@ impl MergeReport {
             && self.addrs_removed == 0
             && self.lost.is_empty())
     }
+}
+
+/// Pod units per ENI id: secondary addresses, or prefix bases in prefix mode. The
+/// reconcile compares IMDS's and the datastore's in this form.
+pub type Units = BTreeMap<String, BTreeSet<Ipv4Addr>>;
+
+/// What IMDS shows, less the ENIs that are not ours (by device index).
+pub fn imds_units(enis: &[EniMetadata], theirs: &BTreeSet<u32>, prefixes: bool) -> Units {
+    enis.iter()
+        .filter(|e| !theirs.contains(&e.device_index))
+        .map(|e| {
+            let units = if prefixes {
+                e.prefixes
+                    .iter()
+                    .filter_map(|p| p.split('/').next()?.parse().ok())
+                    .collect()
+            } else {
+                // IMDS lists the primary address first.
+                e.ipv4s.iter().skip(1).copied().collect()
+            };
+            (e.eni_id.clone(), units)
+        })
+        .collect()
+}
+
+/// What the datastore holds, in the form of [`imds_units`].
+pub fn store_units(s: &Store, prefixes: bool) -> Units {
+    s.enis()
+        .map(|e| {
+            let units = if prefixes {
+                e.prefixes.iter().copied().collect()
+            } else {
+                e.addrs.keys().copied().collect()
+            };
+            (e.id.clone(), units)
+        })
+        .collect()
 }
 
 /// ENIs tagged with this (as in Amazon VPC CNI) are left alone.
@@ -191,6 +231,62 @@ mod tests {
             prefixes: prefixes.iter().map(|s| ip(s)).collect(),
             subnet_id: "subnet-1".into(),
         }
+    }
+
+    fn meta(id: &str, dev: u32, ips: &[&str], prefixes: &[&str]) -> EniMetadata {
+        EniMetadata {
+            mac: String::new(),
+            eni_id: id.into(),
+            device_index: dev,
+            subnet_id: String::new(),
+            subnet_cidr: String::new(),
+            vpc_id: String::new(),
+            vpc_cidrs: Vec::new(),
+            ipv4s: ips.iter().map(|s| ip(s)).collect(),
+            prefixes: prefixes.iter().map(|s| (*s).to_owned()).collect(),
+            security_groups: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_reconcile_sees_imds_and_the_store_agree_or_not() {
+        let mut s = Store::new(Mode::SecondaryIp, 30_000);
+        merge(
+            &mut s,
+            &[view(
+                "eni-a",
+                0,
+                "10.0.0.11",
+                &["10.0.0.20", "10.0.0.21"],
+                &[],
+            )],
+        );
+        let none = BTreeSet::new();
+        let agree = [meta(
+            "eni-a",
+            0,
+            &["10.0.0.11", "10.0.0.21", "10.0.0.20"],
+            &[],
+        )];
+        assert_eq!(imds_units(&agree, &none, false), store_units(&s, false));
+        // An address EC2 took away, an ENI attached behind our back: both differ.
+        let fewer = [meta("eni-a", 0, &["10.0.0.11", "10.0.0.20"], &[])];
+        assert_ne!(imds_units(&fewer, &none, false), store_units(&s, false));
+        let more = [agree[0].clone(), meta("eni-x", 1, &["10.0.0.50"], &[])];
+        assert_ne!(imds_units(&more, &none, false), store_units(&s, false));
+        // ... unless that ENI is one we do not manage.
+        assert_eq!(
+            imds_units(&more, &BTreeSet::from([1]), false),
+            store_units(&s, false)
+        );
+        // Prefix mode compares prefix bases.
+        let mut p = Store::new(Mode::Prefix, 30_000);
+        merge(
+            &mut p,
+            &[view("eni-a", 0, "10.0.0.11", &[], &["10.0.1.16"])],
+        );
+        let m = [meta("eni-a", 0, &["10.0.0.11"], &["10.0.1.16/28"])];
+        assert_eq!(imds_units(&m, &none, true), store_units(&p, true));
     }
 
     #[test]

@@ -15,7 +15,13 @@ pub mod pool;
 pub mod reconciler;
 pub mod store;
 
-use std::{collections::HashSet, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    collections::HashSet,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Notify, watch};
@@ -96,12 +102,31 @@ pub fn describe(block: Option<GrowthBlock>) -> &'static str {
     }
 }
 
+/// One ADD counted in [`Ipam::waiting`] for as long as it lives.
+struct Waiting<'a>(&'a AtomicU32);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicU32) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct State {
     store: Store,
     checkpoint: PathBuf,
     blocked: Option<GrowthBlock>,
     /// Why new ENIs cannot be placed, for pods' errors.
     placement_problem: Option<String>,
+    /// What EC2 answered to the last call that failed, until one works again: a pod
+    /// that finds nothing free is told it, not only that more is being requested.
+    ec2_trouble: Option<String>,
 }
 
 pub struct Ipam {
@@ -110,6 +135,8 @@ pub struct Ipam {
     pool_changed: Notify,
     /// Poked when addresses were added, for ADDs waiting on a refill.
     pool_grown: Notify,
+    /// ADDs waiting on a refill now: the planner grows for them at once.
+    waiting: AtomicU32,
     readiness: watch::Sender<Readiness>,
     enis: watch::Sender<Vec<EniDesc>>,
 }
@@ -134,8 +161,10 @@ impl Ipam {
                 checkpoint,
                 blocked: None,
                 placement_problem: None,
+                ec2_trouble: None,
             }),
             pool_changed: Notify::new(),
+            waiting: AtomicU32::new(0),
             pool_grown: Notify::new(),
             readiness: watch::Sender::new(Readiness::NotReady("starting".into())),
             enis: watch::Sender::new(enis),
@@ -218,6 +247,16 @@ impl Ipam {
         self.state.lock().await.blocked = blocked;
     }
 
+    /// How many ADDs wait for the pool to grow.
+    pub fn waiting(&self) -> u32 {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// EC2's last failure (`None`: the last call worked).
+    pub async fn set_ec2_trouble(&self, trouble: Option<String>) {
+        self.state.lock().await.ec2_trouble = trouble;
+    }
+
     /// Why new ENIs cannot be placed (`None`: they can).
     pub async fn set_placement_problem(&self, problem: Option<String>) {
         self.state.lock().await.placement_problem = problem;
@@ -240,7 +279,7 @@ impl Ipam {
             let grown = self.pool_grown.notified();
             tokio::pin!(grown);
             grown.as_mut().enable();
-            let (result, blocked, problem) = {
+            let (result, blocked, problem, trouble) = {
                 let mut st = self.state.lock().await;
                 let mut next = st.store.clone();
                 let result = next.assign(key, pod, now_ms());
@@ -250,7 +289,12 @@ impl Ipam {
                     checkpoint::save(&st.checkpoint, &next).map_err(AssignError::Checkpoint)?;
                     st.store = next;
                 }
-                (result, st.blocked, st.placement_problem.clone())
+                (
+                    result,
+                    st.blocked,
+                    st.placement_problem.clone(),
+                    st.ec2_trouble.clone(),
+                )
             };
             self.pool_changed.notify_one();
             match result {
@@ -258,8 +302,13 @@ impl Ipam {
                 Err(StoreError::NoFreeAddress { cooling, total }) => {
                     let refilling = blocked.is_none() && tokio::time::Instant::now() < deadline;
                     if !refilling {
-                        let why = match (blocked, problem) {
-                            (Some(GrowthBlock::Placement), Some(p)) => p,
+                        let why = match (blocked, problem, trouble) {
+                            (Some(GrowthBlock::Placement), Some(p), _) => p,
+                            (None, _, Some(t)) => {
+                                format!(
+                                    "more are being requested from EC2, which last answered: {t}"
+                                )
+                            }
                             _ => describe(blocked).to_owned(),
                         };
                         return Err(AssignError::Exhausted {
@@ -269,6 +318,10 @@ impl Ipam {
                             why,
                         });
                     }
+                    // Counted while it waits (also when the caller gives up and drops
+                    // this future), and the planner is told.
+                    let _waiting = Waiting::new(&self.waiting);
+                    self.pool_changed.notify_one();
                     let _ = tokio::time::timeout_at(deadline, grown).await;
                 }
                 Err(e) => return Err(AssignError::Store(e)),

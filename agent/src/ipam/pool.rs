@@ -72,7 +72,13 @@ pub struct EniUsage {
     /// Its subnet refused more addresses lately (InsufficientFreeAddressesInSubnet):
     /// growth goes elsewhere for a while.
     pub subnet_full: bool,
+    /// Attached less than [`ENI_MIN_LIFE_MS`] ago: not detached yet, whatever the plan.
+    pub young: bool,
 }
+
+/// ipamd's minimum ENI lifetime: an ENI is not removed in its first minute, so a burst
+/// that ends right after an attach does not detach what it just paid for.
+pub const ENI_MIN_LIFE_MS: u64 = 60_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -125,7 +131,33 @@ pub fn totals(mode: Mode, enis: &[EniUsage]) -> Totals {
     }
 }
 
+/// What growth counts as warm. Cooling addresses are free again within the cooldown, so
+/// they count: a pod deleted and another created costs no assign now and no unassign
+/// when the cooldown ends. But a pod waiting for an address is never told to wait for a
+/// cooldown (VPC CNI's #2896, where cooling addresses counted as available and pods
+/// starved until cooldowns ended): while any pod waits, cooling addresses do not count,
+/// and the pool grows at once for the waiting pods and its whole warm target.
+fn warm_for_growth(sums: Totals, waiting: u32) -> u32 {
+    if waiting > 0 {
+        sums.available
+    } else {
+        sums.available + sums.cooling
+    }
+}
+
+/// The plan with no pod waiting for an address.
 pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, all: &[EniUsage]) -> Plan {
+    plan_with_waiting(mode, t, limits, all, 0)
+}
+
+/// The plan when `waiting` pods found no free address and wait for the pool to grow.
+pub fn plan_with_waiting(
+    mode: Mode,
+    t: &Targets,
+    limits: InstanceLimits,
+    all: &[EniUsage],
+    waiting: u32,
+) -> Plan {
     let attached = u32::try_from(all.len()).unwrap_or(u32::MAX);
     let (usable, excluded_free) = split_excluded(all);
     let enis = usable.as_slice();
@@ -140,12 +172,12 @@ pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, all: &[EniUsage]) -
     let (mut grow_units, mut release_units, warm_eni_mode) = if by_ip_targets {
         let warm = t.warm_ip.unwrap_or(0);
         let min = t.minimum_ip.unwrap_or(0);
-        let short = warm
-            .saturating_sub(sums.available)
+        let short = (warm + waiting)
+            .saturating_sub(warm_for_growth(sums, waiting))
             .max(min.saturating_sub(sums.total));
         let excess = if short == 0 {
             sums.available
-                .saturating_sub(warm)
+                .saturating_sub(warm + waiting)
                 .min(sums.total.saturating_sub(min))
         } else {
             0
@@ -174,10 +206,11 @@ pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, all: &[EniUsage]) -
             (warm.saturating_sub(free), free.saturating_sub(warm), false)
         }
     } else {
-        let want = t.warm_eni * cap;
-        if sums.available < want {
-            (want - sums.available, 0, true)
-        } else if want == 0 && sums.available == 0 {
+        let want = t.warm_eni * cap + waiting;
+        let warm = warm_for_growth(sums, waiting);
+        if warm < want {
+            (want - warm, 0, true)
+        } else if want == 0 && sums.available == 0 && sums.cooling == 0 {
             // WARM_ENI_TARGET=0: no warm ENI, but as in ipamd a pod with nothing free
             // still gets one (the ENI is filled, as warm-ENI mode always fills).
             (1, 0, true)
@@ -216,18 +249,19 @@ pub fn plan(mode: Mode, t: &Targets, limits: InstanceLimits, all: &[EniUsage]) -
     if grow_units > 0 {
         place(&mut out, enis, room, grow_units, warm_eni_mode);
     } else if warm_eni_mode {
-        out.release_eni = surplus_eni(enis, t.warm_eni * cap, cap, sums.available);
+        out.release_eni = surplus_eni(enis, t.warm_eni * cap + waiting, cap, sums.available);
     } else if out.release_units == 0 {
         // Address and prefix targets release units one by one; an ENI they emptied is
         // then of no use and goes too.
+        // No consolidation: moving an idle ENI's units down costs an assign, an
+        // unassign and a detach to save nothing, and an idle node must make no calls.
         out.release_eni = enis
             .iter()
-            .filter(|e| e.device_index != 0 && e.units == 0 && e.assigned == 0 && e.cooling == 0)
+            .filter(|e| {
+                e.device_index != 0 && !e.young && e.units == 0 && e.assigned == 0 && e.cooling == 0
+            })
             .max_by_key(|e| e.device_index)
             .map(|e| e.device_index);
-        if out.release_eni.is_none() {
-            consolidate(&mut out, enis, room);
-        }
     }
     if grow_units == 0 {
         // Free addresses on ENIs that serve no pod go back first (the store releases
@@ -253,41 +287,6 @@ struct Room {
     cap: u32,
     max_enis: u32,
     attached: u32,
-}
-
-/// Cooldowns end in any order, so releases can leave the pool spread thinly over several
-/// ENIs. When the highest idle secondary ENI's units fit on the ENIs below it, move them
-/// there: add the units below now; the next plans release the idle ENI's (now excess)
-/// units and then the empty ENI. Only idle ENIs (nothing assigned or cooling) move, so
-/// this never disturbs a pod and converges.
-fn consolidate(out: &mut Plan, enis: &[EniUsage], room: Room) {
-    let cap = room.cap;
-    let Some(idle) = enis
-        .iter()
-        .filter(|e| e.device_index != 0 && e.units > 0 && e.assigned == 0 && e.cooling == 0)
-        .max_by_key(|e| e.device_index)
-    else {
-        return;
-    };
-    let below: Vec<EniUsage> = enis
-        .iter()
-        .filter(|e| e.device_index < idle.device_index)
-        .copied()
-        .collect();
-    let room_of = room;
-    let room: u32 = below
-        .iter()
-        .filter(|e| !e.subnet_full)
-        .map(|e| cap.saturating_sub(e.units))
-        .sum();
-    if room >= idle.units {
-        // Only filling the ENIs below: never a new ENI for this.
-        let no_new = Room {
-            max_enis: 0,
-            ..room_of
-        };
-        place(out, &below, no_new, idle.units, false);
-    }
 }
 
 /// Fills attached ENIs (lowest device index first), then attaches new ones. In warm-ENI
@@ -342,7 +341,7 @@ fn surplus_eni(enis: &[EniUsage], want: u32, cap: u32, available: u32) -> Option
     // With WARM_ENI_TARGET=0 an ENI goes only if an address stays free: the pool grows
     // whenever none is, so releasing the last free ones would attach again at once.
     enis.iter()
-        .filter(|e| e.device_index != 0 && e.assigned == 0 && e.cooling == 0)
+        .filter(|e| e.device_index != 0 && !e.young && e.assigned == 0 && e.cooling == 0)
         .filter(|e| available - e.units >= want.max(1))
         .max_by_key(|e| e.device_index)
         .map(|e| e.device_index)
@@ -353,40 +352,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_pool_spread_over_idle_enis_is_consolidated() {
+    fn an_idle_pool_spread_over_enis_stays_as_it_is() {
         let t = Targets {
             warm_ip: Some(3),
             minimum_ip: Some(8),
             ..Targets::default()
         };
-        // 8 free addresses as 3 + 3 + 2 after uneven cooldowns.
+        // 8 free addresses as 3 + 3 + 2 after uneven cooldowns: on target, so no call
+        // (moving them down would cost an assign, an unassign and a detach).
         let spread = [eni(0, 3, 0), eni(1, 3, 0), eni(2, 2, 0)];
         let p = plan(Mode::SecondaryIp, &t, M5, &spread);
-        assert_eq!(
-            p.grow,
-            vec![Step::Assign {
-                device_index: 0,
-                units: 2
-            }]
-        );
-        // Then the excess goes from the top ENI, then the empty ENI.
+        assert_eq!(p, Plan::default());
+    }
+
+    #[test]
+    fn a_young_eni_is_not_released() {
+        let t = ip_targets(Some(3), Some(8));
+        let mut young = eni(1, 0, 0);
+        young.young = true;
+        let p = plan(Mode::SecondaryIp, &t, M5, &[eni(0, 8, 0), young]);
+        assert_eq!(p.release_eni, None);
+        // Warm-ENI mode too.
+        let mut young = eni(1, 9, 0);
+        young.young = true;
         let p = plan(
             Mode::SecondaryIp,
-            &t,
+            &Targets::default(),
             M5,
-            &[eni(0, 5, 0), eni(1, 3, 0), eni(2, 2, 0)],
+            &[eni(0, 9, 0), young],
         );
-        assert_eq!((p.grow.len(), p.release_units), (0, 2));
-        let p = plan(
-            Mode::SecondaryIp,
-            &t,
-            M5,
-            &[eni(0, 5, 0), eni(1, 3, 0), eni(2, 0, 0)],
-        );
-        assert_eq!(p.release_eni, Some(2));
-        // An ENI with a pod on it stays where it is.
-        let p = plan(Mode::SecondaryIp, &t, M5, &[eni(0, 3, 0), eni(1, 8, 1)]);
-        assert!(p.grow.is_empty() && p.release_eni.is_none(), "{p:?}");
+        assert_eq!(p.release_eni, None);
     }
 
     #[test]
@@ -425,6 +420,7 @@ mod tests {
             cooling: 0,
             excluded: false,
             subnet_full: false,
+            young: false,
         }
     }
 
@@ -504,21 +500,46 @@ mod tests {
         }
     }
 
+    fn cooling(mut e: EniUsage, n: u32) -> EniUsage {
+        e.cooling = n;
+        e.busy_units = (e.assigned + n).min(e.units);
+        e
+    }
+
     #[test]
-    fn cooling_addresses_are_not_available() {
-        let mut e = eni(0, 8, 5);
-        e.cooling = 2;
-        e.busy_units = 7;
-        let p = plan(Mode::SecondaryIp, &ip_targets(Some(3), Some(8)), M5, &[e]);
-        // 8 held, 5 assigned, 2 cooling: 1 free, 2 short; the primary has room for one.
-        let want = vec![
-            Step::Assign {
-                device_index: 0,
-                units: 1,
-            },
-            Step::AttachEni { units: 1 },
-        ];
-        assert_eq!(p.grow, want);
+    fn cooling_addresses_count_toward_warm_unless_a_pod_waits() {
+        let t = ip_targets(Some(3), Some(8));
+        // 8 held, 5 assigned, 2 cooling, 1 free: the cooling ones are free within the
+        // cooldown, so nothing is asked of EC2; nor when none is free and no pod waits.
+        let p = plan(Mode::SecondaryIp, &t, M5, &[cooling(eni(0, 8, 5), 2)]);
+        assert_eq!(p, Plan::default());
+        let p = plan(Mode::SecondaryIp, &t, M5, &[cooling(eni(0, 8, 5), 3)]);
+        assert_eq!(p, Plan::default());
+        // A pod waits: they do not count; the pool grows for it and 3 free addresses.
+        let p = plan_with_waiting(Mode::SecondaryIp, &t, M5, &[cooling(eni(0, 8, 5), 3)], 1);
+        let primary = Step::Assign {
+            device_index: 0,
+            units: 1,
+        };
+        assert_eq!(p.grow, [primary, Step::AttachEni { units: 3 }]);
+        // Warm-ENI mode: the same rule (8 free + 1 cooling is the ENI's worth).
+        let p = plan(
+            Mode::SecondaryIp,
+            &Targets::default(),
+            M5,
+            &[cooling(eni(0, 9, 0), 1)],
+        );
+        assert_eq!(p, Plan::default());
+        let p = plan_with_waiting(
+            Mode::SecondaryIp,
+            &Targets::default(),
+            M5,
+            &[cooling(eni(0, 9, 8), 1)],
+            1,
+        );
+        // One address for the pod and a whole ENI's worth free: two ENIs, as the pod's
+        // address would otherwise leave less than an ENI's worth.
+        assert_eq!(p.grow, [Step::AttachEni { units: 9 }; 2]);
     }
 
     #[test]
@@ -586,6 +607,7 @@ mod tests {
             cooling: 0,
             excluded: false,
             subnet_full: false,
+            young: false,
         };
         // Default WARM_PREFIX_TARGET=1 on a fresh node: one prefix.
         let p = plan(Mode::Prefix, &Targets::default(), M5, &[pfx(0, 0, 0, 0)]);
@@ -654,6 +676,8 @@ mod tests {
         limits: InstanceLimits,
         targets: Targets,
         enis: Vec<EniUsage>,
+        /// EC2 calls the plans have asked for.
+        calls: u32,
     }
 
     impl Node {
@@ -662,15 +686,30 @@ mod tests {
                 limits,
                 targets,
                 enis: vec![eni(0, 0, 0)],
+                calls: 0,
             }
         }
 
         fn settle(&mut self) {
+            self.settle_for(0);
+        }
+
+        /// Follows the plans with `waiting` pods waiting for an address.
+        fn settle_for(&mut self, waiting: u32) {
             for _ in 0..50 {
-                let p = plan(Mode::SecondaryIp, &self.targets, self.limits, &self.enis);
+                let p = plan_with_waiting(
+                    Mode::SecondaryIp,
+                    &self.targets,
+                    self.limits,
+                    &self.enis,
+                    waiting,
+                );
                 if p.grow.is_empty() && p.release_units == 0 && p.release_eni.is_none() {
                     return;
                 }
+                self.calls += u32::try_from(p.grow.len()).expect("few steps")
+                    + u32::from(p.release_units > 0)
+                    + u32::from(p.release_eni.is_some());
                 for step in p.grow {
                     match step {
                         Step::Assign {
@@ -685,7 +724,7 @@ mod tests {
                 }
                 let mut left = p.release_units;
                 for e in self.enis.iter_mut().rev() {
-                    let free = (e.units - e.assigned).min(left);
+                    let free = (e.units - e.assigned - e.cooling).min(left);
                     e.units -= free;
                     left -= free;
                 }
@@ -698,16 +737,38 @@ mod tests {
 
         /// A pod arrives (the pool may first have to grow for it), as ipamd serves one.
         fn add_pod(&mut self) {
-            if !self.enis.iter().any(|e| e.assigned < e.units) {
-                self.settle();
+            if !self.enis.iter().any(|e| e.assigned + e.cooling < e.units) {
+                self.settle_for(1);
             }
             let e = self
                 .enis
                 .iter_mut()
-                .find(|e| e.assigned < e.units)
+                .find(|e| e.assigned + e.cooling < e.units)
                 .expect("no free address for a pod");
             e.assigned += 1;
-            e.busy_units = e.assigned;
+            e.busy_units = e.assigned + e.cooling;
+            self.settle();
+        }
+
+        /// A pod goes: its address cools down.
+        fn remove_pod(&mut self) {
+            let e = self
+                .enis
+                .iter_mut()
+                .rev()
+                .find(|e| e.assigned > 0)
+                .expect("a pod to remove");
+            e.assigned -= 1;
+            e.cooling += 1;
+            self.settle();
+        }
+
+        /// Every cooldown ends.
+        fn cool_down(&mut self) {
+            for e in &mut self.enis {
+                e.cooling = 0;
+                e.busy_units = e.assigned;
+            }
             self.settle();
         }
 
@@ -779,6 +840,46 @@ mod tests {
         }
     }
 
+    /// A pod deleted and another created (a rollout, a job) costs no EC2 call under any
+    /// target: not an assign now and an unassign once the cooldown ends.
+    #[test]
+    fn pod_churn_makes_no_ec2_calls() {
+        for targets in [
+            ip_targets(Some(2), None),
+            ip_targets(Some(1), Some(4)),
+            ip_targets(Some(3), Some(8)),
+            Targets::default(),
+        ] {
+            let mut node = Node::new(M5, targets.clone());
+            node.settle();
+            for _ in 0..5 {
+                node.add_pod();
+            }
+            let before = (node.calls, node.shape());
+            for _ in 0..3 {
+                node.remove_pod();
+                node.add_pod();
+                node.cool_down();
+            }
+            assert_eq!(
+                (node.calls, node.shape()),
+                before,
+                "{targets:?}: {:?}",
+                node.enis
+            );
+            // A burst of churn beyond the warm target grows (pods are served), and the
+            // pool comes back to its shape once the cooldowns end.
+            for _ in 0..4 {
+                node.remove_pod();
+            }
+            for _ in 0..4 {
+                node.add_pod();
+            }
+            node.cool_down();
+            assert_eq!(node.shape(), before.1, "{targets:?}: {:?}", node.enis);
+        }
+    }
+
     /// WARM_ENI_TARGET=0 (with no IP targets) asks for no warm ENI, yet the pool grows
     /// whenever no address is free, as ipamd's "pool too low" does whatever the target:
     /// pods are always served, and no extra ENI is attached ahead of need.
@@ -841,6 +942,7 @@ mod tests {
             cooling: 0,
             excluded: false,
             subnet_full: false,
+            young: false,
         };
         let p = plan(Mode::Prefix, &t, M5, &[e]);
         assert_eq!(p.release_units, 1);

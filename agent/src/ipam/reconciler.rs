@@ -34,12 +34,16 @@ use super::{
     store::Store,
 };
 use crate::{
-    aws::ec2::{
-        Ec2, Ec2Error, ErrorKind, NewEni, TAG_CLUSTER_NAME, TAG_CREATED_AT, TAG_INSTANCE_ID,
-        TAG_MANAGED_BY, format_time, parse_time,
+    aws::{
+        ec2::{
+            Ec2, Ec2Error, ErrorKind, NewEni, TAG_CLUSTER_NAME, TAG_CREATED_AT, TAG_INSTANCE_ID,
+            TAG_MANAGED_BY, format_time, parse_time,
+        },
+        imds::Imds,
     },
     clock::now_ms,
     host::Host,
+    k8s::lease::ChoreLease,
     metrics::{Metrics, ReasonLabels},
     node::{Node, Settings},
     notice::Notices,
@@ -129,10 +133,46 @@ pub struct Reconciler {
     /// New ENIs cannot be placed (ENIConfig or subnets wrong): look again then.
     placement_retry: Option<Instant>,
     noticed_placement: Option<String>,
+    /// When the pool last gave something back: it shrinks at most every [`SHRINK_EVERY`].
+    last_shrink: Option<Instant>,
+    /// When this agent last changed what EC2 holds (IMDS lags such changes).
+    last_change: Option<Instant>,
+    next_reconcile: Instant,
+    /// Where the periodic reconcile reads the instance (no EC2 call).
+    imds: Option<Imds>,
+    /// Hears of a changed node identity (the VPC's CIDRs).
+    on_node: Option<NodeUpdates>,
+    /// ENIs attached whose delete-on-termination EC2 did not take: tried again at each
+    /// reconcile (ENI id → attachment id).
+    dot_pending: BTreeMap<String, String>,
+    /// With a cluster name on Kubernetes: one node at a time sweeps the whole cluster's
+    /// leaked ENIs (those of terminated nodes too) under this Lease.
+    sweep_lease: Option<ChoreLease>,
+    /// Consecutive failed assigns on one ENI (device index, count): after a few, growth
+    /// tries another ENI for a while.
+    assign_failures: (u32, u32),
+    /// The kind of EC2 failure noticed (an Event) since the last call that worked.
+    noticed_trouble: Option<ErrorKind>,
 }
 
+/// Hears of a node identity that changed while the agent runs.
+pub type NodeUpdates = Box<dyn Fn(Node) + Send + Sync>;
+
 const IDLE_TICK: Duration = Duration::from_secs(1);
-const LEAK_CHECK_EVERY: Duration = Duration::from_mins(1);
+/// ipamd's pace: the pool gives addresses or ENIs back at most this often, so a burst
+/// that ends does not return everything at once only to ask for it again.
+const SHRINK_EVERY: Duration = Duration::from_secs(30);
+/// ipamd's reconcile period: the datastore against IMDS, which costs no EC2 call.
+const RECONCILE_EVERY: Duration = Duration::from_mins(1);
+/// IMDS trails EC2 by seconds: a difference right after our own change is not one.
+const IMDS_LAG: Duration = Duration::from_secs(10);
+
+/// Leaked ENIs are looked for every 15–25 minutes (jittered so nodes started together
+/// do not call together): at steady state that is a node's only EC2 call, well under
+/// one per ten minutes.
+fn leak_check_interval() -> Duration {
+    Duration::from_mins(15) + Duration::from_mins(10).mul_f64(rand::random::<f64>())
+}
 /// How soon a placement the cluster's configuration stopped is tried again: ENIConfig
 /// reads are cheap API-server GETs, and a fixed ENIConfig should take effect quickly.
 const PLACEMENT_RETRY: Duration = Duration::from_secs(10);
@@ -158,6 +198,15 @@ impl Reconciler {
             full_subnets: BTreeMap::new(),
             placement_retry: None,
             noticed_placement: None,
+            last_shrink: None,
+            last_change: None,
+            next_reconcile: Instant::now() + RECONCILE_EVERY,
+            imds: None,
+            on_node: None,
+            dot_pending: BTreeMap::new(),
+            sweep_lease: None,
+            assign_failures: (0, 0),
+            noticed_trouble: None,
             ec2,
             ipam,
             node,
@@ -185,6 +234,20 @@ impl Reconciler {
     #[must_use]
     pub fn with_placer(mut self, placer: Placer) -> Self {
         self.placer = placer;
+        self
+    }
+
+    /// Reconciles with IMDS every minute, and tells `on_node` of a changed VPC.
+    #[must_use]
+    pub fn with_imds(mut self, imds: Imds, on_node: NodeUpdates) -> Self {
+        self.imds = Some(imds);
+        self.on_node = Some(on_node);
+        self
+    }
+
+    #[must_use]
+    pub fn with_sweep_lease(mut self, lease: Option<ChoreLease>) -> Self {
+        self.sweep_lease = lease;
         self
     }
 
@@ -235,15 +298,20 @@ impl Reconciler {
             }
             let (wait, wake_on_change) = match self.pass().await {
                 Ok(Outcome::Progress) => {
-                    self.noticed_refusal = false;
-                    self.backoff.reset();
+                    self.recovered().await;
                     (Duration::ZERO, false)
                 }
+                // Nothing was asked of EC2: nothing to say about it either.
                 Ok(Outcome::Idle) => {
                     self.backoff.reset();
                     (IDLE_TICK, true)
                 }
-                Err(e) => (self.failed(&e), false),
+                Err(e) => {
+                    // Said apart: the chain's temporary must not live across the await.
+                    let said = Chain(&e).to_string();
+                    self.ipam.set_ec2_trouble(Some(said)).await;
+                    (self.failed(&e), false)
+                }
             };
             if wait.is_zero() {
                 continue;
@@ -257,8 +325,41 @@ impl Reconciler {
         }
     }
 
+    /// A pass worked: what EC2 trouble was said is over.
+    async fn recovered(&mut self) {
+        self.ipam.set_ec2_trouble(None).await;
+        if self.noticed_trouble.is_some() {
+            info!("EC2 answers again");
+            self.notices.normal(
+                "EC2Recovered",
+                "EC2 answers again; the pool grows as configured",
+            );
+        }
+        self.noticed_refusal = false;
+        self.noticed_trouble = None;
+        self.backoff.reset();
+    }
+
     /// Decides how long to wait after a failed call.
     fn failed(&mut self, e: &Ec2Error) -> Duration {
+        // Said once per episode, after a few failures in a row: one throttled call is
+        // routine, a pool that cannot grow is something to look at.
+        if e.retryable() && self.backoff.attempts() >= 3 && self.noticed_trouble.is_none() {
+            self.noticed_trouble = Some(e.kind());
+            let reason = if e.kind() == ErrorKind::Throttled {
+                "EC2Throttled"
+            } else {
+                "EC2Unavailable"
+            };
+            self.notices.warning(
+                reason,
+                format!(
+                    "{} failures in a row, the last: {}; pods are served from the addresses the node holds while the agent backs off",
+                    self.backoff.attempts() + 1,
+                    Chain(e)
+                ),
+            );
+        }
         self.metrics.ipam_error(match e.kind() {
             ErrorKind::Throttled => "throttled",
             ErrorKind::Transient => "transient",
@@ -284,9 +385,19 @@ impl Reconciler {
                 self.refresh_needed = true;
                 self.backoff.next_wait()
             }
-            ErrorKind::Throttled | ErrorKind::Transient => {
+            ErrorKind::Throttled => {
+                // A throttled request was not carried out: nothing to read back.
                 let d = self.backoff.next_wait();
-                warn!(error = %Chain(e), retry_in = ?d, attempt = self.backoff.attempts(), "EC2 call failed; backing off");
+                warn!(error = %Chain(e), retry_in = ?d, attempt = self.backoff.attempts(), "EC2 throttled the call; backing off");
+                d
+            }
+            ErrorKind::Transient => {
+                // A 5xx or a timeout may have been carried out all the same (an ENI
+                // attached, addresses assigned): read what EC2 has before the next step,
+                // so nothing is left attached and unknown.
+                self.refresh_needed = true;
+                let d = self.backoff.next_wait();
+                warn!(error = %Chain(e), retry_in = ?d, attempt = self.backoff.attempts(), "EC2 call failed; backing off, then reading EC2 again");
                 d
             }
             ErrorKind::Refused => {
@@ -356,12 +467,17 @@ impl Reconciler {
 
     async fn pass(&mut self) -> Result<Outcome, Ec2Error> {
         self.metrics.reconciles.inc();
+        if Instant::now() >= self.next_reconcile {
+            self.next_reconcile = Instant::now() + RECONCILE_EVERY;
+            self.reconcile_with_imds().await;
+            self.retry_delete_on_termination().await;
+        }
         if self.refresh_needed {
             self.refresh_from_ec2().await?;
             self.refresh_needed = false;
         }
         if self.settings.leaked_eni_cleanup && Instant::now() >= self.next_leak_check {
-            self.next_leak_check = Instant::now() + LEAK_CHECK_EVERY;
+            self.next_leak_check = Instant::now() + leak_check_interval();
             if let Err(e) = self.cleanup_leaked().await {
                 warn!(error = %Chain(&e), "leaked-ENI cleanup failed; trying again later");
             }
@@ -372,6 +488,7 @@ impl Reconciler {
         self.full_subnets.retain(|_, until| *until > now);
         let placement_wait = self.placement_retry.is_some_and(|t| now < t);
         let full: BTreeSet<u32> = self.full_enis.keys().copied().collect();
+        let waiting = self.ipam.waiting();
         let plan = self
             .ipam
             .read(|store, _| {
@@ -379,11 +496,12 @@ impl Reconciler {
                 for u in &mut usage {
                     u.subnet_full = full.contains(&u.device_index);
                 }
-                pool::plan(
+                pool::plan_with_waiting(
                     self.settings.mode,
                     &self.settings.targets,
                     self.limits(),
                     &usage,
+                    waiting,
                 )
             })
             .await;
@@ -412,17 +530,97 @@ impl Reconciler {
         {
             self.grow(step).await?;
             self.subnet_full = false;
+            self.last_change = Some(Instant::now());
             return Ok(Outcome::Progress);
         }
-        if plan.release_units > 0 && self.release_units(plan.release_units).await? {
+        let may_shrink = self.last_shrink.is_none_or(|t| t.elapsed() >= SHRINK_EVERY);
+        if plan.release_units > 0 && may_shrink && self.release_units(plan.release_units).await? {
+            self.shrunk(true);
             return Ok(Outcome::Progress);
         }
-        if let Some(dev) = plan.release_eni
-            && self.release_eni(dev).await?
-        {
-            return Ok(Outcome::Progress);
+        if let Some(dev) = plan.release_eni {
+            // An ENI the pacing already emptied goes at once: it holds nothing a pod
+            // could use; one still holding addresses is a shrink of its own.
+            let emptied = self
+                .ipam
+                .read(|s, _| {
+                    s.enis()
+                        .find(|e| e.device_index == dev)
+                        .is_some_and(|e| e.addrs.is_empty() && e.prefixes.is_empty())
+                })
+                .await;
+            if (emptied || may_shrink) && self.release_eni(dev).await? {
+                self.shrunk(!emptied);
+                return Ok(Outcome::Progress);
+            }
         }
         Ok(Outcome::Idle)
+    }
+
+    fn shrunk(&mut self, paced: bool) {
+        let now = Instant::now();
+        if paced {
+            self.last_shrink = Some(now);
+        }
+        self.last_change = Some(now);
+    }
+
+    /// ipamd's minute reconcile, against IMDS (no EC2 call): the VPC's CIDRs are read
+    /// again (a CIDR added to the VPC is honoured without a restart), and EC2 is read
+    /// only when IMDS shows the ENIs or their addresses other than the datastore does.
+    async fn reconcile_with_imds(&mut self) {
+        let Some(imds) = self.imds.as_mut() else {
+            return;
+        };
+        let meta = match imds.discover().await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %Chain(&e), "reconcile: IMDS could not be read; trying again in a minute");
+                return;
+            }
+        };
+        if let Some(primary) = meta.enis.iter().find(|e| e.device_index == 0) {
+            let cidrs: Vec<ipnet::Ipv4Net> = primary
+                .vpc_cidrs
+                .iter()
+                .filter_map(|c| c.parse().ok())
+                .collect();
+            if !cidrs.is_empty() && cidrs != self.node.vpc_cidrs {
+                info!(was = ?self.node.vpc_cidrs, now = ?cidrs, "the VPC's CIDRs changed; the dataplane takes them");
+                self.node.vpc_cidrs = cidrs;
+                if let Some(f) = &self.on_node {
+                    f(self.node.clone());
+                }
+            }
+        }
+        if self.last_change.is_some_and(|t| t.elapsed() < IMDS_LAG) {
+            return;
+        }
+        let prefixes = self.prefixes();
+        let theirs = self.unmanaged_indexes.clone();
+        let seen = ec2_merge::imds_units(&meta.enis, &theirs, prefixes);
+        let held = self
+            .ipam
+            .read(|s, _| ec2_merge::store_units(s, prefixes))
+            .await;
+        if seen != held {
+            info!(imds = ?seen, datastore = ?held, "reconcile: IMDS and the datastore disagree; reading EC2");
+            self.refresh_needed = true;
+        }
+    }
+
+    async fn retry_delete_on_termination(&mut self) {
+        let pending = std::mem::take(&mut self.dot_pending);
+        for (eni, attachment) in pending {
+            match self.ec2.set_delete_on_termination(&eni, &attachment).await {
+                Ok(()) => info!(%eni, "delete-on-termination set"),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(%eni, error = %Chain(&e), "delete-on-termination still not set; trying again in a minute");
+                    self.dot_pending.insert(eni, attachment);
+                }
+            }
+        }
     }
 
     fn prefixes(&self) -> bool {
@@ -448,6 +646,23 @@ impl Reconciler {
                     return Ok(());
                 };
                 let got = match self.ec2.assign(&eni, units, self.prefixes()).await {
+                    Err(e)
+                        if e.kind() != ErrorKind::Throttled
+                            && e.kind() != ErrorKind::SubnetFull =>
+                    {
+                        // Throttling is the account's, not the ENI's; anything else that
+                        // keeps failing on one ENI sends growth to another for a while.
+                        let (dev, n) = self.assign_failures;
+                        let n = if dev == device_index { n + 1 } else { 1 };
+                        self.assign_failures = (device_index, n);
+                        if n >= 3 {
+                            warn!(%eni, failures = n, error = %Chain(&e), "assigns on this ENI keep failing; growing on another ENI for a minute");
+                            self.full_enis
+                                .insert(device_index, Instant::now() + Duration::from_mins(1));
+                            self.assign_failures = (device_index, 0);
+                        }
+                        return Err(e);
+                    }
                     Err(e) if e.kind() == ErrorKind::SubnetFull && self.placer.discovers() => {
                         // This ENI's subnet is full; another subnet may not be: the
                         // next plan grows elsewhere (a new ENI in the next subnet).
@@ -460,6 +675,7 @@ impl Reconciler {
                     }
                     r => r?,
                 };
+                self.assign_failures = (device_index, 0);
                 info!(%eni, units, got = got.len(), prefixes = self.prefixes(), "added to the pool");
                 self.store_addrs(&eni, &got).await;
             }
@@ -514,17 +730,33 @@ impl Reconciler {
         let Some((eni, target)) = self.create_in_some_subnet(units).await? else {
             return Ok(());
         };
-        if let Err(e) = self
+        let attachment = match self
             .ec2
             .attach_eni(&eni.id, &self.node.instance_id, device_index)
             .await
         {
-            // Attached or not, we do not know: a detached ENI is deleted now, anything
-            // else by leaked-ENI cleanup once it shows up detached.
-            if let Err(del) = self.ec2.delete_eni(&eni.id).await {
-                warn!(eni = %eni.id, error = %Chain(&del), "could not delete an ENI whose attach failed; leaked-ENI cleanup will");
+            Ok(a) => a,
+            Err(e) => {
+                // Attached or not, we do not know: a detached ENI is deleted now; an
+                // attached one (a timeout that went through) refuses deletion and is
+                // adopted by the read of EC2 that follows every failure.
+                if let Err(del) = self.ec2.delete_eni(&eni.id).await {
+                    warn!(eni = %eni.id, error = %Chain(&del), "could not delete an ENI whose attach failed; reading EC2 adopts it if attached, leaked-ENI cleanup deletes it if not");
+                }
+                self.refresh_needed = true;
+                return Err(e);
             }
-            return Err(e);
+        };
+        if let Err(e) = self
+            .ec2
+            .set_delete_on_termination(&eni.id, &attachment)
+            .await
+        {
+            // The ENI is attached: keeping it is right, dropping it would leave it
+            // attached and unknown (and the next attach would collide with it).
+            warn!(eni = %eni.id, error = %Chain(&e), "the ENI is attached but delete-on-termination was not set; keeping it and trying again at the next reconcile");
+            self.metrics.ipam_error("delete_on_termination");
+            self.dot_pending.insert(eni.id.clone(), attachment);
         }
         let t0 = Instant::now();
         let Ok(mac) = eni.mac.parse() else {
@@ -546,6 +778,7 @@ impl Reconciler {
             .ipam
             .update(|s| {
                 s.upsert_eni(&eni.id, device_index, mac, eni.primary_ip);
+                s.mark_attached(&eni.id, now_ms());
                 s.set_placement(&eni.id, subnet.clone(), false);
                 if prefixes {
                     eni.prefixes
@@ -792,11 +1025,31 @@ impl Reconciler {
         Ok(true)
     }
 
-    /// Deletes this node's detached ENIs that we created and that are old enough not to
-    /// be in the middle of our own attach.
+    /// Deletes detached ENIs that vpc-ebpf created and that are old enough not to be in
+    /// the middle of an attach: the whole cluster's when this node holds the sweep
+    /// Lease, none when another node does, and this node's own without Kubernetes or a
+    /// cluster name.
     async fn cleanup_leaked(&mut self) -> Result<(), Ec2Error> {
+        let cluster = match (&self.sweep_lease, &self.settings.cluster_name) {
+            (Some(lease), Some(cluster)) => match lease.try_take().await {
+                Ok(true) => Some(cluster.clone()),
+                Ok(false) => {
+                    debug!("another node sweeps the cluster's leaked ENIs this period");
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(error = %Chain(&e), "the sweep Lease could not be read or taken; sweeping this node's own leaked ENIs");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let candidates = match &cluster {
+            Some(c) => self.ec2.detached_enis_of_cluster(c).await?,
+            None => self.ec2.detached_enis_of(&self.node.instance_id).await?,
+        };
         let now = SystemTime::now();
-        for e in self.ec2.detached_enis_of(&self.node.instance_id).await? {
+        for e in candidates {
             let age = e
                 .tags
                 .get(TAG_CREATED_AT)
@@ -808,7 +1061,8 @@ impl Reconciler {
             match self.ec2.delete_eni(&e.id).await {
                 Ok(()) => {
                     self.metrics.leaked_enis_deleted.inc();
-                    info!(eni = %e.id, ?age, "deleted a leaked ENI");
+                    let of = e.tags.get(TAG_INSTANCE_ID).map_or("", String::as_str);
+                    info!(eni = %e.id, ?age, instance = %of, "deleted a leaked ENI");
                 }
                 Err(err) => {
                     warn!(eni = %e.id, error = %Chain(&err), "could not delete a leaked ENI");
@@ -863,11 +1117,15 @@ pub struct Ec2Side {
     pub metrics: Arc<Metrics>,
     pub notices: Notices,
     /// Hears of a node identity other than the one the agent started with.
-    pub on_node: Box<dyn Fn(Node) + Send + Sync>,
+    pub on_node: NodeUpdates,
     /// Custom networking's ENIConfig reader, on Kubernetes.
     pub eniconfigs: Option<crate::k8s::eniconfig::EniConfigs>,
     /// Where introspection finds the placement.
     pub shown: Arc<std::sync::Mutex<placer::Shown>>,
+    /// The cluster-wide leaked-ENI sweep's Lease, on Kubernetes.
+    pub sweep_lease: Option<ChoreLease>,
+    /// On Kubernetes: the Node's allocatable pods cap what the pool holds.
+    pub kube: Option<crate::k8s::Kube>,
 }
 
 /// The EC2 side of the agent, run in the background once the agent serves: discovery
@@ -888,6 +1146,8 @@ pub async fn run_with_discovery(
         on_node,
         eniconfigs,
         shown,
+        sweep_lease,
+        kube,
     } = ctx;
     let discovered = if let Some(d) = discovered {
         d
@@ -948,21 +1208,43 @@ pub async fn run_with_discovery(
         config.cluster_name.clone(),
     )
     .showing(shown);
-    let mut r = Reconciler::new(
-        discovered.ec2,
-        ipam,
-        node,
-        crate::node::Settings::from_config(&config),
-        unmanaged,
-        metrics,
-    )
-    .with_placer(placer)
-    .with_notices(notices)
-    .refresh_first();
+    let settings = capped_by_node(Settings::from_config(&config), kube.as_ref()).await;
+    let mut r = Reconciler::new(discovered.ec2, ipam, node, settings, unmanaged, metrics)
+        .with_placer(placer)
+        .with_notices(notices)
+        .with_imds(Imds::new(&config.imds_endpoint), on_node)
+        .with_sweep_lease(sweep_lease)
+        .refresh_first();
     if let Some(h) = host {
         r = r.with_host(h);
     }
     r.run(stop).await;
+}
+
+/// On Kubernetes, max pods is at most the Node's allocatable pods: more addresses than
+/// the kubelet will run pods would only sit idle.
+async fn capped_by_node(mut settings: Settings, kube: Option<&crate::k8s::Kube>) -> Settings {
+    let Some(k) = kube else {
+        return settings;
+    };
+    if let Some(allocatable) = k
+        .own_node(Duration::from_secs(30))
+        .await
+        .as_ref()
+        .and_then(crate::k8s::allocatable_pods)
+    {
+        let cap = settings
+            .targets
+            .max_pods
+            .map_or(allocatable, |m| m.min(allocatable));
+        info!(
+            allocatable,
+            max_pods = cap,
+            "the Node's allocatable pods cap the pool"
+        );
+        settings.targets.max_pods = Some(cap);
+    }
+    settings
 }
 
 pub fn log_report(r: &MergeReport) {

@@ -13,7 +13,7 @@ use vpc_ebpf_rpc::types::MacAddr;
 
 use super::{
     EniDesc, EniRef,
-    pool::{EniUsage, Mode, PREFIX_SIZE},
+    pool::{ENI_MIN_LIFE_MS, EniUsage, Mode, PREFIX_SIZE},
 };
 
 /// What identifies an attachment, as the CNI spec keys it.
@@ -67,6 +67,10 @@ pub struct Eni {
     /// subnet tagged `kubernetes.io/role/cni=0`. Its free addresses go back to EC2.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub excluded: bool,
+    /// When this agent attached it (unix ms); `None` for ENIs it found attached, which
+    /// are old enough to go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached_ms: Option<u64>,
 }
 
 impl Eni {
@@ -181,9 +185,17 @@ impl Store {
             subnet_cidr: None,
             subnet_id: None,
             excluded: false,
+            attached_ms: None,
         });
         e.device_index = device_index;
         e.mac = mac;
+    }
+
+    /// Records that the agent attached `eni` at `now_ms` (it is kept a minute at least).
+    pub fn mark_attached(&mut self, eni: &str, now_ms: u64) {
+        if let Some(e) = self.enis.get_mut(eni) {
+            e.attached_ms = Some(now_ms);
+        }
     }
 
     /// Records an ENI's subnet (`None`: the node's) and whether it may hold pod
@@ -585,6 +597,9 @@ impl Store {
                     cooling: n(cooling),
                     excluded: e.excluded,
                     subnet_full: false,
+                    young: e
+                        .attached_ms
+                        .is_some_and(|t| now_ms < t.saturating_add(ENI_MIN_LIFE_MS)),
                 }
             })
             .collect()

@@ -10,6 +10,7 @@ pub mod annotate;
 pub mod eniconfig;
 pub mod events;
 pub mod follow;
+pub mod lease;
 pub mod pods;
 pub mod policy_watch;
 
@@ -115,6 +116,16 @@ impl Kube {
     }
 }
 
+/// The pods a Node may run (`status.allocatable.pods`), when it says so as a plain count.
+pub fn allocatable_pods(node: &Node) -> Option<u32> {
+    node.status
+        .as_ref()?
+        .allocatable
+        .as_ref()?
+        .get("pods")
+        .and_then(|q| q.0.trim().parse().ok())
+}
+
 /// What the Kubernetes side gives the rest of the agent.
 pub struct Started {
     /// The pods on this node (stays empty off Kubernetes).
@@ -174,4 +185,26 @@ pub async fn start(
         tasks,
         kube: Some(kube),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{api::core::v1::NodeStatus, apimachinery::pkg::api::resource::Quantity};
+
+    use super::*;
+
+    #[test]
+    fn allocatable_pods_is_read_as_a_plain_count() {
+        let node = |q: Option<&str>| Node {
+            status: Some(NodeStatus {
+                allocatable: q.map(|q| [("pods".to_owned(), Quantity(q.to_owned()))].into()),
+                ..NodeStatus::default()
+            }),
+            ..Node::default()
+        };
+        assert_eq!(allocatable_pods(&node(Some("29"))), Some(29));
+        assert_eq!(allocatable_pods(&node(Some("1k"))), None);
+        assert_eq!(allocatable_pods(&node(None)), None);
+        assert_eq!(allocatable_pods(&Node::default()), None);
+    }
 }

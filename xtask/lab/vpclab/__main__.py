@@ -70,7 +70,8 @@ def main(argv: list[str]) -> int:
     fe = sub.add_parser("foreign-eni", help="attach an ENI vpc-ebpf must not manage "
                         "(tagged no_manage, or trunk/efa)")
     fe.add_argument("--node", type=int, required=True)
-    fe.add_argument("--device-index", type=int, required=True)
+    fe.add_argument("--device-index", type=int, required=True,
+                    help="-1: create it detached (an ENI a terminated node leaked)")
     fe.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
     fe.add_argument("--interface-type")
     vc = sub.add_parser("vpc-cidr", help="associate another CIDR block with the VPC")

@@ -111,13 +111,18 @@ class Lab:
     def attach_foreign_eni(self, node: int, device_index: int, tags: dict[str, str],
                            interface_type: str | None) -> str:
         """An ENI some other software attached to node `node` (1-based): tagged no_manage,
-        or of another interface type (trunk, efa)."""
+        or of another interface type (trunk, efa). A negative device index leaves it
+        detached in the node's subnet (an ENI a terminated node leaked)."""
         z = self.cfg.node_zone(node)
         kw = {"InterfaceType": interface_type} if interface_type else {}
         spec = [{"ResourceType": "network-interface",
                  "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}] if tags else []
         eni = self.ec2.create_network_interface(
             SubnetId=self.node_subnets[z], TagSpecifications=spec, **kw)["NetworkInterface"]
+        if device_index < 0:
+            # Left detached: what a terminated node leaves behind.
+            self.sync()
+            return eni["NetworkInterfaceId"]
         self.ec2.attach_network_interface(NetworkInterfaceId=eni["NetworkInterfaceId"],
                                           InstanceId=self.nodes[node - 1].instance_id,
                                           DeviceIndex=device_index)
