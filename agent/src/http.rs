@@ -71,7 +71,7 @@ async fn metrics(ctx: &Context) -> Response<Body> {
     }
     reply(
         StatusCode::OK,
-        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        crate::metrics::CONTENT_TYPE,
         s.metrics.encode(),
     )
 }

@@ -179,6 +179,7 @@ impl Services {
             .no_ip
             .get_or_create(&ReasonLabels { reason: why.into() })
             .inc();
+        self.metrics.awscni.no_available_ip();
         with_reason(Status::resource_exhausted(e.to_string()), why)
     }
 
@@ -481,6 +482,7 @@ impl v1::cni_backend_server::CniBackend for Backend {
     ) -> Result<Response<v1::AddNetworkReply>, Status> {
         let s = &self.services;
         s.metrics.add_requests.inc();
+        s.metrics.awscni.add_request();
         let started = std::time::Instant::now();
         let r = s.add(req.into_inner()).await;
         s.metrics
@@ -504,6 +506,8 @@ impl v1::cni_backend_server::CniBackend for Backend {
         req: Request<v1::DelNetworkRequest>,
     ) -> Result<Response<v1::DelNetworkReply>, Status> {
         self.services.metrics.del_requests.inc();
+        // The reason aws-node's plugin gives for every DEL.
+        self.services.metrics.awscni.del_request("PodDeleted");
         self.services.del(req.into_inner()).await.map(Response::new)
     }
 

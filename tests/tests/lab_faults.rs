@@ -340,6 +340,17 @@ fn an_eni_attached_before_a_failure_is_kept() {
     let pod = NetNs::new("fa0");
     let out = n.cni("ADD", "fa-0", Some(&pod));
     assert!(out.ok, "{}", out.stdout);
+    // aws-node's series say the same, under aws-node's names and labels.
+    assert_eq!(n.metric_line("awscni_eni_allocated "), Some(2.0));
+    assert_eq!(n.metric_line("awscni_add_ip_req_count "), Some(1.0));
+    assert!(
+        n.metric_line(r#"awscni_ec2api_error_count{fn="ModifyNetworkInterfaceAttribute"}"#)
+            .is_some_and(|v| v >= 1.0)
+    );
+    assert!(
+        n.metric_line(r#"awscni_aws_api_latency_ms_count{api="AttachNetworkInterface",error="false",status="200"}"#)
+            == Some(1.0)
+    );
 
     // EC2 takes the attribute again: the next reconcile (a minute) sets it.
     let tries = calls("ModifyNetworkInterfaceAttribute");

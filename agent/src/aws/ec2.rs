@@ -60,6 +60,8 @@ pub enum Ec2Error {
         code: String,
         message: String,
         kind: ErrorKind,
+        /// The HTTP status EC2 answered with; 0 when there was no answer.
+        status: u16,
     },
     #[error("EC2 {op}: the response lacks {what}")]
     Malformed { op: &'static str, what: String },
@@ -118,12 +120,13 @@ where
         SdkError::ServiceError(se) => {
             let err = se.err();
             let code = err.code().unwrap_or("Unknown").to_owned();
-            let status = Some(se.raw().status().as_u16());
+            let status = se.raw().status().as_u16();
             Ec2Error::Api {
                 op,
-                kind: classify(&code, status),
+                kind: classify(&code, Some(status)),
                 message: err.message().unwrap_or_default().to_owned(),
                 code,
+                status,
             }
         }
         SdkError::TimeoutError(_) => Ec2Error::Api {
@@ -131,12 +134,14 @@ where
             code: "Timeout".into(),
             message: "no answer in time".into(),
             kind: ErrorKind::Transient,
+            status: 0,
         },
         other => Ec2Error::Api {
             op,
             code: "Transport".into(),
             message: format!("{}", aws_sdk_ec2::error::DisplayErrorContext(other)),
             kind: ErrorKind::Transient,
+            status: 0,
         },
     }
 }
@@ -345,11 +350,12 @@ impl Ec2 {
         started: Instant,
         r: Result<T, Ec2Error>,
     ) -> Result<T, Ec2Error> {
-        let code = match &r {
-            Ok(_) => "",
-            Err(e) => e.code(),
+        let (code, status) = match &r {
+            Ok(_) => ("", 200),
+            Err(e @ Ec2Error::Api { status, .. }) => (e.code(), *status),
+            Err(e) => (e.code(), 200),
         };
-        self.metrics.ec2_call(op, code, started.elapsed());
+        self.metrics.ec2_call(op, code, status, started.elapsed());
         r
     }
 

@@ -598,6 +598,7 @@ impl Reconciler {
         }
         let prefixes = self.prefixes();
         let theirs = self.unmanaged_indexes.clone();
+        self.metrics.awscni.reconciled();
         let seen = ec2_merge::imds_units(&meta.enis, &theirs, prefixes);
         let held = self
             .ipam
@@ -1099,6 +1100,9 @@ impl Reconciler {
         match report {
             Ok(report) => {
                 log_report(&report);
+                self.metrics
+                    .awscni
+                    .force_removed_ips(u64::try_from(report.lost.len()).unwrap_or(u64::MAX));
                 Ok(report)
             }
             Err(e) => {
@@ -1263,6 +1267,43 @@ pub fn log_report(r: &MergeReport) {
     }
 }
 
+/// Assigned addresses per ENI and per CIDR (each prefix, or each address as a /32), as
+/// aws-node's `awscni_assigned_ip_per_*` report them.
+fn pool_shape(store: &Store) -> crate::metrics::awscni::PoolShape {
+    let mut shape = crate::metrics::awscni::PoolShape::default();
+    for e in store.enis() {
+        let assigned = |ip: &Ipv4Addr| {
+            matches!(
+                e.addrs.get(ip),
+                Some(super::store::AddrState::Assigned { .. })
+            )
+        };
+        let n = e.addrs.keys().filter(|ip| assigned(ip)).count();
+        shape
+            .per_eni
+            .insert(e.id.clone(), u64::try_from(n).unwrap_or(u64::MAX));
+        shape.prefixes += u64::try_from(e.prefixes.len()).unwrap_or(u64::MAX);
+        if store.mode == Mode::Prefix {
+            for base in &e.prefixes {
+                let in_prefix = (0..pool::PREFIX_SIZE)
+                    .filter(|i| assigned(&Ipv4Addr::from(u32::from(*base) + i)))
+                    .count();
+                shape.per_cidr.insert(
+                    format!("{base}/28"),
+                    u64::try_from(in_prefix).unwrap_or(u64::MAX),
+                );
+            }
+        } else {
+            for ip in e.addrs.keys() {
+                shape
+                    .per_cidr
+                    .insert(format!("{ip}/32"), u64::from(assigned(ip)));
+            }
+        }
+    }
+    shape
+}
+
 /// Sets the pool gauges from the datastore.
 pub fn refresh_gauges(
     store: &Store,
@@ -1290,6 +1331,13 @@ pub fn refresh_gauges(
             1
         };
     m.ip_max.set(g(max_enis.saturating_mul(per_eni)));
+    m.awscni.set_pool(
+        m.enis.get(),
+        m.eni_max.get(),
+        m.ip_max.get(),
+        (m.total_ips.get(), m.assigned_ips.get()),
+        pool_shape(store),
+    );
     for (reason, on) in [
         (
             "eni_limit",

@@ -15,7 +15,13 @@ use prometheus_client::{
     registry::Registry,
 };
 
+pub mod awscni;
+
 pub const PREFIX: &str = "vpc_ebpf";
+
+/// What `/metrics` is served as: the Prometheus text format, which both vpc-ebpf's
+/// series and aws-node's (counters without `_total`) are valid in.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
@@ -80,6 +86,8 @@ pub struct Metrics {
     pub packets: Family<PacketLabels, Counter<u64, AtomicU64>>,
     pub policy_verdicts: Family<PolicyLabels, Counter>,
     pub policy_events_lost: Counter,
+    /// aws-node's `awscni_*` series.
+    pub awscni: awscni::AwsCni,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -121,6 +129,7 @@ impl Metrics {
             packets: Family::default(),
             policy_verdicts: Family::default(),
             policy_events_lost: Counter::default(),
+            awscni: awscni::AwsCni::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -229,7 +238,8 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    pub fn ec2_call(&self, api: &str, error_code: &str, took: Duration) {
+    pub fn ec2_call(&self, api: &str, error_code: &str, status: u16, took: Duration) {
+        self.awscni.ec2_call(api, error_code, status, took);
         let l = ApiLabels {
             api: api.to_owned(),
         };
@@ -248,6 +258,7 @@ impl Metrics {
     }
 
     pub fn ipam_error(&self, op: &str) {
+        self.awscni.ipamd_error(op);
         self.ipam_errors
             .get_or_create(&ReasonLabels {
                 reason: op.to_owned(),
@@ -255,11 +266,17 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition format.
+    /// vpc-ebpf's series, then aws-node's, in the Prometheus text format
+    /// ([`CONTENT_TYPE`]): the encoder's OpenMetrics end marker is dropped (the text
+    /// format has none), its `# UNIT` lines are comments there.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
+        if let Some(body) = out.strip_suffix("# EOF\n") {
+            out.truncate(body.len());
+        }
+        self.awscni.render(&mut out);
         out
     }
 }
@@ -271,10 +288,16 @@ mod tests {
     #[test]
     fn exposition_has_our_prefix_and_labels() {
         let m = Metrics::new();
-        m.ec2_call("AssignPrivateIpAddresses", "", Duration::from_millis(12));
+        m.ec2_call(
+            "AssignPrivateIpAddresses",
+            "",
+            200,
+            Duration::from_millis(12),
+        );
         m.ec2_call(
             "AssignPrivateIpAddresses",
             "RequestLimitExceeded",
+            503,
             Duration::from_millis(3),
         );
         m.assigned_ips.set(7);
@@ -288,5 +311,8 @@ mod tests {
         ));
         assert!(text.contains("vpc_ebpf_assigned_ip_addresses 7"));
         assert!(text.contains("vpc_ebpf_aws_api_latency_seconds_bucket"));
+        // aws-node's series follow, and no OpenMetrics end marker is left in the text.
+        assert!(text.contains("awscni_ec2api_req_count{fn=\"AssignPrivateIpAddresses\"} 2"));
+        assert!(!text.contains("# EOF"));
     }
 }
