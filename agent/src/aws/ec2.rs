@@ -444,23 +444,21 @@ impl Ec2 {
 
     /// Unattached ENIs this agent created for the instance (leaked-cleanup candidates).
     pub async fn detached_enis_of(&self, instance_id: &str) -> Result<Vec<EniInfo>, Ec2Error> {
-        Ok(self
-            .describe(vec![
-                filter(&format!("tag:{TAG_INSTANCE_ID}"), instance_id),
-                filter("status", "available"),
-            ])
-            .await?
-            .into_iter()
-            .filter(|e| e.tags.contains_key(TAG_MANAGED_BY))
-            .collect())
+        self.detached_ours(TAG_INSTANCE_ID, instance_id).await
     }
 
     /// Unattached ENIs vpc-ebpf created for any node of the cluster: those of terminated
     /// nodes among them.
     pub async fn detached_enis_of_cluster(&self, cluster: &str) -> Result<Vec<EniInfo>, Ec2Error> {
+        self.detached_ours(TAG_CLUSTER_NAME, cluster).await
+    }
+
+    /// Unattached ENIs tagged `tag=value` that vpc-ebpf created (only those are ever
+    /// deleted).
+    async fn detached_ours(&self, tag: &str, value: &str) -> Result<Vec<EniInfo>, Ec2Error> {
         Ok(self
             .describe(vec![
-                filter(&format!("tag:{TAG_CLUSTER_NAME}"), cluster),
+                filter(&format!("tag:{tag}"), value),
                 filter("status", "available"),
             ])
             .await?

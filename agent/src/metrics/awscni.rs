@@ -342,6 +342,24 @@ impl Writer<'_> {
     }
 }
 
+/// Two calls of one API, one that worked and one throttled: what the tests of both
+/// expositions record.
+#[cfg(test)]
+pub(crate) fn two_assigns(call: impl Fn(&str, &str, u16, Duration)) {
+    call(
+        "AssignPrivateIpAddresses",
+        "",
+        200,
+        Duration::from_millis(12),
+    );
+    call(
+        "AssignPrivateIpAddresses",
+        "RequestLimitExceeded",
+        503,
+        Duration::from_millis(3),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,18 +367,7 @@ mod tests {
     #[test]
     fn series_carry_aws_nodes_names_types_and_labels() {
         let a = AwsCni::default();
-        a.ec2_call(
-            "AssignPrivateIpAddresses",
-            "",
-            200,
-            Duration::from_millis(12),
-        );
-        a.ec2_call(
-            "AssignPrivateIpAddresses",
-            "RequestLimitExceeded",
-            503,
-            Duration::from_millis(3),
-        );
+        two_assigns(|api, code, status, took| a.ec2_call(api, code, status, took));
         a.add_request();
         a.del_request("PodDeleted");
         a.ipamd_error("increaseIPPool");

@@ -288,18 +288,7 @@ mod tests {
     #[test]
     fn exposition_has_our_prefix_and_labels() {
         let m = Metrics::new();
-        m.ec2_call(
-            "AssignPrivateIpAddresses",
-            "",
-            200,
-            Duration::from_millis(12),
-        );
-        m.ec2_call(
-            "AssignPrivateIpAddresses",
-            "RequestLimitExceeded",
-            503,
-            Duration::from_millis(3),
-        );
+        awscni::two_assigns(|api, code, status, took| m.ec2_call(api, code, status, took));
         m.assigned_ips.set(7);
         let text = m.encode();
         assert!(
