@@ -169,6 +169,26 @@ impl Node {
         last
     }
 
+    /// Waits until the front has counted no EC2 call for `quiet` (at most 10 minutes).
+    fn quiet_for(&self, quiet: Duration) {
+        let t0 = Instant::now();
+        let mut last = self.ec2_calls();
+        let mut since = Instant::now();
+        while since.elapsed() < quiet {
+            assert!(
+                t0.elapsed() < Duration::from_mins(10),
+                "EC2 calls did not stop; agent log tail:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_secs(1));
+            let now = self.ec2_calls();
+            if now != last {
+                last = now;
+                since = Instant::now();
+            }
+        }
+    }
+
     fn pid(&self) -> u32 {
         self.agent.pid().expect("agent running")
     }
@@ -517,7 +537,9 @@ fn restart(n: &mut Node) -> Value {
 fn ec2_per_hour(n: &Node, tag: &str, window: Duration) -> Value {
     let total = |c: &BTreeMap<String, u64>| c.values().sum::<u64>();
     let scale = 3600.0 / window.as_secs_f64();
-    n.settle();
+    // Steady means after the pool has drained from the bursts before: it gives back at
+    // most every 30 s and keeps an ENI its first minute, so quiet for 70 s.
+    n.quiet_for(Duration::from_secs(70));
     let c0 = n.ec2_calls();
     std::thread::sleep(window);
     let idle = diff(&n.ec2_calls(), &c0);
