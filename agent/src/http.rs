@@ -19,7 +19,10 @@ use tracing::{debug, warn};
 
 use crate::{
     clock::now_ms,
-    ipam::{reconciler::refresh_gauges, store::AddrState},
+    ipam::{
+        reconciler::{refresh_awscni, refresh_gauges},
+        store::AddrState,
+    },
     node::{Node, Settings},
     policy::flows::Filter,
     rpc::Services,
@@ -61,6 +64,7 @@ async fn metrics(ctx: &Context) -> Response<Body> {
         s.ipam
             .read(|store, blocked| {
                 refresh_gauges(store, blocked, &s.metrics, node.limits, &settings);
+                refresh_awscni(store, &s.metrics);
             })
             .await;
     }

@@ -148,36 +148,19 @@ impl Node {
     /// Waits until the agent stops calling EC2 (its pool has reached its targets): the EC2
     /// front's call counts unchanged over two polls a second apart. Returns the counts.
     fn settle(&self) -> BTreeMap<String, u64> {
-        let t0 = Instant::now();
-        let mut last = self.ec2_calls();
-        let mut same = 0;
-        while same < 2 {
-            assert!(
-                t0.elapsed() < Duration::from_secs(90),
-                "EC2 calls did not settle; agent log tail:\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_secs(1));
-            let now = self.ec2_calls();
-            if now == last {
-                same += 1;
-            } else {
-                same = 0;
-                last = now;
-            }
-        }
-        last
+        self.quiet_for(Duration::from_secs(2), Duration::from_secs(90))
     }
 
-    /// Waits until the front has counted no EC2 call for `quiet` (at most 10 minutes).
-    fn quiet_for(&self, quiet: Duration) {
+    /// Waits until the front has counted no EC2 call for `quiet` (at most `within`);
+    /// returns the counts.
+    fn quiet_for(&self, quiet: Duration, within: Duration) -> BTreeMap<String, u64> {
         let t0 = Instant::now();
         let mut last = self.ec2_calls();
         let mut since = Instant::now();
         while since.elapsed() < quiet {
             assert!(
-                t0.elapsed() < Duration::from_mins(10),
-                "EC2 calls did not stop; agent log tail:\n{}",
+                t0.elapsed() < within,
+                "EC2 calls did not stop for {quiet:?} within {within:?}; agent log tail:\n{}",
                 self.log_tail()
             );
             std::thread::sleep(Duration::from_secs(1));
@@ -187,6 +170,7 @@ impl Node {
                 since = Instant::now();
             }
         }
+        last
     }
 
     fn pid(&self) -> u32 {
@@ -539,7 +523,7 @@ fn ec2_per_hour(n: &Node, tag: &str, window: Duration) -> Value {
     let scale = 3600.0 / window.as_secs_f64();
     // Steady means after the pool has drained from the bursts before: it gives back at
     // most every 30 s and keeps an ENI its first minute, so quiet for 70 s.
-    n.quiet_for(Duration::from_secs(70));
+    n.quiet_for(Duration::from_secs(70), Duration::from_mins(10));
     let c0 = n.ec2_calls();
     std::thread::sleep(window);
     let idle = diff(&n.ec2_calls(), &c0);

@@ -1267,6 +1267,18 @@ pub fn log_report(r: &MergeReport) {
     }
 }
 
+/// aws-node's pool series, from the gauges [`refresh_gauges`] set. Only at a scrape: the
+/// per-address shape is not worth building on every reconciler pass.
+pub fn refresh_awscni(store: &Store, m: &Metrics) {
+    m.awscni.set_pool(
+        m.enis.get(),
+        m.eni_max.get(),
+        m.ip_max.get(),
+        (m.total_ips.get(), m.assigned_ips.get()),
+        pool_shape(store),
+    );
+}
+
 /// Assigned addresses per ENI and per CIDR (each prefix, or each address as a /32), as
 /// aws-node's `awscni_assigned_ip_per_*` report them.
 fn pool_shape(store: &Store) -> crate::metrics::awscni::PoolShape {
@@ -1331,13 +1343,7 @@ pub fn refresh_gauges(
             1
         };
     m.ip_max.set(g(max_enis.saturating_mul(per_eni)));
-    m.awscni.set_pool(
-        m.enis.get(),
-        m.eni_max.get(),
-        m.ip_max.get(),
-        (m.total_ips.get(), m.assigned_ips.get()),
-        pool_shape(store),
-    );
+
     for (reason, on) in [
         (
             "eni_limit",
