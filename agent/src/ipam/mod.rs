@@ -289,11 +289,15 @@ impl Ipam {
                     checkpoint::save(&st.checkpoint, &next).map_err(AssignError::Checkpoint)?;
                     st.store = next;
                 }
+                // The words for a refusal are copied only when there is one: not on
+                // every ADD.
+                let refused = matches!(result, Err(StoreError::NoFreeAddress { .. }));
+                let words = |w: &Option<String>| w.as_ref().filter(|_| refused).cloned();
                 (
                     result,
                     st.blocked,
-                    st.placement_problem.clone(),
-                    st.ec2_trouble.clone(),
+                    words(&st.placement_problem),
+                    words(&st.ec2_trouble),
                 )
             };
             self.pool_changed.notify_one();
