@@ -185,6 +185,53 @@ pub fn assert_checksums(f: &[u8]) {
     }
 }
 
+/// Splits the IPv4 packet `p` (no options) into two fragments of datagram `id`, the
+/// first carrying `at` bytes of its L4 part (a multiple of 8); headers and their
+/// checksums as a sender's stack writes them.
+pub fn fragments(p: &[u8], id: u16, at: usize) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(at % 8, 0, "fragment offsets count 8-byte units");
+    let piece = |l4: &[u8], frag: u16| {
+        let mut f = ipv4(
+            &Ipv4 {
+                proto: p[9],
+                frag,
+                id,
+                src: p[12..16].try_into().unwrap(),
+                dst: p[16..20].try_into().unwrap(),
+                ..Ipv4::default()
+            },
+            l4,
+        );
+        f[8] = p[8];
+        f[10..12].copy_from_slice(&[0, 0]);
+        let c = checksum(&f[..20]);
+        f[10..12].copy_from_slice(&c.to_be_bytes());
+        f
+    };
+    let offset = u16::try_from(at / 8).expect("fits");
+    (piece(&p[20..20 + at], 0x2000), piece(&p[20 + at..], offset))
+}
+
+/// The datagram two fragments (Ethernet frames) make once reassembled, as the receiver
+/// sees it: the first's header, unfragmented, with both payloads.
+pub fn reassembled(first: &[u8], later: &[u8]) -> Vec<u8> {
+    let mut l4 = first[14 + 20..].to_vec();
+    l4.extend_from_slice(&later[14 + 20..]);
+    let mut p = ipv4(
+        &Ipv4 {
+            proto: first[14 + 9],
+            frag: 0,
+            src: first[14 + 12..14 + 16].try_into().unwrap(),
+            dst: first[14 + 16..14 + 20].try_into().unwrap(),
+            ..Ipv4::default()
+        },
+        &l4,
+    );
+    let mut f = first[..14].to_vec();
+    f.append(&mut p);
+    f
+}
+
 /// The Internet checksum (RFC 1071).
 pub fn checksum(data: &[u8]) -> u16 {
     let mut sum: u32 = data

@@ -383,20 +383,18 @@ fn malformed_and_foreign_frames_pass_unchanged() {
             p[0] = 0x4f;
             p
         };
-        let first_fragment = {
-            let mut p = packets::ipv4(
-                &Ipv4 {
-                    frag: 0x2000,
-                    proto: 17,
-                    src: POD_A.octets(),
-                    dst: INTERNET,
-                    ..Ipv4::default()
-                },
-                &packets::udp(1000, 53, &[0; 16]),
-            );
-            p[8] = 64;
-            p
-        };
+        // A later fragment whose first fragment was never translated here: nothing to
+        // translate it with.
+        let orphan_fragment = packets::ipv4(
+            &Ipv4 {
+                frag: 0x0004,
+                proto: 17,
+                src: POD_A.octets(),
+                dst: INTERNET,
+                ..Ipv4::default()
+            },
+            &[0; 16],
+        );
         let cases: Vec<(&str, Vec<u8>, u16)> = vec![
             (
                 "truncated tcp",
@@ -411,8 +409,8 @@ fn malformed_and_foreign_frames_pass_unchanged() {
                 reason::PASS_TRUNCATED_IPV4,
             ),
             (
-                "fragment to snat",
-                from_a(&first_fragment),
+                "orphan fragment to snat",
+                from_a(&orphan_fragment),
                 reason::PASS_IPV4_FRAGMENT,
             ),
             (
@@ -439,7 +437,7 @@ fn malformed_and_foreign_frames_pass_unchanged() {
         for program in [FROM_POD, FROM_ENI] {
             for (name, f, want) in &cases {
                 // On an ENI a fragment to elsewhere is simply not for a pod.
-                let want = if program == FROM_ENI && *name == "fragment to snat" {
+                let want = if program == FROM_ENI && *name == "orphan fragment to snat" {
                     &reason::PASS_NOT_FOR_POD
                 } else {
                     want
@@ -575,6 +573,60 @@ fn snat_translates_tcp_udp_and_icmp_echo_and_their_replies() {
         ));
         let (v, out, r) = run(&mut n.dp, FROM_ENI, &stray);
         assert_eq!((v, r, out), (PASS, reason::PASS_NOT_FOR_POD, stray));
+    });
+}
+
+#[test]
+fn fragmented_datagrams_are_translated_whole_both_ways() {
+    let pins = PinRoot::new("frag");
+    let ns = NetNs::new("frag");
+    let mut n = node(&ns, &pins);
+    ns.run(|| {
+        let internet = Ipv4Addr::from(INTERNET);
+        let payload: Vec<u8> = (0..=255u8).cycle().take(120).collect();
+        let whole = v4(POD_A, internet, 17, &packets::udp(40002, 5000, &payload));
+        // The later fragment first: nothing is known of its datagram yet.
+        let (first, later) = packets::fragments(&whole, 0x4242, 48);
+        let (v, out, r) = run(&mut n.dp, FROM_POD, &from_a(&later));
+        assert_eq!((v, r), (PASS, reason::PASS_IPV4_FRAGMENT), "orphan");
+        assert_eq!(out, from_a(&later));
+
+        let (v, out1, r) = run(&mut n.dp, FROM_POD, &from_a(&first));
+        assert_eq!((v, r), (REDIRECT, reason::FWD_SNAT), "first fragment");
+        assert_eq!(src_of(&out1), NODE_IP);
+        let port = sport_of(&out1);
+        assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port), "{port}");
+        let (v, out2, r) = run(&mut n.dp, FROM_POD, &from_a(&later));
+        assert_eq!((v, r), (REDIRECT, reason::FWD_SNAT), "later fragment");
+        assert_eq!(src_of(&out2), NODE_IP);
+        assert_eq!(&out2[34..], &later[20..], "payload untouched");
+        assert_eq!(
+            packets::checksum(&out2[14..34]),
+            0,
+            "header checksum of the later fragment"
+        );
+        // What the server reassembles: its UDP checksum holds for the new source.
+        let datagram = packets::reassembled(&out1, &out2);
+        packets::assert_checksums(&datagram);
+        assert_eq!(sport_of(&datagram), port);
+
+        // The answer, fragmented too, comes back whole to the pod.
+        let answer = v4(internet, NODE_IP, 17, &packets::udp(5000, port, &payload));
+        let (first, later) = packets::fragments(&answer, 0x1717, 64);
+        let (v, in1, r) = run(&mut n.dp, FROM_ENI, &from_vpc(&first));
+        assert_eq!((v, r), (REDIRECT, reason::FWD_REVERSE_NAT), "first answer");
+        assert_eq!((dst_of(&in1), dport_of(&in1)), (POD_A, 40002));
+        let (v, in2, r) = run(&mut n.dp, FROM_ENI, &from_vpc(&later));
+        assert_eq!((v, r), (REDIRECT, reason::FWD_REVERSE_NAT), "later answer");
+        assert_eq!(dst_of(&in2), POD_A);
+        assert_eq!(&in2[0..6], &A_MAC);
+        let datagram = packets::reassembled(&in1, &in2);
+        packets::assert_checksums(&datagram);
+
+        // Another datagram of the host's own (same addresses, another id) is not touched.
+        let (_, stray) = packets::fragments(&answer, 0x1718, 64);
+        let (v, _, r) = run(&mut n.dp, FROM_ENI, &from_vpc(&stray));
+        assert_eq!((v, r), (PASS, reason::PASS_NOT_FOR_POD));
     });
 }
 

@@ -193,6 +193,64 @@ fn ping(from: &NetNs, to: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Datagrams larger than the MTU leave in fragments, each translated, and the server's
+/// fragmented answer reaches the pod whole.
+fn fragments_through_snat(lab: &Lab) {
+    let big: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+    let (seen, answer) = lab.vpc.run(|| {
+        let server = UdpSocket::bind(format!("{INTERNET}:5001")).unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        lab.pa.run(|| {
+            let s = UdpSocket::bind(format!("{POD_A}:0")).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.send_to(&big, format!("{INTERNET}:5001")).unwrap();
+            let mut buf = vec![0u8; 8192];
+            let (n, from) = lab.vpc.run(|| {
+                let (n, from) = server.recv_from(&mut buf).expect("fragmented datagram");
+                assert_eq!(&buf[..n], &big[..], "the datagram arrived whole");
+                server.send_to(&buf[..n], from).unwrap();
+                (n, from)
+            });
+            assert_eq!(n, big.len());
+            let mut back = vec![0u8; 8192];
+            let (m, _) = s.recv_from(&mut back).expect("fragmented answer");
+            (from, back[..m].to_vec())
+        })
+    });
+    assert_eq!(
+        seen.ip().to_string(),
+        "10.0.0.10",
+        "every fragment translated"
+    );
+    assert_eq!(answer, big, "the answer arrived whole");
+    assert!(
+        ping_size(&lab.pa, INTERNET, 3000),
+        "large echo through SNAT"
+    );
+}
+
+/// Echo requests of `size` bytes of payload (fragmented past the MTU).
+fn ping_size(from: &NetNs, to: &str, size: u16) -> bool {
+    std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            from.name(),
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+        ])
+        .args(["-s", &size.to_string(), to])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 fn rx_packets(ns: &NetNs, iface: &str) -> u64 {
     ns.exec(&[
         "cat",
@@ -258,6 +316,8 @@ fn pod_paths(mode: AttachMode) {
     });
     assert_eq!(seen_from.ip().to_string(), "10.0.0.10", "source translated");
     assert!((61000..=62999).contains(&seen_from.port()));
+
+    fragments_through_snat(&lab);
 
     let rows = dp.counters().unwrap();
     let hva = lab.node.run(|| ifindex("hva"));

@@ -115,6 +115,25 @@ fn every_packet_path() {
         ping(p[9].ns.name(), &internet),
         "secondary-ENI pod -> internet through SNAT"
     );
+    // UDP datagrams larger than the 9001 MTU leave in fragments, all translated, and the
+    // internet's fragmented answers come back whole (for a pod on each ENI).
+    let inet_ns = lab.str("internet_namespace").to_owned();
+    let server = spawn_py(&inet_ns, UDP_ECHO, &[&internet, "2"]);
+    std::thread::sleep(Duration::from_millis(500));
+    for pod in [&p[0], &p[9]] {
+        let got = finish(
+            spawn_py(pod.ns.name(), UDP_BIG, &[&internet]),
+            "fragmented UDP",
+        );
+        assert_eq!(got["whole"], true, "{} -> internet: {got}", pod.ip);
+    }
+    let seen = finish(server, "UDP echo in the internet");
+    let node1_ip = lab.status["nodes"][0]["primary_ip"].clone();
+    assert_eq!(
+        seen["from"],
+        serde_json::json!([node1_ip, node1_ip]),
+        "every fragment left translated to the node address"
+    );
     assert!(ping(&node1, &p[0].ip), "node -> pod (kubelet probe)");
     assert_eq!(
         forward_packets(&node1),
@@ -174,6 +193,12 @@ const SINK: &str = "import socket,time,json\ns=socket.socket();s.setsockopt(sock
 const SOURCE: &str = "import socket,time,sys\nc=socket.create_connection((sys.argv[1],9000),timeout=10);end=time.monotonic()+float(sys.argv[2]);buf=b'x'*16384\nwhile time.monotonic()<end: c.sendall(buf)\nc.close()";
 const ECHO: &str = "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',9001));s.listen(1)\nc,_=s.accept()\nwhile True:\n b=c.recv(1)\n if not b: break\n c.sendall(b)";
 const RR: &str = "import socket,time,sys,json\nc=socket.create_connection((sys.argv[1],9001),timeout=10);c.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1);end=time.monotonic()+float(sys.argv[2]);n=0;worst=0\nwhile time.monotonic()<end:\n t=time.monotonic();c.sendall(b'x');assert c.recv(1)==b'x';worst=max(worst,time.monotonic()-t);n+=1\nc.close();print(json.dumps({'transactions':n,'max_rtt_ms':worst*1000}))";
+
+/// A UDP echo server on port 9002 of argv[1] for argv[2] datagrams, reporting whom it
+/// answered; a client sending one 12000-byte datagram there and reporting whether the
+/// same bytes came back.
+const UDP_ECHO: &str = "import socket,sys,json\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind((sys.argv[1],9002));s.settimeout(20);seen=[]\nfor _ in range(int(sys.argv[2])):\n b,a=s.recvfrom(65535);s.sendto(b,a);seen.append(a[0])\nprint(json.dumps({'from':seen}))";
+const UDP_BIG: &str = "import socket,sys,json\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(5);m=bytes(i%251 for i in range(12000))\ns.sendto(m,(sys.argv[1],9002));b,_=s.recvfrom(65535)\nprint(json.dumps({'whole':b==m,'len':len(b)}))";
 
 fn spawn_py(ns: &str, code: &str, args: &[&str]) -> std::process::Child {
     Command::new("ip")

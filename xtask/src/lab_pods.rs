@@ -156,6 +156,32 @@ fn tcp_get(ns: &str, ip: &str, port: u16) -> Option<String> {
     ok.then(|| out.trim().to_owned())
 }
 
+/// Sends a datagram larger than the 9001 MTU from `pod_ns` to an echo server on
+/// `public` in `inet_ns`; returns the address the server saw when the same bytes came
+/// back whole.
+fn udp_big(pod_ns: &str, inet_ns: &str, public: &str) -> Option<String> {
+    let server = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('{public}',9002));s.settimeout(10)\n\
+         b,a=s.recvfrom(65535);s.sendto(b,a);print(a[0])"
+    );
+    let server = Command::new("ip")
+        .args(["netns", "exec", inet_ns, "python3", "-c", &server])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let client = format!(
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.settimeout(5)\n\
+         m=bytes(i%251 for i in range(12000));s.sendto(m,('{public}',9002));b,_=s.recvfrom(65535)\n\
+         assert b==m"
+    );
+    let (ok, _) = ns_exec(pod_ns, &["python3", "-c", &client]);
+    let out = server.wait_with_output().ok()?;
+    let seen = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (ok && out.status.success()).then_some(seen)
+}
+
 fn ping(ns: &str, ip: &str) -> bool {
     ns_exec(ns, &["ping", "-c", "2", "-i", "0.2", "-W", "2", ip]).0
 }
@@ -317,6 +343,13 @@ fn check(status: &Value, p: &[Pod], q: &Pod, n1: &str, n2: &str) -> bool {
     record(
         "pod -> internet through SNAT, reply back (ping)",
         ping(&p[1].ns, public),
+    );
+    let big = udp_big(&p[1].ns, inet, public);
+    record(
+        &format!(
+            "pod -> internet, a 12000-byte UDP datagram (fragments) and its answer: seen from {big:?}"
+        ),
+        big.as_deref() == Some(node1_ip),
     );
     record("node -> pod (kubelet probe)", ping(n1, &p[1].ip));
     let probe = tcp_get(n1, &p[0].ip, POD_PORT);

@@ -15,7 +15,10 @@ use tracing::warn;
 use vpc_ebpf_common::{
     counters::{COUNTERS_MAX_ENTRIES, Counter, CounterKey, FORWARD_SLOTS},
     maps as names,
-    nat::{HOSTPORTS_MAX_ENTRIES, HostPortKey, HostPortTarget, KernelFlow, NatEntry, NatKey},
+    nat::{
+        FragPorts, HOSTPORTS_MAX_ENTRIES, HostPortKey, HostPortTarget, KernelFlow,
+        NAT_FRAGS_MAX_ENTRIES, NatEntry, NatKey,
+    },
     node::{
         CIDRS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, ENIS_MAX_ENTRIES, Endpoint, Eni, Ipv4Prefix,
         NodeConfig,
@@ -64,7 +67,7 @@ const fn layout(map_type: MapType, key: u32, value: u32, max: Option<u32>, flags
 /// A root test loads the object into an empty pin directory and checks this table
 /// against what the kernel created, so the two cannot drift apart unnoticed.
 #[expect(clippy::too_many_lines, reason = "one entry per map, a table")]
-pub fn expected() -> [(&'static str, Layout); 18] {
+pub fn expected() -> [(&'static str, Layout); 19] {
     let cidrs = layout(
         MapType::LpmTrie,
         size::<Ipv4Prefix>(),
@@ -147,6 +150,16 @@ pub fn expected() -> [(&'static str, Layout); 18] {
                 size::<NatKey>(),
                 size::<KernelFlow>(),
                 None,
+                0,
+            ),
+        ),
+        (
+            names::NAT_FRAGMENTS,
+            layout(
+                MapType::LruHash,
+                size::<FragKey>(),
+                size::<FragPorts>(),
+                Some(NAT_FRAGS_MAX_ENTRIES),
                 0,
             ),
         ),

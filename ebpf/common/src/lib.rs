@@ -43,6 +43,8 @@ pub mod maps {
     pub const NAT: &str = "VPC_NAT";
     pub const HOSTPORTS: &str = "VPC_HOSTPORTS";
     pub const KERNEL_FLOWS: &str = "VPC_KFLOWS";
+    /// Ports of translated datagrams, for their later fragments.
+    pub const NAT_FRAGMENTS: &str = "VPC_NAT_FRAGS";
     pub const POLICED: &str = "VPC_POLICED";
     pub const POLICY_RULES: &str = "VPC_POL_RULES";
     pub const POLICY_FLOWS: &str = "VPC_POL_FLOWS";

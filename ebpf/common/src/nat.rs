@@ -161,7 +161,24 @@ impl NatKey {
     }
 }
 
+/// Value of the translated-fragments map, keyed by the [`crate::policy::FragKey`] of a
+/// datagram as it arrived (untranslated): the ports its first fragment carried. Later
+/// fragments carry no L4 header, so this is how they find their flow's entry and get
+/// the same address translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragPorts {
+    /// Host order, as in [`NatKey`].
+    pub src: u16,
+    pub dst: u16,
+}
+
+/// Translated datagrams in reassembly at once. An evicted entry costs only that
+/// datagram's later fragments (and so the datagram): they are not translated.
+pub const NAT_FRAGS_MAX_ENTRIES: u32 = 8192;
+
 const _: () = assert!(core::mem::size_of::<NatKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FragPorts>() == 4);
 const _: () = assert!(core::mem::size_of::<KernelFlow>() == 16);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
 const _: () = assert!(core::mem::size_of::<HostPortKey>() == 4);
@@ -250,6 +267,8 @@ mod pod {
     unsafe impl aya::Pod for super::HostPortKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::HostPortTarget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragPorts {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelFlow {}
 }

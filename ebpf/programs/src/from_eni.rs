@@ -43,6 +43,7 @@ pub fn handle(ctx: &TcContext) -> Outcome {
         Ok(p) => p,
         Err(r) => return pass(r),
     };
+    nat::note_first_fragment(ctx);
     let action = decide(ctx, cfg, &ip, ports);
     // The receiving pod's ingress rules, for the packets this program sends on to a pod;
     // a hostPort is judged as the pod and container port it is translated to.
@@ -72,10 +73,13 @@ pub fn handle(ctx: &TcContext) -> Outcome {
 
 #[inline(always)]
 fn decide(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, ports: Option<Ports>) -> Action {
-    if let Some(p) = ports
-        && !ip.fragment
-    {
-        // Replies to SNATed flows and further packets of hostPort flows.
+    // A later fragment of a datagram whose first fragment was translated: the same way.
+    if let Some(a) = nat::established_fragment(ip) {
+        return a;
+    }
+    if let Some(p) = ports {
+        // Replies to SNATed flows and further packets of hostPort flows (a first fragment
+        // too: it carries the ports).
         let key = nat::key(ip, &p);
         if let Some(e) = nat::lookup(&key, &p)
             && e.kind == nat_kind::REWRITE_DST

@@ -57,6 +57,7 @@ fn ipv4(ctx: &TcContext, ifindex: u32, src_mac: &[u8; 6]) -> Outcome {
     if *src_mac != me.pod_mac {
         return drop(reason::DROP_SPOOFED_MAC);
     }
+    nat::note_first_fragment(ctx);
     let action = decide(ctx, cfg, &ip, me);
     if action.judged_here() && policy::enabled(cfg) {
         let ends = Ends {
@@ -80,11 +81,13 @@ fn decide(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, me: &Endpoint) -> Action
         Ok(p) => p,
         Err(r) => return Action::Done(pass(r)),
     };
+    // A later fragment of a datagram whose first fragment was translated: the same way.
+    if let Some(a) = nat::established_fragment(ip) {
+        return a;
+    }
     // An established translated flow first: SNAT of an outgoing flow, or the pod's reply
-    // on a hostPort flow.
-    if let Some(p) = ports
-        && !ip.fragment
-    {
+    // on a hostPort flow (a first fragment too: it carries the ports).
+    if let Some(p) = ports {
         let key = nat::key(ip, &p);
         if let Some(e) = nat::lookup(&key, &p) {
             if nat::peer_intact(&key, &e) {
@@ -93,7 +96,9 @@ fn decide(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, me: &Endpoint) -> Action
             nat::forget(&key);
         }
         // A flow the host stack delivered to the pod (kube-proxy DNAT, the host's own
-        // connections): only the host stack can translate the pod's side back.
+        // connections): only the host stack can translate the pod's side back. (Not a
+        // test of the fragment bits here: a branch on them would have the verifier
+        // follow every later step twice.)
         if kflow::touch(&key, &p) {
             return Action::Done(pass(reason::PASS_KERNEL_FLOW));
         }
@@ -109,7 +114,6 @@ fn decide(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, me: &Endpoint) -> Action
     if ip.dst == cfg.node_ip {
         // A pod reaching a hostPort through the node address.
         if let Some(p) = ports
-            && !ip.fragment
             && let Some(a) = deliver::hostport(ip, &p)
         {
             return a;
@@ -130,9 +134,11 @@ fn decide(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, me: &Endpoint) -> Action
     {
         return out_own_eni(me);
     }
+    // A later fragment (no ports) never starts a flow: without its first fragment's
+    // translation it cannot be translated consistently.
     match ports {
-        Some(p) if !ip.fragment => Action::NewSnat(p),
-        _ if ip.fragment => Action::Done(pass(reason::PASS_IPV4_FRAGMENT)),
+        Some(p) => Action::NewSnat(p),
+        None if ip.fragment => Action::Done(pass(reason::PASS_IPV4_FRAGMENT)),
         _ => Action::Done(pass(reason::PASS_NOT_TRANSLATABLE)),
     }
 }

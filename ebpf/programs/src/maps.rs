@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use vpc_ebpf_common::{
     nat::{
-        HOSTPORTS_MAX_ENTRIES, HostPortKey, HostPortTarget, KernelFlow, NAT_DEFAULT_MAX_ENTRIES,
-        NatEntry, NatKey,
+        FragPorts, HOSTPORTS_MAX_ENTRIES, HostPortKey, HostPortTarget, KernelFlow,
+        NAT_DEFAULT_MAX_ENTRIES, NAT_FRAGS_MAX_ENTRIES, NatEntry, NatKey,
     },
     node::{CIDRS_MAX_ENTRIES, ENDPOINTS_MAX_ENTRIES, ENIS_MAX_ENTRIES, Endpoint, Eni, NodeConfig},
     policy::{
@@ -55,6 +55,12 @@ pub static VPC_HOSTPORTS: HashMap<HostPortKey, HostPortTarget> =
 #[map]
 pub static VPC_KFLOWS: LruHashMap<NatKey, KernelFlow> =
     LruHashMap::pinned(NAT_DEFAULT_MAX_ENTRIES, 0);
+
+/// Datagrams whose first fragment was translated → its ports, so that the later
+/// fragments get the same translation.
+#[map]
+pub static VPC_NAT_FRAGS: LruHashMap<FragKey, FragPorts> =
+    LruHashMap::pinned(NAT_FRAGS_MAX_ENTRIES, 0);
 
 /// Pod IPv4 (network order) → its rule sets; absent: not isolated.
 #[map]

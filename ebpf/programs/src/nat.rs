@@ -5,11 +5,19 @@ use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
-use vpc_ebpf_common::nat::{NatEntry, NatKey, SnatPorts, nat_kind, nat_origin, tcp_state};
+use network_types::ip::Ipv4Hdr;
+use vpc_ebpf_common::{
+    nat::{FragPorts, NatEntry, NatKey, SnatPorts, nat_kind, nat_origin, tcp_state},
+    policy::FragKey,
+};
 
 use crate::{
-    maps::VPC_NAT,
-    packet::{IPPROTO_TCP, Ipv4, Ports, TCP_ACK, TCP_SYN},
+    action::Action,
+    maps::{VPC_NAT, VPC_NAT_FRAGS},
+    packet::{
+        ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_MF, IP_OFF, IP_OFFSET_MASK, IPPROTO_ICMP,
+        IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ports, TCP_ACK, TCP_SYN, ptr_at,
+    },
     rewrite,
 };
 
@@ -41,21 +49,135 @@ pub fn lookup(key: &NatKey, p: &Ports) -> Option<NatEntry> {
     }
 }
 
-/// Applies `e` to the packet: rewrites the source or destination address and port.
+/// Applies `e` to the packet: rewrites the source or destination address and port. A
+/// later fragment has no ports: only its address changes (the first fragment carried the
+/// port and the L4 checksum, which covers the whole datagram).
 #[inline(always)]
 pub fn apply(ctx: &TcContext, ip: &Ipv4, p: &Ports, e: &NatEntry) -> Result<(), ()> {
     if e.kind == nat_kind::REWRITE_SRC {
         rewrite::set_addr(ctx, ip, true, ip.src, e.addr)?;
-        if p.src != e.port {
+        if p.src != e.port && !ip.later_fragment {
             rewrite::set_port(ctx, ip, true, p.src, e.port)?;
         }
     } else {
         rewrite::set_addr(ctx, ip, false, ip.dst, e.addr)?;
-        if p.dst != e.port {
+        if p.dst != e.port && !ip.later_fragment {
             rewrite::set_port(ctx, ip, false, p.dst, e.port)?;
         }
     }
     Ok(())
+}
+
+/// A later fragment (no ports) of a datagram whose first fragment was translated here
+/// (see [`VPC_NAT_FRAGS`]): the flow's entry, with the first fragment's ports. `None`
+/// for any other packet, and when the flow is gone.
+#[inline(always)]
+pub fn established_fragment(ip: &Ipv4) -> Option<Action> {
+    if !ip.later_fragment {
+        return None;
+    }
+    let found = frag_lookup(ip.src, ip.dst, u32::from(ip.id) << 8 | u32::from(ip.proto));
+    if found == 0 {
+        return None;
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "two 16-bit halves")]
+    let p = Ports {
+        src: (found >> 16) as u16,
+        dst: found as u16,
+        tcp_flags: 0,
+    };
+    let e = lookup(&key(ip, &p), &p)?;
+    Some(Action::Established(e, p))
+}
+
+/// BPF-to-BPF calls with scalar arguments, so that the key lives in their own frame
+/// rather than in the 512 bytes `from_pod` already nearly fills.
+#[inline(never)]
+fn frag_lookup(src: u32, dst: u32, id_proto: u32) -> u64 {
+    let key = frag_key(src, dst, id_proto);
+    // SAFETY: read-only copy of a map value.
+    match unsafe { VPC_NAT_FRAGS.get(key) } {
+        Some(p) => 1 << 32 | u64::from(p.src) << 16 | u64::from(p.dst),
+        None => 0,
+    }
+}
+
+#[inline(never)]
+fn frag_record(src: u32, dst: u32, id_proto: u32, ports: u32) {
+    let key = frag_key(src, dst, id_proto);
+    #[expect(clippy::cast_possible_truncation, reason = "two 16-bit halves")]
+    let value = FragPorts {
+        src: (ports >> 16) as u16,
+        dst: ports as u16,
+    };
+    let _ = VPC_NAT_FRAGS.insert(key, value, u64::from(BPF_ANY));
+}
+
+/// Records the ports of a first fragment, keyed by its header as it arrived: its later
+/// fragments arrive with the same header and no ports. Every first fragment is recorded
+/// (a later one whose flow is not translated finds no entry with them, and goes on as
+/// any packet without ports), so that this runs before deciding anything.
+///
+/// It reads the header afresh rather than testing [`Ipv4`]'s fragment bits: a branch on
+/// those would have the verifier follow every later step of the program once per
+/// outcome, where a branch on a value nothing reads again costs only this one.
+#[inline(always)]
+pub fn note_first_fragment(ctx: &TcContext) {
+    let Ok(hdr) = ptr_at::<Ipv4Hdr>(ctx, IP_OFF) else {
+        return;
+    };
+    // SAFETY: ptr_at checked the whole fixed header.
+    let (vihl, frags, proto, id, src, dst) = unsafe {
+        (
+            (*hdr).vihl,
+            (*hdr).frags,
+            (*hdr).proto,
+            (*hdr).id,
+            (*hdr).src_addr,
+            (*hdr).dst_addr,
+        )
+    };
+    if u16::from_be_bytes(frags) & (IP_MF | IP_OFFSET_MASK) != IP_MF {
+        return;
+    }
+    let l4 = IP_OFF + usize::from(vihl & 0x0f) * 4;
+    let Ok(b) = ptr_at::<[u8; 8]>(ctx, l4) else {
+        return;
+    };
+    // SAFETY: ptr_at checked the 8 bytes.
+    let b = unsafe { *b };
+    // As [`crate::packet::ports`] reads them: an echo's identifier is the request's
+    // source port and the reply's destination port.
+    let ports = match proto {
+        IPPROTO_TCP | IPPROTO_UDP => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        IPPROTO_ICMP => {
+            let echo_id = u32::from(u16::from_be_bytes([b[4], b[5]]));
+            match b[0] {
+                ICMP_ECHO_REQUEST => echo_id << 16,
+                ICMP_ECHO_REPLY => echo_id,
+                _ => return,
+            }
+        }
+        _ => return,
+    };
+    frag_record(
+        u32::from_ne_bytes(src),
+        u32::from_ne_bytes(dst),
+        u32::from(u16::from_ne_bytes(id)) << 8 | u32::from(proto),
+        ports,
+    );
+}
+
+#[inline(always)]
+#[expect(clippy::cast_possible_truncation, reason = "packed by the callers")]
+fn frag_key(src: u32, dst: u32, id_proto: u32) -> FragKey {
+    FragKey {
+        src,
+        dst,
+        id: (id_proto >> 8) as u16,
+        proto: id_proto as u8,
+        pad: 0,
+    }
 }
 
 /// Whether the other direction of the flow `fwd` belongs to still points back at it.

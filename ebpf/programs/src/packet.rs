@@ -142,10 +142,10 @@ fn classify_ipv4(ctx: &TcContext, offset: usize) -> u16 {
 /// Where the IPv4 header starts (untagged Ethernet only: tagged frames go to the kernel).
 pub const IP_OFF: usize = EthHdr::LEN;
 
-const IP_MF: u16 = 0x2000;
-const IP_OFFSET_MASK: u16 = 0x1fff;
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_ECHO_REQUEST: u8 = 8;
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFSET_MASK: u16 = 0x1fff;
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
 
 /// What the programs need of an IPv4 header, read once before any rewrite (rewrites
 /// invalidate packet pointers).
@@ -162,6 +162,9 @@ pub struct Ipv4 {
     pub fragment: bool,
     /// A non-zero offset: no L4 header at all.
     pub later_fragment: bool,
+    /// The identification field, raw bytes (network order): with the addresses and the
+    /// protocol, which datagram a fragment belongs to.
+    pub id: u16,
 }
 
 /// Parses the IPv4 header after an untagged Ethernet header; `Err` is the pass reason.
@@ -169,7 +172,7 @@ pub struct Ipv4 {
 pub fn ipv4(ctx: &TcContext) -> Result<Ipv4, u16> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, IP_OFF).map_err(|()| reason::PASS_TRUNCATED_IPV4)?;
     // SAFETY: ptr_at checked that the whole fixed header lies inside the packet.
-    let (vihl, frags, proto, ttl, src, dst) = unsafe {
+    let (vihl, frags, proto, ttl, src, dst, id) = unsafe {
         (
             (*ip).vihl,
             (*ip).frags,
@@ -177,6 +180,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Ipv4, u16> {
             (*ip).ttl,
             (*ip).src_addr,
             (*ip).dst_addr,
+            (*ip).id,
         )
     };
     let ihl = usize::from(vihl & 0x0f) * 4;
@@ -196,6 +200,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Ipv4, u16> {
         l4: IP_OFF + ihl,
         fragment: frags & (IP_MF | IP_OFFSET_MASK) != 0,
         later_fragment: frags & IP_OFFSET_MASK != 0,
+        id: u16::from_ne_bytes(id),
     })
 }
 
