@@ -21,20 +21,29 @@ pub const CNI_VERSIONS: [&str; 2] = ["1.0.0", "1.1.0"];
 /// The conflist for `config`, with `plugin_log` as the plugin's log file (as the host sees
 /// it).
 pub fn render(config: &Config, plugin_log: &Path) -> Value {
+    let mut plugins = vec![json!({
+        "type": "vpc-ebpf-cni",
+        "agentSocket": config.agent_socket,
+        "vethPrefix": config.veth_prefix,
+        "mtu": config.pod_mtu,
+        "logFile": plugin_log,
+        "logLevel": config.log_level,
+        "capabilities": {"portMappings": true}
+    })];
+    if config.bandwidth_plugin {
+        // vpc-ebpf reads the limits too: the dataplane sends a limited pod's traffic
+        // through the qdisc `bandwidth` puts on the host veth (which redirecting to the
+        // pod's namespace would skip), and limits what the pod sends itself, since the
+        // dataplane redirects it before `bandwidth`'s ifb redirect would run.
+        plugins[0]["capabilities"]["bandwidth"] = json!(true);
+        plugins.push(json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}));
+    }
     json!({
         "cniVersion": CNI_VERSION,
         "cniVersions": CNI_VERSIONS,
         "name": NETWORK_NAME,
         "disableCheck": false,
-        "plugins": [{
-            "type": "vpc-ebpf-cni",
-            "agentSocket": config.agent_socket,
-            "vethPrefix": config.veth_prefix,
-            "mtu": config.pod_mtu,
-            "logFile": plugin_log,
-            "logLevel": config.log_level,
-            "capabilities": {"portMappings": true}
-        }]
+        "plugins": plugins,
     })
 }
 
@@ -60,5 +69,23 @@ mod tests {
         let shipped: Value = serde_json::from_str(include_str!("../../cni/10-vpc-ebpf.conflist"))
             .expect("the shipped conflist is JSON");
         assert_eq!(rendered, shipped);
+    }
+
+    /// ENABLE_BANDWIDTH_PLUGIN chains `bandwidth` as aws-node does, and vpc-ebpf asks
+    /// for the limits too.
+    #[test]
+    fn the_bandwidth_plugin_is_chained_on_request() {
+        let c = Config::from_lookup(&|k| (k == "ENABLE_BANDWIDTH_PLUGIN").then(|| "true".into()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let rendered = render(&c, Path::new("/var/log/vpc-ebpf/plugin.log"));
+        let plugins = rendered["plugins"].as_array().unwrap();
+        assert_eq!(plugins.len(), 2);
+        assert_eq!(plugins[0]["type"], "vpc-ebpf-cni");
+        assert_eq!(plugins[0]["capabilities"]["bandwidth"], true);
+        assert_eq!(plugins[0]["capabilities"]["portMappings"], true);
+        assert_eq!(
+            plugins[1],
+            json!({"type": "bandwidth", "capabilities": {"bandwidth": true}})
+        );
     }
 }

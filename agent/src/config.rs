@@ -57,6 +57,10 @@ pub struct Config {
     /// debug), as aws-node's network policy agent's `enable-policy-event-logs`. The
     /// counters and `vpc-ebpf-agent flows` have them either way.
     pub policy_event_logs: bool,
+    /// ENABLE_BANDWIDTH_PLUGIN: chain the `bandwidth` plugin after vpc-ebpf in the
+    /// conflist (as aws-node does), so that pods' `kubernetes.io/ingress-bandwidth` and
+    /// `egress-bandwidth` limits apply.
+    pub bandwidth_plugin: bool,
     pub exclude_snat_cidrs: Vec<Ipv4Net>,
     /// VPC_EBPF_SNAT_PORT_RANGE: source ports SNAT may use on the node address; the
     /// node's own ephemeral range (`net.ipv4.ip_local_port_range`) is skipped inside it.
@@ -474,6 +478,7 @@ impl Config {
             network_policy: r.cni_flag("ENABLE_NETWORK_POLICY", false),
             policy_mode: r.policy_mode(),
             policy_event_logs: r.cni_flag("ENABLE_POLICY_EVENT_LOGS", false),
+            bandwidth_plugin: r.cni_flag("ENABLE_BANDWIDTH_PLUGIN", false),
             exclude_snat_cidrs,
             snat_ports: r.port_range("VPC_EBPF_SNAT_PORT_RANGE", DEFAULT_SNAT_PORTS),
             veth_prefix,
@@ -550,6 +555,7 @@ impl Config {
             "ENABLE_NETWORK_POLICY": self.network_policy,
             "NETWORK_POLICY_ENFORCING_MODE": self.policy_mode.as_str(),
             "ENABLE_POLICY_EVENT_LOGS": self.policy_event_logs,
+            "ENABLE_BANDWIDTH_PLUGIN": self.bandwidth_plugin,
             "AWS_VPC_K8S_CNI_EXCLUDE_SNAT_CIDRS": self.exclude_snat_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "VPC_EBPF_SNAT_PORT_RANGE": format!("{}-{}", self.snat_ports.0, self.snat_ports.1),
             "AWS_VPC_K8S_CNI_VETHPREFIX": self.veth_prefix,

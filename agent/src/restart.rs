@@ -428,6 +428,7 @@ pub fn endpoint_desc(e: &Endpoint, eni: &EniDesc) -> Option<EndpointDesc> {
         pod_mac: w.pod_mac,
         eni: eni.clone(),
         host_ports: e.host_ports.clone(),
+        via_host_qdisc: None,
     })
 }
 

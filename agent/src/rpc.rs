@@ -293,6 +293,7 @@ impl Services {
                 pod_mac: wiring.pod_mac,
                 eni,
                 host_ports: reserved.host_ports.clone(),
+                via_host_qdisc: Some(req.via_host_qdisc),
             };
             dp.upsert(desc).await.map_err(|e| match e {
                 DataplaneError::InvalidSpec(_) => {

@@ -187,6 +187,19 @@ async fn build_and_report(
     )
     .await
     .map_err(|e| netlink_error("setting up the pod's interfaces", &e))?;
+    if let Some(limit) = conf.bandwidth.egress {
+        let tbf = crate::shaping::tbf(limit, conf.mtu);
+        netlink::limit_egress(&sockets.pod, built.pod_ifindex, &tbf)
+            .await
+            .map_err(|e| {
+                netlink_error("limiting what the pod sends (runtimeConfig.bandwidth)", &e)
+            })?;
+        info!(
+            rate_bytes = tbf.rate_bytes,
+            burst_bytes = tbf.burst_bytes,
+            "egress limited"
+        );
+    }
     let ready = agent
         .endpoint_ready(v1::EndpointReadyRequest {
             attachment: Some(att.clone()),
@@ -195,6 +208,7 @@ async fn build_and_report(
             host_ifindex: built.host_ifindex,
             host_mac: built.host_mac.to_string(),
             pod_mac: built.pod_mac.to_string(),
+            via_host_qdisc: conf.bandwidth.ingress.is_some(),
         })
         .await
         .map_err(|s| agent::map_status("ADD (endpoint ready)", &s))?

@@ -6,4 +6,5 @@ pub mod fuzz;
 pub mod logging;
 pub mod names;
 pub mod netlink;
+pub mod shaping;
 pub mod spec;

@@ -178,8 +178,55 @@ pub struct PodNetwork<'a> {
 
 pub struct Built {
     pub host_ifindex: u32,
+    pub pod_ifindex: u32,
     pub host_mac: MacAddr,
     pub pod_mac: MacAddr,
+}
+
+/// Limits what leaves the interface `index` with the tbf `t` as its root qdisc
+/// (replacing one a failed earlier ADD left).
+pub async fn limit_egress(
+    h: &Handle,
+    index: u32,
+    t: &crate::shaping::Tbf,
+) -> Result<(), NetlinkError> {
+    use futures_util::StreamExt as _;
+    use rtnetlink::{
+        packet_core::{
+            DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
+            NetlinkPayload,
+        },
+        packet_route::{
+            RouteNetlinkMessage,
+            tc::{TcAttribute, TcHandle, TcMessage, TcOption},
+        },
+    };
+    let mut msg = TcMessage::with_index(i32::try_from(index).unwrap_or(i32::MAX));
+    msg.header.parent = TcHandle::ROOT;
+    msg.header.handle = TcHandle { major: 1, minor: 0 };
+    msg.attributes.push(TcAttribute::Kind("tbf".into()));
+    msg.attributes.push(TcAttribute::Options(
+        crate::shaping::tbf_attributes(t)
+            .into_iter()
+            .map(|(kind, value)| TcOption::Other(DefaultNla::new(kind, value)))
+            .collect(),
+    ));
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewQueueDiscipline(msg));
+    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+    let mut handle = h.clone();
+    let mut answers = handle
+        .request(req)
+        .map_err(op("adding the pod's egress tbf"))?;
+    while let Some(m) = answers.next().await {
+        if let NetlinkPayload::Error(e) = m.payload
+            && e.code.is_some()
+        {
+            return Err(op("adding the pod's egress tbf")(
+                rtnetlink::Error::NetlinkError(e),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The veth pair (host end created directly in the host namespace), the pod's /32 and
@@ -218,7 +265,7 @@ pub async fn build(s: &Sockets, p: &PodNetwork<'_>) -> Result<Built, NetlinkErro
         .await
         .map_err(op(format!("setting {} up", p.host_ifname)))?;
 
-    configure_pod(s, p).await?;
+    let pod_ifindex = configure_pod(s, p).await?;
     s.host
         .route()
         .add(
@@ -234,6 +281,7 @@ pub async fn build(s: &Sockets, p: &PodNetwork<'_>) -> Result<Built, NetlinkErro
         .map_err(op(format!("adding the host route to {}", p.ip)))?;
     Ok(Built {
         host_ifindex,
+        pod_ifindex,
         host_mac,
         pod_mac,
     })
@@ -241,7 +289,7 @@ pub async fn build(s: &Sockets, p: &PodNetwork<'_>) -> Result<Built, NetlinkErro
 
 /// Inside the pod: lo and the interface up, the /32, the gateway and default routes. The
 /// gateway's ARP is answered by the dataplane.
-async fn configure_pod(s: &Sockets, p: &PodNetwork<'_>) -> Result<(), NetlinkError> {
+async fn configure_pod(s: &Sockets, p: &PodNetwork<'_>) -> Result<u32, NetlinkError> {
     let pod = link_by_name(&s.pod, p.pod_ifname)
         .await?
         .ok_or_else(|| NetlinkError::Missing(format!("pod interface {} missing", p.pod_ifname)))?;
@@ -290,7 +338,7 @@ async fn configure_pod(s: &Sockets, p: &PodNetwork<'_>) -> Result<(), NetlinkErr
         .execute()
         .await
         .map_err(op("adding the default route in the pod"))?;
-    Ok(())
+    Ok(pod_ifindex)
 }
 
 /// A permanent neighbour entry for the gateway in the pod: only for an agent without a

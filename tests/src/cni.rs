@@ -85,9 +85,15 @@ impl Call {
     }
 
     pub fn run_raw(&self, stdin: &[u8]) -> Outcome {
+        self.run_plugin(&plugin_path(), stdin)
+    }
+
+    /// Runs another plugin (`bin`) as the runtime would next in the chain: same
+    /// environment, its own configuration on stdin.
+    pub fn run_plugin(&self, bin: &Path, stdin: &[u8]) -> Outcome {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.node_ns])
-            .arg(plugin_path())
+            .arg(bin)
             .env_clear()
             .env("CNI_COMMAND", &self.command)
             .env("CNI_CONTAINERID", &self.container_id)

@@ -44,6 +44,7 @@ use tracing::{debug, info, warn};
 use vpc_ebpf_common::{
     PIN_VERSION, maps as map_names,
     nat::{KernelFlow, NatEntry, NatKey, SnatPorts},
+    node::endpoint_flags,
     programs,
 };
 use vpc_ebpf_rpc::types::{HostPort, MacAddr, Protocol};
@@ -347,7 +348,8 @@ impl Dataplane {
                 ep.ipv4
             )));
         }
-        if let Some(old) = maps::endpoint(&mut self.ebpf, ep.ipv4)?
+        let old = maps::endpoint(&mut self.ebpf, ep.ipv4)?;
+        if let Some(old) = old
             && old.host_ifindex != ep.host_ifindex
         {
             // The address moved to another veth (a pod re-created under the same IP).
@@ -355,12 +357,35 @@ impl Dataplane {
                 self.links.detach(old.host_ifindex, hook, program)?;
             }
         }
-        maps::put_endpoint(&mut self.ebpf, ep.ipv4, &ep.value())?;
+        let mut value = ep.value();
+        // Flags set for this veth (set_via_host_qdisc) stay: a restarted agent
+        // re-programs its endpoints from what it knows, which does not include them.
+        if let Some(old) = old.filter(|o| o.host_ifindex == ep.host_ifindex) {
+            value.flags = old.flags;
+        }
+        maps::put_endpoint(&mut self.ebpf, ep.ipv4, &value)?;
         for (hook, program) in POD_HOOKS {
             self.links
                 .attach(&mut self.ebpf, ep.host_ifindex, hook, program)?;
         }
         Ok(())
+    }
+
+    /// Whether packets to the pod `ipv4` go through its host veth's qdisc (where the
+    /// `bandwidth` plugin limits what the pod receives) rather than straight into its
+    /// namespace. The endpoint must exist.
+    pub fn set_via_host_qdisc(&mut self, ipv4: Ipv4Addr, on: bool) -> Result<(), DataplaneError> {
+        let Some(mut value) = maps::endpoint(&mut self.ebpf, ipv4)? else {
+            return Err(DataplaneError::InvalidSpec(format!(
+                "endpoint {ipv4} is not programmed"
+            )));
+        };
+        if on {
+            value.flags |= endpoint_flags::VIA_HOST_QDISC;
+        } else {
+            value.flags &= !endpoint_flags::VIA_HOST_QDISC;
+        }
+        maps::put_endpoint(&mut self.ebpf, ipv4, &value)
     }
 
     /// Detaches the pod program, drops the pod's hostPorts and forgets the pod. An

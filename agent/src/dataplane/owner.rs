@@ -40,6 +40,9 @@ pub struct EndpointDesc {
     /// ENI set.
     pub eni: EniDesc,
     pub host_ports: Vec<HostPort>,
+    /// Deliver through the host veth's qdisc (the pod's received traffic is limited);
+    /// `None` keeps what the pinned entry says (a restart does not know).
+    pub via_host_qdisc: Option<bool>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, DataplaneError>>;
@@ -488,6 +491,9 @@ impl Owner {
             pod_mac: ep.pod_mac,
             eni_ifindex,
         })?;
+        if let Some(on) = ep.via_host_qdisc {
+            self.dp.set_via_host_qdisc(ep.ip, on)?;
+        }
         self.dp.set_hostports(ep.ip, &ep.host_ports)?;
         debug!(ip = %ep.ip, host_ifindex = ep.host_ifindex, eni = %ep.eni.id, "endpoint programmed");
         Ok(())

@@ -39,6 +39,43 @@ struct Raw {
 struct RuntimeConfig {
     #[serde(default)]
     port_mappings: Vec<RawPortMapping>,
+    #[serde(default)]
+    bandwidth: Option<RawBandwidth>,
+}
+
+/// The `bandwidth` capability: bits per second and bucket sizes in bits, as the
+/// `bandwidth` plugin reads them (containerd's CRI spells them `IngressRate`...).
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawBandwidth {
+    #[serde(default, alias = "IngressRate")]
+    ingress_rate: i64,
+    #[serde(default, alias = "IngressBurst")]
+    ingress_burst: i64,
+    #[serde(default, alias = "EgressRate")]
+    egress_rate: i64,
+    #[serde(default, alias = "EgressBurst")]
+    egress_burst: i64,
+}
+
+/// A rate limit in one direction: bits per second, and the bucket in bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit {
+    pub rate_bps: u64,
+    pub burst_bits: u64,
+}
+
+/// The pod's limits from the `bandwidth` capability (what kubelet derives from the
+/// `kubernetes.io/ingress-bandwidth` and `egress-bandwidth` annotations).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bandwidth {
+    /// On what the pod receives: enforced by the chained `bandwidth` plugin's tbf on
+    /// the host veth, which the dataplane then sends the pod's traffic through.
+    pub ingress: Option<Limit>,
+    /// On what the pod sends: enforced by vpc-ebpf (a tbf on the pod's interface),
+    /// since the dataplane redirects the pod's packets before `bandwidth`'s ifb
+    /// redirect would see them.
+    pub egress: Option<Limit>,
 }
 
 /// The CNI convention spells the fields `hostPort`..., containerd's CRI (go-cni, whose
@@ -92,6 +129,7 @@ pub struct NetConf {
     pub log_file: String,
     pub log_level: String,
     pub port_mappings: Vec<PortMapping>,
+    pub bandwidth: Bandwidth,
     pub prev_result: Option<serde_json::Value>,
     /// GC: attachments to keep (`cni.dev/valid-attachments`, or the legacy key).
     pub valid_attachments: Option<Vec<Attachment>>,
@@ -192,6 +230,12 @@ impl NetConf {
             .into_iter()
             .map(port_mapping)
             .collect::<Result<Vec<_>, _>>()?;
+        let bandwidth = raw
+            .runtime_config
+            .bandwidth
+            .map(bandwidth)
+            .transpose()?
+            .unwrap_or_default();
         Ok(Self {
             cni_version,
             name,
@@ -201,6 +245,7 @@ impl NetConf {
             log_file: raw.log_file.unwrap_or_else(|| DEFAULT_LOG_FILE.into()),
             log_level,
             port_mappings,
+            bandwidth,
             prev_result: raw.prev_result,
             valid_attachments: raw.valid_attachments.or(raw.legacy_attachments),
         })
@@ -246,14 +291,108 @@ fn port_mapping(raw: RawPortMapping) -> Result<PortMapping, CniError> {
     })
 }
 
+/// The bandwidth plugin's rules: a rate needs a bucket and a bucket a rate, neither
+/// negative, and the bucket below 4 GiB (in bytes, what its tbf takes).
+fn bandwidth(raw: RawBandwidth) -> Result<Bandwidth, CniError> {
+    let limit = |dir: &str, rate: i64, burst: i64| -> Result<Option<Limit>, CniError> {
+        let field = "runtimeConfig.bandwidth";
+        let (Ok(rate_bps), Ok(burst_bits)) = (u64::try_from(rate), u64::try_from(burst)) else {
+            return Err(invalid(
+                field,
+                format!("{dir}Rate {rate}, {dir}Burst {burst}: neither may be negative"),
+            ));
+        };
+        match (rate_bps, burst_bits) {
+            (0, 0) => Ok(None),
+            (0, _) | (_, 0) => Err(invalid(
+                field,
+                format!(
+                    "{dir}Rate {rate_bps}, {dir}Burst {burst_bits}: a rate needs a burst and a \
+                     burst a rate (bits per second, bits)"
+                ),
+            )),
+            _ if burst_bits / 8 >= u64::from(u32::MAX) => Err(invalid(
+                field,
+                format!("{dir}Burst {burst_bits}: at most 4 GiB (32 Gibit)"),
+            )),
+            _ => Ok(Some(Limit {
+                rate_bps,
+                burst_bits,
+            })),
+        }
+    };
+    Ok(Bandwidth {
+        ingress: limit("ingress", raw.ingress_rate, raw.ingress_burst)?,
+        egress: limit("egress", raw.egress_rate, raw.egress_burst)?,
+    })
+}
+
 /// Unused capability names are fine; this only documents what the plugin reads.
 pub fn capabilities() -> HashMap<&'static str, bool> {
-    HashMap::from([("portMappings", true)])
+    HashMap::from([("portMappings", true), ("bandwidth", true)])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bandwidth_limits_are_read_as_the_bandwidth_plugin_reads_them() {
+        let c = NetConf::parse(
+            conf(r#","runtimeConfig":{"bandwidth":{"ingressRate":10000000,"ingressBurst":4294967295}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.bandwidth,
+            Bandwidth {
+                ingress: Some(Limit {
+                    rate_bps: 10_000_000,
+                    burst_bits: 4_294_967_295
+                }),
+                egress: None
+            }
+        );
+        // containerd's CRI spells the fields as Go names them.
+        let c = NetConf::parse(
+            conf(r#","runtimeConfig":{"bandwidth":{"EgressRate":1000000,"EgressBurst":800000,"IngressRate":0,"IngressBurst":0}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(c.bandwidth.ingress, None);
+        assert_eq!(
+            c.bandwidth.egress,
+            Some(Limit {
+                rate_bps: 1_000_000,
+                burst_bits: 800_000
+            })
+        );
+        assert_eq!(
+            NetConf::parse(conf("").as_bytes()).unwrap().bandwidth,
+            Bandwidth::default()
+        );
+        for (bad, says) in [
+            (r#"{"ingressRate":1000}"#, "a rate needs a burst"),
+            (r#"{"egressBurst":1000}"#, "a rate needs a burst"),
+            (r#"{"egressRate":-1,"egressBurst":8}"#, "negative"),
+            (
+                r#"{"ingressRate":1,"ingressBurst":40000000000}"#,
+                "at most 4 GiB",
+            ),
+        ] {
+            let e = NetConf::parse(
+                conf(&format!(r#","runtimeConfig":{{"bandwidth":{bad}}}"#)).as_bytes(),
+            )
+            .unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidConfig, "{bad}");
+            assert!(e.details.contains(says), "{bad}: {}", e.details);
+            assert!(
+                e.msg.contains("runtimeConfig.bandwidth"),
+                "{bad}: {}",
+                e.msg
+            );
+        }
+    }
 
     fn conf(extra: &str) -> String {
         format!(r#"{{"cniVersion":"1.0.0","name":"aws-cni","type":"vpc-ebpf-cni"{extra}}}"#)

@@ -197,6 +197,9 @@ pub mod reason {
         PASS_ICMP_ERROR_UNKNOWN = 40, "pass_icmp_error_unknown";
         /// ENI egress: leaves for the VPC as the host stack sent it.
         PASS_TO_VPC = 41, "pass_to_vpc";
+        /// Host veth egress: a packet the programs sent to a pod through the veth's qdisc
+        /// (the `bandwidth` plugin's limit), passed on as it is.
+        PASS_TO_POD_QDISC = 42, "pass_to_pod_qdisc";
         /// NetworkPolicy: the sending pod's egress rules do not admit this new flow.
         DROP_POLICY_EGRESS = 64, "drop_policy_egress";
         /// NetworkPolicy: the receiving pod's ingress rules do not admit this new flow.

@@ -48,13 +48,28 @@ pub struct Endpoint {
     pub eni_ifindex: u32,
     /// Reserved for the NetworkPolicy issue; zero today.
     pub policy_id: u32,
-    /// Reserved; zero today.
+    /// [`endpoint_flags`].
     pub flags: u32,
     /// MAC of the pod's `eth0`.
     pub pod_mac: [u8; 6],
     /// MAC of the host side of the veth (the pod's gateway MAC).
     pub host_mac: [u8; 6],
 }
+
+/// Bits of [`Endpoint::flags`].
+pub mod endpoint_flags {
+    /// Deliver to this pod through the egress of its host veth, so that a qdisc there
+    /// applies: the `bandwidth` plugin's limit on what the pod receives is a tbf on that
+    /// qdisc, which `bpf_redirect_peer` would skip.
+    pub const VIA_HOST_QDISC: u32 = 1;
+}
+
+/// The skb mark a program sets on a packet it sends through a pod's host veth egress
+/// ([`endpoint_flags::VIA_HOST_QDISC`]), so that the veth's egress program lets it pass
+/// to the qdisc as it is (it was judged and translated already) and clears the mark. An
+/// exact value, not a bit: kube-proxy and others set bits of the mark on the host stack's
+/// packets.
+pub const VIA_HOST_QDISC_MARK: u32 = 0x7665_6271;
 
 /// Value of the ENIs map, keyed by the ENI's ifindex (`u32`).
 #[repr(C)]

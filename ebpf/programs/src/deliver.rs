@@ -4,7 +4,7 @@ use aya_ebpf::programs::TcContext;
 use vpc_ebpf_common::{
     counters::reason,
     nat::{HostPortKey, HostPortTarget, NatEntry, SnatPorts, nat_kind, nat_origin},
-    node::{Endpoint, NodeConfig},
+    node::{Endpoint, NodeConfig, endpoint_flags},
 };
 
 use crate::{
@@ -16,7 +16,8 @@ use crate::{
     verdict::{DROP, Outcome, PASS, drop, pass},
 };
 
-/// Into the pod's namespace, as if its gateway had routed it there.
+/// Into the pod's namespace, as if its gateway had routed it there: straight to the
+/// peer, or through the host veth's qdisc for a pod whose received traffic is limited.
 #[inline(always)]
 pub fn to_pod(ctx: &TcContext, ip: &Ipv4, pod: &Endpoint, fwd: u16) -> Outcome {
     if ip.ttl <= 1 {
@@ -27,7 +28,12 @@ pub fn to_pod(ctx: &TcContext, ip: &Ipv4, pod: &Endpoint, fwd: u16) -> Outcome {
     {
         return (reason::DROP_REWRITE_FAILED, DROP);
     }
-    match rewrite::to_peer(pod.host_ifindex) {
+    let sent = if pod.flags & endpoint_flags::VIA_HOST_QDISC == 0 {
+        rewrite::to_peer(pod.host_ifindex)
+    } else {
+        rewrite::through_host_veth(ctx, pod.host_ifindex)
+    };
+    match sent {
         Ok(v) => (fwd, v),
         Err(()) => (reason::DROP_REWRITE_FAILED, DROP),
     }

@@ -12,7 +12,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use vpc_ebpf_common::csum;
+use vpc_ebpf_common::{csum, node::VIA_HOST_QDISC_MARK};
 
 use crate::packet::{IP_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, ptr_at};
 
@@ -122,6 +122,18 @@ pub fn to_peer(host_ifindex: u32) -> Result<i32, ()> {
     // SAFETY: a plain helper call.
     let rc = unsafe { bpf_redirect_peer(host_ifindex, 0) };
     verdict(rc)
+}
+
+/// Sends out of the host veth `host_ifindex` (to the pod behind it) through its egress
+/// qdisc, marked so that the veth's egress program passes it on untouched
+/// ([`VIA_HOST_QDISC_MARK`]). Costs the qdisc and a backlog hop that
+/// [`to_peer`] avoids; used only for pods with a limit there.
+#[inline(always)]
+pub fn through_host_veth(ctx: &TcContext, host_ifindex: u32) -> Result<i32, ()> {
+    // SAFETY: the kernel hands every TC program a valid __sk_buff, whose mark TC
+    // programs may write.
+    unsafe { (*ctx.skb.skb).mark = VIA_HOST_QDISC_MARK };
+    to_egress(host_ifindex)
 }
 
 /// Sends out of `ifindex` to `gateway` (network order), the kernel's neighbour table

@@ -1,7 +1,9 @@
 //! TC egress of a pod's host veth: what the host stack delivers to the pod.
 //!
 //! The programs deliver pod-to-pod and VPC traffic with `bpf_redirect_peer`, which skips
-//! this hook; so whatever passes here came through the host stack: kube-proxy's DNAT
+//! this hook, or, to a pod whose received traffic is limited, through this veth's qdisc
+//! with a mark that lets it straight on; so whatever else passes here came through the
+//! host stack: kube-proxy's DNAT
 //! (a Service cluster IP or node port whose backend is this pod), kubelet probes and other
 //! connections from the host. Decide, the pod's ingress policy, act: their flows are
 //! recorded so that the pod's replies go back through the host stack, where conntrack
@@ -9,7 +11,7 @@
 
 use aya_ebpf::programs::TcContext;
 use network_types::eth::EthHdr;
-use vpc_ebpf_common::{counters::reason, nat::NatKey};
+use vpc_ebpf_common::{counters::reason, nat::NatKey, node::VIA_HOST_QDISC_MARK};
 
 use crate::{
     action::{self, Action},
@@ -23,6 +25,16 @@ use crate::{
 
 #[inline(always)]
 pub fn handle(ctx: &TcContext) -> Outcome {
+    // SAFETY: the kernel hands every TC program a valid __sk_buff.
+    let skb = ctx.skb.skb;
+    // SAFETY: as above; TC programs may read and write the mark.
+    if unsafe { (*skb).mark } == VIA_HOST_QDISC_MARK {
+        // Sent here by a program for the qdisc (see `rewrite::through_host_veth`): judged
+        // and translated already. The mark would not leave the node (crossing into the
+        // pod's namespace clears it), but nothing else should see it either.
+        unsafe { (*skb).mark = 0 };
+        return pass(reason::PASS_TO_POD_QDISC);
+    }
     packet::pull_headers(ctx);
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return pass(reason::PASS_TRUNCATED_ETH);
