@@ -13,6 +13,7 @@ use vpc_ebpf_common::{
     counters::{direction, reason},
     nat::NatKey,
 };
+use vpc_ebpf_rpc::types::HostPort;
 use vpc_ebpf_tests::dataplane::{
     Exchange, PinRoot, counter, counter_dir, forwarded, ifindex, ip, mac_of, net, tcp_exchange,
     tcp_port, tcp_server, udp_port,
@@ -705,7 +706,7 @@ fn hostport_paths(mode: AttachMode) {
     .unwrap();
     let hva = lab.node.run(|| ifindex("hva"));
 
-    let tcp = tcp_server(lab.pa.name(), &format!("{POD_A}:8081"), 3);
+    let tcp = tcp_server(lab.pa.name(), &format!("{POD_A}:8081"), 4);
     let udp = udp_server(&lab.pa, &format!("{POD_A}:5300"), 2);
     // From a VPC host and from the internet, to the node address: the pod sees the real
     // client, the client sees the node address and the hostPort answer.
@@ -727,8 +728,47 @@ fn hostport_paths(mode: AttachMode) {
         .expect("TCP hostPort from pod B");
     assert_eq!(x.peer.to_string(), "10.0.0.10:8080");
     assert_eq!(x.reply, x.local.to_string());
-    assert_eq!(tcp.join().unwrap().len(), 3);
+    // The secondary ENI's address publishes it too (portmap publishes on every local
+    // address), and the answer leaves by that ENI: the VPC namespace drops a source that
+    // arrives on another one.
+    let x = lab
+        .vpc
+        .run(|| tcp_exchange(Some(VPC_HOST.parse().unwrap()), sock("10.0.16.11", 8080)))
+        .expect("TCP hostPort on the secondary ENI's address");
+    assert_eq!(x.peer.to_string(), "10.0.16.11:8080");
+    assert_eq!(x.reply, x.local.to_string());
+    assert_eq!(tcp.join().unwrap().len(), 4);
     assert_eq!(udp.join().unwrap().len(), 2);
+
+    // A hostIP publishes on that address only: pod B's 9090 on the secondary ENI's.
+    dp.set_hostports(
+        ip(10, 0, 1, 6),
+        &[HostPort {
+            host_ip: Some(ip(10, 0, 16, 11)),
+            ..tcp_port(9090, 8082)
+        }],
+    )
+    .unwrap();
+    let b = tcp_server(lab.pb.name(), &format!("{POD_B}:8082"), 1);
+    let x = lab
+        .vpc
+        .run(|| tcp_exchange(Some(VPC_HOST.parse().unwrap()), sock("10.0.16.11", 9090)))
+        .expect("TCP hostPort on its hostIP");
+    assert_eq!(x.peer.to_string(), "10.0.16.11:9090");
+    assert_eq!(x.reply, x.local.to_string(), "pod B saw the client itself");
+    assert_eq!(b.join().unwrap().len(), 1);
+    let elsewhere = lab
+        .vpc
+        .run(|| tcp_exchange(Some(VPC_HOST.parse().unwrap()), sock("10.0.0.10", 9090)));
+    assert!(
+        elsewhere.is_err(),
+        "published beyond its hostIP: {elsewhere:?}"
+    );
+    assert_eq!(
+        dp.hostports().unwrap()[&ip(10, 0, 1, 6)][0].host_ip,
+        Some(ip(10, 0, 16, 11)),
+        "the hostIP reads back from the pinned map (a restarted agent keeps it)"
+    );
 
     let rows = dp.counters().unwrap();
     // Two TCP handshakes + data + two datagrams from outside, at least.

@@ -67,7 +67,7 @@ const fn layout(map_type: MapType, key: u32, value: u32, max: Option<u32>, flags
 /// A root test loads the object into an empty pin directory and checks this table
 /// against what the kernel created, so the two cannot drift apart unnoticed.
 #[expect(clippy::too_many_lines, reason = "one entry per map, a table")]
-pub fn expected() -> [(&'static str, Layout); 19] {
+pub fn expected() -> [(&'static str, Layout); 20] {
     let cidrs = layout(
         MapType::LpmTrie,
         size::<Ipv4Prefix>(),
@@ -150,6 +150,16 @@ pub fn expected() -> [(&'static str, Layout); 19] {
                 size::<NatKey>(),
                 size::<KernelFlow>(),
                 None,
+                0,
+            ),
+        ),
+        (
+            names::NODE_ADDRESSES,
+            layout(
+                MapType::Hash,
+                size::<u32>(),
+                size::<u32>(),
+                Some(ENIS_MAX_ENTRIES),
                 0,
             ),
         ),

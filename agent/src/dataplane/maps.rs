@@ -86,14 +86,31 @@ pub fn remove_endpoint(ebpf: &mut Ebpf, ip: Ipv4Addr) -> Result<Option<Endpoint>
     Ok(old)
 }
 
+/// Records the ENI, and its primary address as a node address that leaves by it.
 pub fn put_eni(ebpf: &mut Ebpf, ifindex: u32, eni: &Eni) -> Result<(), DataplaneError> {
     let mut m = hash_map!(ebpf, maps::ENIS, u32, Eni)?;
-    m.insert(ifindex, eni, 0).map_err(map_err(maps::ENIS))
+    let old = absent_is_none(m.get(&ifindex, 0), maps::ENIS)?;
+    m.insert(ifindex, eni, 0).map_err(map_err(maps::ENIS))?;
+    let mut addrs = hash_map!(ebpf, maps::NODE_ADDRESSES, u32, u32)?;
+    if let Some(old) = old.filter(|o| o.primary_ip != eni.primary_ip) {
+        absent_is_none(addrs.remove(&old.primary_ip), maps::NODE_ADDRESSES)?;
+    }
+    addrs
+        .insert(eni.primary_ip, ifindex, 0)
+        .map_err(map_err(maps::NODE_ADDRESSES))
 }
 
 pub fn remove_eni(ebpf: &mut Ebpf, ifindex: u32) -> Result<(), DataplaneError> {
     let mut m = hash_map!(ebpf, maps::ENIS, u32, Eni)?;
-    absent_is_none(m.remove(&ifindex), maps::ENIS).map(|_| ())
+    let old = absent_is_none(m.get(&ifindex, 0), maps::ENIS)?;
+    absent_is_none(m.remove(&ifindex), maps::ENIS)?;
+    if let Some(old) = old {
+        let mut addrs = hash_map!(ebpf, maps::NODE_ADDRESSES, u32, u32)?;
+        if absent_is_none(addrs.get(&old.primary_ip, 0), maps::NODE_ADDRESSES)? == Some(ifindex) {
+            absent_is_none(addrs.remove(&old.primary_ip), maps::NODE_ADDRESSES)?;
+        }
+    }
+    Ok(())
 }
 
 /// Makes the hostports of `pod` exactly `ports`, leaving other pods' ports alone.
@@ -113,10 +130,9 @@ pub fn sync_hostports(
         })
         .collect::<Result<_, _>>()
         .map_err(map_err(maps::HOSTPORTS))?;
-    let want: Vec<HostPortKey> = ports
-        .iter()
-        .map(|p| HostPortKey::new(p.protocol.ip_proto(), p.host_port))
-        .collect();
+    let key =
+        |p: &HostPort| HostPortKey::at(p.protocol.ip_proto(), p.host_port, p.host_ip.map_or(0, be));
+    let want: Vec<HostPortKey> = ports.iter().map(key).collect();
     for k in mine.iter().filter(|k| !want.contains(k)) {
         absent_is_none(m.remove(k), maps::HOSTPORTS)?;
     }
@@ -126,17 +142,13 @@ pub fn sync_hostports(
             container_port: p.container_port,
             pad: 0,
         };
-        m.insert(
-            HostPortKey::new(p.protocol.ip_proto(), p.host_port),
-            target,
-            0,
-        )
-        .map_err(map_err(maps::HOSTPORTS))?;
+        m.insert(key(p), target, 0)
+            .map_err(map_err(maps::HOSTPORTS))?;
     }
     Ok(())
 }
 
-/// Every hostPort of every pod: ((protocol, host port), (pod, container port)).
+/// Every hostPort of every pod: ((protocol, host port, address), (pod, container port)).
 pub fn hostports(ebpf: &Ebpf) -> Result<Vec<(HostPortKey, HostPortTarget)>, DataplaneError> {
     let map = ebpf
         .map(maps::HOSTPORTS)

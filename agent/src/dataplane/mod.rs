@@ -439,7 +439,7 @@ impl Dataplane {
                     protocol,
                     host_port: k.port,
                     container_port: t.container_port,
-                    host_ip: None,
+                    host_ip: (k.addr != 0).then(|| spec::from_be(k.addr)),
                 });
         }
         for ports in out.values_mut() {
@@ -498,8 +498,9 @@ impl Dataplane {
         self.links.is_attached(&self.ebpf, ifindex, hook, program)
     }
 
-    /// Makes the pod's hostPorts exactly `ports`; an empty slice removes them. Every
-    /// node address is published: a `host_ip` is not told apart yet.
+    /// Makes the pod's hostPorts exactly `ports`; an empty slice removes them. Without a
+    /// `host_ip` a port is published on every ENI's primary address, as `portmap` does on
+    /// every local address; with one, on that address only.
     pub fn set_hostports(
         &mut self,
         ipv4: Ipv4Addr,

@@ -37,6 +37,8 @@ pub mod maps {
     pub const CONFIG: &str = "VPC_CONFIG";
     pub const ENDPOINTS: &str = "VPC_ENDPOINTS";
     pub const ENIS: &str = "VPC_ENIS";
+    /// ENI primary address → the ENI's ifindex.
+    pub const NODE_ADDRESSES: &str = "VPC_NODE_ADDRS";
     pub const VPC_CIDRS: &str = "VPC_CIDRS";
     pub const SNAT_EXCLUSIONS: &str = "VPC_SNAT_EXCL";
     pub const PASSTHROUGH_CIDRS: &str = "VPC_PASSTHRU";

@@ -110,14 +110,24 @@ pub struct HostPortKey {
     pub proto: u8,
     /// Explicit padding; zero.
     pub pad: u8,
+    /// The node address published on (a `hostIP`), network order; zero: every address
+    /// of the node, as `portmap` publishes a mapping without one.
+    pub addr: u32,
 }
 
 impl HostPortKey {
+    /// On every node address.
     pub const fn new(proto: u8, port: u16) -> Self {
+        Self::at(proto, port, 0)
+    }
+
+    /// On the node address `addr` (network order) only.
+    pub const fn at(proto: u8, port: u16, addr: u32) -> Self {
         Self {
             port,
             proto,
             pad: 0,
+            addr,
         }
     }
 }
@@ -181,7 +191,7 @@ const _: () = assert!(core::mem::size_of::<NatKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FragPorts>() == 4);
 const _: () = assert!(core::mem::size_of::<KernelFlow>() == 16);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
-const _: () = assert!(core::mem::size_of::<HostPortKey>() == 4);
+const _: () = assert!(core::mem::size_of::<HostPortKey>() == 8);
 const _: () = assert!(core::mem::size_of::<HostPortTarget>() == 8);
 
 /// The ports SNAT may allocate: `[min, max]` less one band (the node's own ephemeral

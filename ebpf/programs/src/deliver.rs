@@ -9,7 +9,7 @@ use vpc_ebpf_common::{
 
 use crate::{
     action::Action,
-    maps::{VPC_ENDPOINTS, VPC_ENIS, VPC_HOSTPORTS},
+    maps::{VPC_ENDPOINTS, VPC_ENIS, VPC_HOSTPORTS, VPC_NODE_ADDRS},
     nat,
     packet::{IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ports},
     rewrite,
@@ -83,33 +83,46 @@ pub fn translated(
     }
     // Where it goes is settled before the packet is touched, so that a packet that
     // cannot be delivered leaves untranslated.
-    // SAFETY: read-only copies of map values.
+    // SAFETY: read-only copy of a map value.
     let peer = unsafe { VPC_ENDPOINTS.get(out.dst) }.copied();
-    let eni = unsafe { VPC_ENIS.get(cfg.primary_eni_ifindex) }.copied();
-    let gateway = match (&peer, &eni) {
+    let exit = match (&peer, src_nat) {
         (Some(_), _) => 0,
-        (None, Some(eni)) if src_nat => eni.gateway_ip,
-        (None, None) if src_nat => return (reason::DROP_NO_ENI, DROP),
-        (None, _) => return (reason::PASS_NAT_STALE, PASS),
+        (None, true) => match exit_for(e.addr, cfg.node_ip, cfg.primary_eni_ifindex) {
+            0 => return (reason::DROP_NO_ENI, DROP),
+            exit => exit,
+        },
+        (None, false) => return (reason::PASS_NAT_STALE, PASS),
     };
     if nat::apply(ctx, ip, p, e).is_err() {
         return (reason::DROP_REWRITE_FAILED, DROP);
     }
     match peer {
         Some(peer) => to_pod(ctx, &out, &peer, fwd),
-        None => to_gateway(ctx, &out, cfg.primary_eni_ifindex, gateway, fwd),
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "unpacked as exit_for packs"
+        )]
+        None => to_gateway(ctx, &out, (exit >> 32) as u32, exit as u32, fwd),
     }
 }
 
-/// A new flow to node-address:hostPort, if the port is published. `None`: no hostPort
-/// there.
+/// A new flow to a node address's hostPort, if the port is published there (for that
+/// address, or for every address of the node). `None`: no hostPort there.
 #[inline(always)]
 pub fn hostport(ip: &Ipv4, p: &Ports) -> Option<Action> {
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
         return None;
     }
-    // SAFETY: read-only copy of a map value.
-    let t = unsafe { VPC_HOSTPORTS.get(HostPortKey::new(ip.proto, p.dst)) }.copied()?;
+    let found = hostport_lookup(u32::from(ip.proto) << 16 | u32::from(p.dst), ip.dst);
+    if found == 0 {
+        return None;
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "unpacked as packed below")]
+    let t = HostPortTarget {
+        pod_ip: found as u32,
+        container_port: (found >> 32) as u16,
+        pad: 0,
+    };
     // SAFETY: as above.
     if unsafe { VPC_ENDPOINTS.get(t.pod_ip) }.is_none() {
         return Some(Action::Done(pass(reason::PASS_NAT_STALE)));
@@ -118,6 +131,45 @@ pub fn hostport(ip: &Ipv4, p: &Ports) -> Option<Action> {
         return Some(Action::Done(pass(reason::PASS_TTL_EXPIRED)));
     }
     Some(Action::NewHostPort(t, *p))
+}
+
+/// The target of (protocol << 16 | port) on `addr`, or on every address: pod address in
+/// the low 32 bits, container port above, zero when there is none. A BPF-to-BPF call with
+/// scalar arguments, so that its two keys live in its own frame, not in the 512 bytes
+/// `from_pod` nearly fills.
+#[inline(never)]
+fn hostport_lookup(proto_port: u32, addr: u32) -> u64 {
+    #[expect(clippy::cast_possible_truncation, reason = "packed by the caller")]
+    let (proto, port) = ((proto_port >> 16) as u8, proto_port as u16);
+    // SAFETY: read-only copies of map values.
+    let t = unsafe { VPC_HOSTPORTS.get(HostPortKey::at(proto, port, addr)) }
+        .or_else(|| unsafe { VPC_HOSTPORTS.get(HostPortKey::new(proto, port)) });
+    match t {
+        Some(t) if t.pod_ip != 0 => u64::from(t.container_port) << 32 | u64::from(t.pod_ip),
+        _ => 0,
+    }
+}
+
+/// Where a packet whose source became the node address `addr` leaves: the ENI that owns
+/// the address (the VPC drops a source arriving on another ENI; a hostPort flow's replies
+/// leave from whichever address the client used) and its subnet's gateway, as
+/// `ifindex << 32 | gateway`; zero when that ENI is not programmed. A BPF-to-BPF call:
+/// `from_pod` has no stack for the ENI's copy.
+#[inline(never)]
+fn exit_for(addr: u32, node_ip: u32, primary: u32) -> u64 {
+    let ifindex = if addr == node_ip {
+        primary
+    } else {
+        // SAFETY: read-only copy of a map value.
+        unsafe { VPC_NODE_ADDRS.get(addr) }
+            .copied()
+            .unwrap_or(primary)
+    };
+    // SAFETY: read-only access to a map value.
+    match unsafe { VPC_ENIS.get(ifindex) } {
+        Some(eni) => u64::from(ifindex) << 32 | u64::from(eni.gateway_ip),
+        None => 0,
+    }
 }
 
 /// DNAT of a new hostPort flow to its pod.

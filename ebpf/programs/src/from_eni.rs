@@ -14,7 +14,7 @@ use crate::{
     deliver,
     from_pod::config,
     kflow,
-    maps::VPC_ENDPOINTS,
+    maps::{VPC_ENDPOINTS, VPC_ENIS},
     nat,
     packet::{self, ETH_P_IP, IPPROTO_ICMP, Ipv4, Ports, ptr_at},
     policy::{self, Conn, Ends},
@@ -71,6 +71,19 @@ pub fn handle(ctx: &TcContext) -> Outcome {
     action::act(ctx, cfg, &ip, action)
 }
 
+/// Whether `ip` is addressed to the node: to one of its ENIs' primary addresses, which
+/// the VPC delivers each to its own ENI.
+#[inline(always)]
+fn is_node_address(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4) -> bool {
+    if ip.dst == cfg.node_ip {
+        return true;
+    }
+    // SAFETY: the kernel hands every TC program a valid __sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: read-only access to a map value.
+    unsafe { VPC_ENIS.get(ifindex) }.is_some_and(|e| e.primary_ip == ip.dst)
+}
+
 #[inline(always)]
 fn decide(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, ports: Option<Ports>) -> Action {
     // A later fragment of a datagram whose first fragment was translated: the same way.
@@ -89,7 +102,7 @@ fn decide(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, ports: Option<Ports>) ->
             }
             nat::forget(&key);
         }
-        if ip.dst == cfg.node_ip
+        if is_node_address(ctx, cfg, ip)
             && let Some(a) = deliver::hostport(ip, &p)
         {
             return a;

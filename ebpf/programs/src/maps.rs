@@ -29,6 +29,11 @@ pub static VPC_ENDPOINTS: HashMap<u32, Endpoint> = HashMap::pinned(ENDPOINTS_MAX
 #[map]
 pub static VPC_ENIS: HashMap<u32, Eni> = HashMap::pinned(ENIS_MAX_ENTRIES, 0);
 
+/// The primary address of each ENI (network order) → the ENI's ifindex: where what
+/// leaves from that address must go.
+#[map]
+pub static VPC_NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(ENIS_MAX_ENTRIES, 0);
+
 /// The VPC's CIDR blocks: destinations reached through the owning ENI without SNAT.
 #[map]
 pub static VPC_CIDRS: LpmTrie<u32, u32> = LpmTrie::pinned(CIDRS_MAX_ENTRIES, 0);
