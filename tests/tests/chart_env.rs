@@ -186,6 +186,7 @@ fn every_variable_set_through_env_is_used() {
         ("VPC_EBPF_LEAKED_ENI_AGE", "600", Value::from(600)),
         ("VPC_EBPF_SUBNET_FULL_PAUSE", "30", Value::from(30)),
         ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "true", Value::from(true)),
+        ("ENABLE_BANDWIDTH_PLUGIN", "true", Value::from(true)),
         (
             "VPC_EBPF_SNAT_PORT_RANGE",
             "20000-39999",

@@ -490,3 +490,68 @@ fn an_eni_of_other_software_counts_against_the_limit() {
     let out = n.call("ADD", "ium-0", Some(&pod)).run();
     assert!(out.ok, "{}", out.stdout);
 }
+
+/// The `env:` of aws-node's stock manifest (aws-k8s-cni.yaml), as a user moving from
+/// aws-node has it: the agent starts on it without a warning about any of it, pods get
+/// addresses, and the pool keeps WARM_ENI_TARGET=1's whole free ENI beside them
+/// (WARM_PREFIX_TARGET=1 is there with prefix delegation off, and ignored as ipamd does).
+#[test]
+fn the_stock_aws_node_manifest_values_serve_pods() {
+    let lab = Lab::up("stk", 1);
+    let n = node(
+        &lab,
+        "stk",
+        &[
+            ("ADDITIONAL_ENI_TAGS", "{}"),
+            ("AWS_VPC_CNI_NODE_PORT_SUPPORT", "true"),
+            ("AWS_VPC_ENI_MTU", "9001"),
+            ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "false"),
+            ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "false"),
+            (
+                "AWS_VPC_K8S_CNI_LOG_FILE",
+                "/host/var/log/aws-routed-eni/ipamd.log",
+            ),
+            ("AWS_VPC_K8S_CNI_LOGLEVEL", "DEBUG"),
+            ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "prng"),
+            ("AWS_VPC_K8S_CNI_VETHPREFIX", "eni"),
+            (
+                "AWS_VPC_K8S_PLUGIN_LOG_FILE",
+                "/var/log/aws-routed-eni/plugin.log",
+            ),
+            ("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "DEBUG"),
+            ("DISABLE_INTROSPECTION", "false"),
+            ("DISABLE_METRICS", "false"),
+            ("DISABLE_NETWORK_RESOURCE_PROVISIONING", "false"),
+            ("ENABLE_IPv4", "true"),
+            ("ENABLE_IPv6", "false"),
+            ("ENABLE_POD_ENI", "false"),
+            ("ENABLE_PREFIX_DELEGATION", "false"),
+            ("WARM_ENI_TARGET", "1"),
+            ("WARM_PREFIX_TARGET", "1"),
+        ],
+    );
+    let log = n.agent.log_text();
+    assert!(
+        !log.contains("as aws-node does") && !log.contains("not supported"),
+        "a stock value was not taken as given:\n{log}"
+    );
+    // m5.large: 10 addresses an ENI, 9 of them for pods.
+    n.wait_for("a whole ENI of free addresses", Duration::from_secs(20), || {
+        n.ec2_units(false) >= 9
+    });
+    let pods: Vec<NetNs> = (0..3).map(|i| NetNs::new(&format!("stk{i}"))).collect();
+    for (i, pod) in pods.iter().enumerate() {
+        let out = n.call("ADD", &format!("stk-pod{i}"), Some(pod)).run();
+        assert!(out.ok, "ADD {i}: {}\n{}", out.stdout, n.agent.log_text());
+    }
+    // Three taken: another ENI comes so that a whole one stays free.
+    n.wait_for(
+        "the warm ENI beside 3 pods",
+        Duration::from_secs(30),
+        || n.ec2().len() == 2 && n.ec2_units(false) >= 12,
+    );
+    for (i, pod) in pods.iter().enumerate() {
+        let out = n.call("DEL", &format!("stk-pod{i}"), Some(pod)).run();
+        assert!(out.ok, "DEL {i}: {}", out.stdout);
+    }
+}
