@@ -536,9 +536,11 @@ fn the_stock_aws_node_manifest_values_serve_pods() {
         "a stock value was not taken as given:\n{log}"
     );
     // m5.large: 10 addresses an ENI, 9 of them for pods.
-    n.wait_for("a whole ENI of free addresses", Duration::from_secs(20), || {
-        n.ec2_units(false) >= 9
-    });
+    n.wait_for(
+        "a whole ENI of free addresses",
+        Duration::from_secs(20),
+        || n.ec2_units(false) >= 9,
+    );
     let pods: Vec<NetNs> = (0..3).map(|i| NetNs::new(&format!("stk{i}"))).collect();
     for (i, pod) in pods.iter().enumerate() {
         let out = n.call("ADD", &format!("stk-pod{i}"), Some(pod)).run();

@@ -179,8 +179,15 @@ const C: usize = 2;
 #[test]
 fn network_policies_follow_the_upstream_e2e_truth_tables() {
     let c = Cluster::up("np");
-    c.install(&c.inputs.tag, &[("ENABLE_NETWORK_POLICY", "true")]);
+    c.install(
+        &c.inputs.tag,
+        &[
+            ("ENABLE_NETWORK_POLICY", "true"),
+            ("ENABLE_BANDWIDTH_PLUGIN", "true"),
+        ],
+    );
     let t = topology(&c);
+    bandwidth_under_policy(&c);
     selectors(&c, &t);
     ports_and_blocks(&c, &t);
     combinations(&c, &t);
@@ -651,6 +658,64 @@ fn reaches(c: &Cluster, from: P, targets: &[String]) -> Vec<bool> {
         .iter()
         .map(|t| v["results"][t].as_bool().unwrap_or(false))
         .collect()
+}
+
+/// A pod limited to 10 Mbit/s each way by kubelet's bandwidth annotations (containerd's
+/// CRI hands them to the plugins chained by ENABLE_BANDWIDTH_PLUGIN), on the other node
+/// from x/a, under a policy that admits x/a alone on 8082: x/a's echo stream runs at the
+/// limit once the bucket containerd asks for (4 Gibit, which the kernel caps at ~4.3 s of
+/// the rate) is spent, and x/b is refused.
+fn bandwidth_under_policy(c: &Cluster) {
+    let node = &c.node_names()[1];
+    c.apply(&format!(
+        r"apiVersion: v1
+kind: Pod
+metadata:
+  name: bw
+  namespace: x
+  labels: {{pod: bw}}
+  annotations:
+    kubernetes.io/ingress-bandwidth: 10M
+    kubernetes.io/egress-bandwidth: 10M
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: srv
+    image: {image}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: bw-from-a, namespace: x}}
+spec:
+  podSelector: {{matchLabels: {{pod: bw}}}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{{podSelector: {{matchLabels: {{pod: a}}}}}}]
+    ports: [{{port: 8082}}]
+",
+        image = c.workload_image()
+    ));
+    let pods = c.wait_ready("x", "pod=bw", 1, Duration::from_mins(2));
+    let target = format!("{}:8082", pod_ip(&pods[0]));
+    let r = c.exec("x", "a", &["vpc-ebpf-testsrv", "stream", &target, "14"]);
+    let v: Value = serde_json::from_str(r.stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|_| panic!("stream to the limited pod: {} {}", r.stdout, r.stderr));
+    let tail = v["tail_mbps"].as_f64().unwrap_or_default();
+    eprintln!("np: x/a -> limited x/bw (10M each way) under policy: {v}");
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(
+        (7.0..=11.5).contains(&tail),
+        "10 Mbit/s limit, second half of the stream: {tail} Mbit/s"
+    );
+    assert_eq!(
+        reaches(c, (0, 1), std::slice::from_ref(&target)),
+        [false],
+        "x/b is not admitted"
+    );
+    assert_eq!(reaches(c, (0, 0), &[target]), [true], "x/a is");
+    c.kubectl(&["-n", "x", "delete", "networkpolicy", "bw-from-a"]);
+    c.kubectl(&["-n", "x", "delete", "pod", "bw", "--wait=false"]);
 }
 
 /// Egress to a Service is judged against the backend kube-proxy picked, on this node

@@ -12,7 +12,7 @@
 //! - `rr ADDR:PORT SECS`: one-byte request/response on one connection for SECS seconds:
 //!   transactions, errors, the longest stall;
 //! - `stream ADDR:PORT SECS`: a continuous stream through the echo port: bytes, the
-//!   longest gap, whether the connection was reset;
+//!   longest gap, whether the connection was reset, the rate of its second half;
 //! - `probe tcp|udp TIMEOUT_MS ADDR:PORT...`: every target at once, which answered (the
 //!   NetworkPolicy truth tables).
 
@@ -190,6 +190,8 @@ fn stream(addr: SocketAddr, secs: Duration) -> Result<(), String> {
     });
     let mut buf = vec![0u8; 65536];
     let (mut got, mut gap, mut last, mut reset) = (0u64, Duration::ZERO, Instant::now(), false);
+    // The second half's rate: past a rate limit's initial bucket.
+    let (t0, mut mid) = (Instant::now(), None::<(Instant, u64)>);
     loop {
         match reader.read(&mut buf) {
             Ok(0) => break,
@@ -197,6 +199,9 @@ fn stream(addr: SocketAddr, secs: Duration) -> Result<(), String> {
                 got += n as u64;
                 gap = gap.max(last.elapsed());
                 last = Instant::now();
+                if mid.is_none() && t0.elapsed() >= secs / 2 {
+                    mid = Some((last, got));
+                }
             }
             Err(_) => {
                 reset = true;
@@ -206,8 +211,12 @@ fn stream(addr: SocketAddr, secs: Duration) -> Result<(), String> {
     }
     let (sent, write_failed) = writing.join().unwrap_or((0, true));
     let ok = !reset && !write_failed && got == sent;
+    #[expect(clippy::cast_precision_loss, reason = "a rate for a report")]
+    let tail_mbps = mid.map_or(0.0, |(t, at)| {
+        (got - at) as f64 * 8.0 / last.duration_since(t).as_secs_f64().max(1e-3) / 1e6
+    });
     println!(
-        "{{\"ok\":{ok},\"sent\":{sent},\"received\":{got},\"max_gap_ms\":{},\"reset\":{}}}",
+        "{{\"ok\":{ok},\"sent\":{sent},\"received\":{got},\"max_gap_ms\":{},\"reset\":{},\"tail_mbps\":{tail_mbps:.2}}}",
         gap.as_millis(),
         reset || write_failed
     );
