@@ -706,7 +706,7 @@ fn hostport_paths(mode: AttachMode) {
     .unwrap();
     let hva = lab.node.run(|| ifindex("hva"));
 
-    let tcp = tcp_server(lab.pa.name(), &format!("{POD_A}:8081"), 4);
+    let tcp = tcp_server(lab.pa.name(), &format!("{POD_A}:8081"), 5);
     let udp = udp_server(&lab.pa, &format!("{POD_A}:5300"), 2);
     // From a VPC host and from the internet, to the node address: the pod sees the real
     // client, the client sees the node address and the hostPort answer.
@@ -737,7 +737,16 @@ fn hostport_paths(mode: AttachMode) {
         .expect("TCP hostPort on the secondary ENI's address");
     assert_eq!(x.peer.to_string(), "10.0.16.11:8080");
     assert_eq!(x.reply, x.local.to_string());
-    assert_eq!(tcp.join().unwrap().len(), 4);
+    // A pod reaches it there too: through the VPC, which hands the address back to its
+    // ENI (portmap DNATs a pod's connection to any local address). The VPC routes.
+    lab.vpc.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let x = lab
+        .pb
+        .run(|| tcp_exchange(None, sock("10.0.16.11", 8080)))
+        .expect("TCP hostPort on the secondary ENI's address from pod B");
+    assert_eq!(x.peer.to_string(), "10.0.16.11:8080");
+    assert_eq!(x.reply, x.local.to_string());
+    assert_eq!(tcp.join().unwrap().len(), 5);
     assert_eq!(udp.join().unwrap().len(), 2);
 
     // A hostIP publishes on that address only: pod B's 9090 on the secondary ENI's.
