@@ -352,6 +352,37 @@ fn parse_bool(v: &str) -> Option<bool> {
 
 /// VPC CNI features vpc-ebpf does not have: on, they are reported (the node still gets
 /// pod networking from its own subnet), never silently ignored.
+/// The `env:` of aws-node's stock manifest (aws-k8s-cni.yaml, also its chart's values):
+/// a cluster moving from aws-node has these, and the agent takes every one as given.
+pub const AWS_NODE_STOCK_ENV: &[(&str, &str)] = &[
+    ("ADDITIONAL_ENI_TAGS", "{}"),
+    ("AWS_VPC_CNI_NODE_PORT_SUPPORT", "true"),
+    ("AWS_VPC_ENI_MTU", "9001"),
+    ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "false"),
+    ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "false"),
+    (
+        "AWS_VPC_K8S_CNI_LOG_FILE",
+        "/host/var/log/aws-routed-eni/ipamd.log",
+    ),
+    ("AWS_VPC_K8S_CNI_LOGLEVEL", "DEBUG"),
+    ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "prng"),
+    ("AWS_VPC_K8S_CNI_VETHPREFIX", "eni"),
+    (
+        "AWS_VPC_K8S_PLUGIN_LOG_FILE",
+        "/var/log/aws-routed-eni/plugin.log",
+    ),
+    ("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "DEBUG"),
+    ("DISABLE_INTROSPECTION", "false"),
+    ("DISABLE_METRICS", "false"),
+    ("ENABLE_POD_ENI", "false"),
+    ("ENABLE_PREFIX_DELEGATION", "false"),
+    ("WARM_ENI_TARGET", "1"),
+    ("WARM_PREFIX_TARGET", "1"),
+    ("DISABLE_NETWORK_RESOURCE_PROVISIONING", "false"),
+    ("ENABLE_IPv4", "true"),
+    ("ENABLE_IPv6", "false"),
+];
+
 const UNSUPPORTED_FEATURES: [(&str, &str); 1] = [(
     "ENABLE_POD_ENI",
     "security groups for pods (branch ENIs) are not supported: pods use the node's security groups",
@@ -864,35 +895,8 @@ mod tests {
     /// Every value of the `env:` block of aws-vpc-cni's chart (its values.yaml).
     #[test]
     fn aws_node_chart_values_start_the_agent() {
-        let c = parse(&[
-            ("ADDITIONAL_ENI_TAGS", "{}"),
-            ("AWS_VPC_CNI_NODE_PORT_SUPPORT", "true"),
-            ("AWS_VPC_ENI_MTU", "9001"),
-            ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "false"),
-            ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "false"),
-            (
-                "AWS_VPC_K8S_CNI_LOG_FILE",
-                "/host/var/log/aws-routed-eni/ipamd.log",
-            ),
-            ("AWS_VPC_K8S_CNI_LOGLEVEL", "DEBUG"),
-            ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "prng"),
-            ("AWS_VPC_K8S_CNI_VETHPREFIX", "eni"),
-            (
-                "AWS_VPC_K8S_PLUGIN_LOG_FILE",
-                "/var/log/aws-routed-eni/plugin.log",
-            ),
-            ("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "DEBUG"),
-            ("DISABLE_INTROSPECTION", "false"),
-            ("DISABLE_METRICS", "false"),
-            ("ENABLE_POD_ENI", "false"),
-            ("ENABLE_PREFIX_DELEGATION", "false"),
-            ("WARM_ENI_TARGET", "1"),
-            ("WARM_PREFIX_TARGET", "1"),
-            ("DISABLE_NETWORK_RESOURCE_PROVISIONING", "false"),
-            ("ENABLE_IPv4", "true"),
-            ("ENABLE_IPv6", "false"),
-        ])
-        .unwrap_or_else(|e| panic!("aws-node's stock values refused: {e}"));
+        let c = parse(AWS_NODE_STOCK_ENV)
+            .unwrap_or_else(|e| panic!("aws-node's stock values refused: {e}"));
         assert!(c.fallbacks.is_empty(), "{:?}", c.fallbacks);
         assert_eq!(c.mode, Mode::SecondaryIp);
         assert_eq!(c.targets, Targets::default());

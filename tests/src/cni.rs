@@ -46,6 +46,15 @@ impl Outcome {
         })
     }
 
+    /// The address an ADD result gives the pod, without its prefix length.
+    pub fn ip(&self) -> String {
+        let v = self.json();
+        let a = v["ips"][0]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no address in {v}"));
+        a.split('/').next().unwrap_or(a).to_owned()
+    }
+
     /// The CNI error code, asserting the spec's error shape.
     pub fn code(&self) -> u64 {
         assert!(!self.ok, "expected failure, got {}", self.stdout);

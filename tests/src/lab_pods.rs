@@ -56,13 +56,7 @@ pub fn add_pods(agent: &LabAgent, dir: &std::path::Path, tag: &str, n: usize) ->
                 out.stdout,
                 agent.log_text()
             );
-            let ip = out.json()["ips"][0]["address"]
-                .as_str()
-                .unwrap()
-                .split('/')
-                .next()
-                .unwrap()
-                .to_owned();
+            let ip = out.ip();
             let result = out.json();
             Pod {
                 ns,

@@ -176,22 +176,7 @@ fn describe(lab: &Lab, pins: &PinRoot, mode: AttachMode) -> Dataplane {
 }
 
 fn ping(from: &NetNs, to: &str) -> bool {
-    std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            from.name(),
-            "ping",
-            "-c",
-            "2",
-            "-i",
-            "0.2",
-            "-W",
-            "2",
-            to,
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    ping_size(from, to, 56)
 }
 
 /// Datagrams larger than the MTU leave in fragments, each translated, and the server's
@@ -232,7 +217,7 @@ fn fragments_through_snat(lab: &Lab) {
     );
 }
 
-/// Echo requests of `size` bytes of payload (fragmented past the MTU).
+/// Two echo requests of `size` bytes of payload (fragmented past the MTU).
 fn ping_size(from: &NetNs, to: &str, size: u16) -> bool {
     std::process::Command::new("ip")
         .args([

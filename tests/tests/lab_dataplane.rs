@@ -324,13 +324,7 @@ fn a_bandwidth_limited_pod_is_held_to_its_rates() {
         "the chained bandwidth plugin: {}\n{}",
         bw.stdout, bw.stderr
     );
-    let ip = ours.json()["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let ip = ours.ip();
     // The plugin's tbf on the host veth is there; vpc-ebpf's on the pod's eth0.
     let host_veth = ours.json()["interfaces"][0]["name"]
         .as_str()

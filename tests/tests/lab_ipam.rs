@@ -498,38 +498,7 @@ fn an_eni_of_other_software_counts_against_the_limit() {
 #[test]
 fn the_stock_aws_node_manifest_values_serve_pods() {
     let lab = Lab::up("stk", 1);
-    let n = node(
-        &lab,
-        "stk",
-        &[
-            ("ADDITIONAL_ENI_TAGS", "{}"),
-            ("AWS_VPC_CNI_NODE_PORT_SUPPORT", "true"),
-            ("AWS_VPC_ENI_MTU", "9001"),
-            ("AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", "false"),
-            ("AWS_VPC_K8S_CNI_EXTERNALSNAT", "false"),
-            (
-                "AWS_VPC_K8S_CNI_LOG_FILE",
-                "/host/var/log/aws-routed-eni/ipamd.log",
-            ),
-            ("AWS_VPC_K8S_CNI_LOGLEVEL", "DEBUG"),
-            ("AWS_VPC_K8S_CNI_RANDOMIZESNAT", "prng"),
-            ("AWS_VPC_K8S_CNI_VETHPREFIX", "eni"),
-            (
-                "AWS_VPC_K8S_PLUGIN_LOG_FILE",
-                "/var/log/aws-routed-eni/plugin.log",
-            ),
-            ("AWS_VPC_K8S_PLUGIN_LOG_LEVEL", "DEBUG"),
-            ("DISABLE_INTROSPECTION", "false"),
-            ("DISABLE_METRICS", "false"),
-            ("DISABLE_NETWORK_RESOURCE_PROVISIONING", "false"),
-            ("ENABLE_IPv4", "true"),
-            ("ENABLE_IPv6", "false"),
-            ("ENABLE_POD_ENI", "false"),
-            ("ENABLE_PREFIX_DELEGATION", "false"),
-            ("WARM_ENI_TARGET", "1"),
-            ("WARM_PREFIX_TARGET", "1"),
-        ],
-    );
+    let n = node(&lab, "stk", vpc_ebpf_agent::config::AWS_NODE_STOCK_ENV);
     let log = n.agent.log_text();
     assert!(
         !log.contains("as aws-node does") && !log.contains("not supported"),
