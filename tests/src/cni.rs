@@ -110,6 +110,8 @@ impl Call {
             .env("CNI_IFNAME", &self.ifname)
             .env("CNI_ARGS", &self.args)
             .env("CNI_PATH", "/opt/cni/bin")
+            // Runtimes pass on their PATH; portmap runs iptables from it.
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -274,6 +274,62 @@ fn kill9_during_tcp_stream_and_rr() {
 const RATE_SINK: &str = "import socket,time,json\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);s.bind(('0.0.0.0',9100));s.listen(1)\nc,_=s.accept();n=0;first=None;last=0\nwhile True:\n b=c.recv(65536)\n if not b: break\n now=time.monotonic();first=first or now;last=now;n+=len(b)\nprint(json.dumps({'bytes':n,'secs':last-first}))";
 const RATE_SOURCE: &str = "import socket,time,sys\nc=socket.create_connection((sys.argv[1],9100),timeout=10);end=time.monotonic()+float(sys.argv[2]);buf=b'x'*16384\nwhile time.monotonic()<end: c.sendall(buf)\nc.close()";
 
+fn first_ips(out: &vpc_ebpf_tests::cni::Outcome) -> serde_json::Value {
+    out.json()["ips"].clone()
+}
+
+/// The rest of a chain after vpc-ebpf, as runtimes run it (ADD in order, DEL in reverse),
+/// each plugin given the result before it: portmap and tuning (which users chain after
+/// aws-node too), then bandwidth. An ADD's every result must carry `ips`. Returns the
+/// last result.
+fn run_chain(
+    call: &vpc_ebpf_tests::cni::Call,
+    first: serde_json::Value,
+    ips: &serde_json::Value,
+) -> serde_json::Value {
+    let chain = [
+        (
+            "portmap",
+            serde_json::json!({"capabilities": {"portMappings": true}}),
+        ),
+        (
+            "tuning",
+            serde_json::json!({"sysctl": {"net.core.somaxconn": "1234"}}),
+        ),
+        (
+            "bandwidth",
+            serde_json::json!({"capabilities": {"bandwidth": true}}),
+        ),
+    ];
+    let mut order: Vec<_> = chain.iter().collect();
+    if call.command == "DEL" {
+        order.reverse();
+    }
+    let mut prev = first;
+    for (plugin, extra) in order {
+        let mut conf = call.conf.clone();
+        conf["type"] = (*plugin).into();
+        for (k, v) in extra.as_object().unwrap() {
+            conf[k] = v.clone();
+        }
+        conf["prevResult"] = prev.clone();
+        let out = call.run_plugin(
+            &std::path::Path::new("/usr/lib/cni").join(plugin),
+            conf.to_string().as_bytes(),
+        );
+        assert!(
+            out.ok,
+            "{} of the chained {plugin}: {}\n{}",
+            call.command, out.stdout, out.stderr
+        );
+        if call.command == "ADD" {
+            prev = out.json();
+            assert_eq!(&prev["ips"], ips, "{plugin} passed on another result");
+        }
+    }
+    prev
+}
+
 /// Mbit/s of a 3 s TCP stream from `from` to `to` (`to_ip`).
 fn stream_mbps(from: &str, to: &str, to_ip: &str) -> f64 {
     let sink = spawn_py(to, RATE_SINK, &[]);
@@ -289,9 +345,10 @@ fn stream_mbps(from: &str, to: &str, to_ip: &str) -> f64 {
 }
 
 /// A pod with `kubernetes.io/ingress-bandwidth: 20M` and `egress-bandwidth: 10M`, as
-/// kubelet passes them (the `bandwidth` capability), with the `bandwidth` plugin chained
-/// after vpc-ebpf as ENABLE_BANDWIDTH_PLUGIN does: both limits hold with the eBPF
-/// dataplane on, while a pod without limits on the same node is not held back.
+/// kubelet passes them (the `bandwidth` capability), with `portmap`, `tuning` and the
+/// `bandwidth` plugin chained after vpc-ebpf (each gets the result before it, and passes
+/// it on): both limits hold with the eBPF dataplane on, while a pod without limits on the
+/// same node is not held back; DEL runs through the chain.
 #[test]
 fn a_bandwidth_limited_pod_is_held_to_its_rates() {
     let lab = Lab::up("bw", 1);
@@ -309,21 +366,20 @@ fn a_bandwidth_limited_pod_is_held_to_its_rates() {
         "IngressRate": 20_000_000, "IngressBurst": 800_000,
         "EgressRate": 10_000_000, "EgressBurst": 800_000,
     });
-    add.conf["runtimeConfig"] = serde_json::json!({"bandwidth": bandwidth});
+    add.conf["runtimeConfig"] = serde_json::json!({
+        "bandwidth": bandwidth,
+        "portMappings": [{"hostPort": 30180, "containerPort": 8080, "protocol": "tcp"}],
+    });
     let ours = add.run();
     assert!(ours.ok, "ADD: {}\n{}", ours.stdout, a.log_text());
-    let mut chained = add.conf.clone();
-    chained["type"] = "bandwidth".into();
-    chained["prevResult"] = ours.json();
-    let bw = add.run_plugin(
-        std::path::Path::new("/usr/lib/cni/bandwidth"),
-        chained.to_string().as_bytes(),
+    let last = run_chain(&add, ours.json(), &first_ips(&ours));
+    // bandwidth adds its ifb after vpc-ebpf's two.
+    assert_eq!(
+        last["interfaces"].as_array().unwrap()[..2],
+        ours.json()["interfaces"].as_array().unwrap()[..]
     );
-    assert!(
-        bw.ok,
-        "the chained bandwidth plugin: {}\n{}",
-        bw.stdout, bw.stderr
-    );
+    let (_, somaxconn) = sh(limited.name(), &["sysctl", "-n", "net.core.somaxconn"]);
+    assert_eq!(somaxconn.trim(), "1234", "tuning's sysctl in the pod");
     let ip = ours.ip();
     // The plugin's tbf on the host veth is there; vpc-ebpf's on the pod's eth0.
     let host_veth = ours.json()["interfaces"][0]["name"]
@@ -365,4 +421,11 @@ fn a_bandwidth_limited_pod_is_held_to_its_rates() {
         qdisc_packets > 50.0,
         "packets into the limited pod through the host veth's qdisc: {qdisc_packets}"
     );
+    // DEL through the chain, last plugin first, then vpc-ebpf.
+    let mut del = add.clone();
+    del.command = "DEL".into();
+    del.conf["prevResult"] = last.clone();
+    run_chain(&del, last, &serde_json::Value::Null);
+    let out = del.run();
+    assert!(out.ok, "DEL: {}", out.stdout);
 }
