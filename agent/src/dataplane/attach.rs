@@ -190,6 +190,14 @@ impl Attachments {
         match self.mode {
             AttachMode::Tcx => {
                 let pin = self.pin_path(ifindex, hook, program);
+                // Removing the pin alone frees the link later, from a kernel work queue:
+                // the program would go on running for a moment after detach returned.
+                if let Err(source) = detach_pinned(&pin)
+                    && source.kind() != io::ErrorKind::NotFound
+                {
+                    // A link whose device is gone cannot be detached and needs not be.
+                    debug!(pin = %pin.display(), error = %source, "BPF_LINK_DETACH");
+                }
                 match std::fs::remove_file(&pin) {
                     Ok(()) => Ok(()),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -273,6 +281,63 @@ fn update_pinned(ebpf: &mut Ebpf, pin: &Path, program: &'static str) -> Result<(
     let link = prog.take_link(id).map_err(fail)?;
     // Back to a plain fd link: dropping it closes our fd and leaves the pin attached.
     let _fd: FdLink = link.try_into().map_err(link_err)?;
+    Ok(())
+}
+
+/// Detaches the tcx link pinned at `pin` now (`BPF_OBJ_GET`, then `BPF_LINK_DETACH`);
+/// the pin stays and refers to a defunct link.
+fn detach_pinned(pin: &Path) -> io::Result<()> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+    };
+    // SAFETY: `get` outlives the call and its size is passed; `path` outlives `get`.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; the OwnedFd closes it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let detach = LinkDetach {
+        link_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+    };
+    // SAFETY: as above.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &detach as *const LinkDetach,
+            std::mem::size_of::<LinkDetach>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }
 
