@@ -43,7 +43,7 @@ pub fn handle(ctx: &TcContext) -> Outcome {
         Ok(p) => p,
         Err(r) => return pass(r),
     };
-    nat::note_first_fragment(ctx);
+    nat::note_first_fragment(ctx, &ip);
     let action = decide(ctx, cfg, &ip, ports);
     // The receiving pod's ingress rules, for the packets this program sends on to a pod;
     // a hostPort is judged as the pod and container port it is translated to.
@@ -102,19 +102,6 @@ fn decide(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, ports: Option<Ports>) ->
             }
             nat::forget(&key);
         }
-        if is_node_address(ctx, cfg, ip)
-            && let Some(a) = deliver::hostport(ip, &p)
-        {
-            return a;
-        }
-    }
-    if ip.proto == IPPROTO_ICMP
-        && ports.is_none()
-        && !ip.fragment
-        && ip.dst == cfg.node_ip
-        && let Some(o) = crate::icmp_error::translate(ctx, cfg, ip)
-    {
-        return Action::Done(o);
     }
     // SAFETY: read-only copy of a map value.
     if let Some(pod) = unsafe { VPC_ENDPOINTS.get(ip.dst) }.copied() {
@@ -134,6 +121,22 @@ fn decide(ctx: &TcContext, cfg: &NodeConfig, ip: &Ipv4, ports: Option<Ports>) ->
             return Action::Done(pass(reason::PASS_KERNEL_FLOW));
         }
         return Action::ToPod(pod);
+    }
+    // Not a pod's address (a pod never has a node address): a hostPort, or an error
+    // about a translated flow.
+    if let Some(p) = ports
+        && is_node_address(ctx, cfg, ip)
+        && let Some(a) = deliver::hostport(ip, &p)
+    {
+        return a;
+    }
+    if ip.proto == IPPROTO_ICMP
+        && ports.is_none()
+        && !ip.fragment
+        && ip.dst == cfg.node_ip
+        && let Some(o) = crate::icmp_error::translate(ctx, cfg, ip)
+    {
+        return Action::Done(o);
     }
     Action::Done(pass(reason::PASS_NOT_FOR_POD))
 }

@@ -57,7 +57,7 @@ fn ipv4(ctx: &TcContext, ifindex: u32, src_mac: &[u8; 6]) -> Outcome {
     if *src_mac != me.pod_mac {
         return drop(reason::DROP_SPOOFED_MAC);
     }
-    nat::note_first_fragment(ctx);
+    nat::note_first_fragment(ctx, &ip);
     let action = decide(ctx, cfg, &ip, me);
     if action.judged_here() && policy::enabled(cfg) {
         let ends = Ends {

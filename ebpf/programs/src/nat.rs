@@ -1,6 +1,7 @@
 //! Connection tracking and translation of source-NATed and hostPort flows.
 
 use aya_ebpf::{
+    bindings::__sk_buff,
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
@@ -113,18 +114,29 @@ fn frag_record(src: u32, dst: u32, id_proto: u32, ports: u32) {
     let _ = VPC_NAT_FRAGS.insert(key, value, u64::from(BPF_ANY));
 }
 
-/// Records the ports of a first fragment, keyed by its header as it arrived: its later
-/// fragments arrive with the same header and no ports. Every first fragment is recorded
-/// (a later one whose flow is not translated finds no entry with them, and goes on as
-/// any packet without ports), so that this runs before deciding anything.
-///
-/// It reads the header afresh rather than testing [`Ipv4`]'s fragment bits: a branch on
-/// those would have the verifier follow every later step of the program once per
-/// outcome, where a branch on a value nothing reads again costs only this one.
+/// Records the ports of a first fragment (`ip` has more fragments and offset 0), keyed
+/// by its header as it arrived: its later fragments arrive with the same header and no
+/// ports. Every first fragment is recorded (a later one whose flow is not translated
+/// finds no entry with them, and goes on as any packet without ports), so that this
+/// runs before deciding anything.
 #[inline(always)]
-pub fn note_first_fragment(ctx: &TcContext) {
+pub fn note_first_fragment(ctx: &TcContext, ip: &Ipv4) {
+    if ip.fragment && !ip.later_fragment {
+        vpc_note_first_fragment(ctx.skb.skb);
+    }
+}
+
+/// [`note_first_fragment`]'s work, as a global function, which the verifier checks once
+/// on its own: inlined, its branches had the verifier follow every later step of the
+/// calling program once more per outcome (`from_pod` went past its 1M-instruction
+/// budget). It reads the header afresh for the same reason.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vpc_note_first_fragment(skb: *mut __sk_buff) -> u32 {
+    let ctx = TcContext::new(skb);
+    let ctx = &ctx;
     let Ok(hdr) = ptr_at::<Ipv4Hdr>(ctx, IP_OFF) else {
-        return;
+        return 0;
     };
     // SAFETY: ptr_at checked the whole fixed header.
     let (vihl, frags, proto, id, src, dst) = unsafe {
@@ -138,11 +150,11 @@ pub fn note_first_fragment(ctx: &TcContext) {
         )
     };
     if u16::from_be_bytes(frags) & (IP_MF | IP_OFFSET_MASK) != IP_MF {
-        return;
+        return 0;
     }
     let l4 = IP_OFF + usize::from(vihl & 0x0f) * 4;
     let Ok(b) = ptr_at::<[u8; 8]>(ctx, l4) else {
-        return;
+        return 0;
     };
     // SAFETY: ptr_at checked the 8 bytes.
     let b = unsafe { *b };
@@ -155,10 +167,10 @@ pub fn note_first_fragment(ctx: &TcContext) {
             match b[0] {
                 ICMP_ECHO_REQUEST => echo_id << 16,
                 ICMP_ECHO_REPLY => echo_id,
-                _ => return,
+                _ => return 0,
             }
         }
-        _ => return,
+        _ => return 0,
     };
     frag_record(
         u32::from_ne_bytes(src),
@@ -166,6 +178,7 @@ pub fn note_first_fragment(ctx: &TcContext) {
         u32::from(u16::from_ne_bytes(id)) << 8 | u32::from(proto),
         ports,
     );
+    0
 }
 
 #[inline(always)]

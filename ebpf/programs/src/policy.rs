@@ -8,7 +8,11 @@
 //!
 //! See [`vpc_ebpf_common::policy`] for the maps' layout.
 
-use aya_ebpf::{bindings::BPF_ANY, maps::lpm_trie::Key, programs::TcContext};
+use aya_ebpf::{
+    bindings::{__sk_buff, BPF_ANY},
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
 use network_types::ip::Ipv4Hdr;
 use vpc_ebpf_common::{
     counters::reason,
@@ -21,8 +25,8 @@ use vpc_ebpf_common::{
 
 use crate::{
     maps::{
-        VPC_POL_EVENTS, VPC_POL_EVLOST, VPC_POL_FLOWS, VPC_POL_FRAGS, VPC_POL_REV, VPC_POL_RULES,
-        VPC_POLICED,
+        VPC_CONFIG, VPC_POL_EVENTS, VPC_POL_EVLOST, VPC_POL_FLOWS, VPC_POL_FRAGS, VPC_POL_REV,
+        VPC_POL_RULES, VPC_POLICED,
     },
     nat,
     packet::{IP_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ports, ptr_at},
@@ -131,6 +135,61 @@ pub fn judge(ctx: &TcContext, cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option
     if !enabled(cfg) {
         return None;
     }
+    let ports = ip.ports.map_or(0, |p| {
+        1 << 40 | u64::from(p.tcp_flags) << 32 | u64::from(p.src) << 16 | u64::from(p.dst)
+    });
+    let proto_ends =
+        u32::from(ip.proto) | u32::from(ends.src_local) << 8 | u32::from(ends.dst_local) << 9;
+    #[expect(clippy::cast_possible_truncation, reason = "a reason code")]
+    match vpc_policy_judge(ctx.skb.skb, ip.src, ip.dst, ports, proto_ends) {
+        0 => None,
+        r => Some(r as u16),
+    }
+}
+
+/// [`judge`]'s work, as a global function: the verifier checks a global function once,
+/// on its own, where it would check an inlined or static one again for every path of
+/// the calling program that reaches it (policy tripled `from_pod`'s verification time,
+/// which every agent start pays). Arguments are scalars and the context, as a global
+/// function's must be: `ports` is `1 << 40 | tcp_flags << 32 | src << 16 | dst` (0: no
+/// ports), `proto_ends` is `proto | src_local << 8 | dst_local << 9`. Returns 0 to let
+/// the packet go on, otherwise the drop reason.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn vpc_policy_judge(
+    skb: *mut __sk_buff,
+    src: u32,
+    dst: u32,
+    ports: u64,
+    proto_ends: u32,
+) -> u32 {
+    let ctx = TcContext::new(skb);
+    let Some(cfg) = VPC_CONFIG.get(0) else {
+        return 0;
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "unpacked as packed in judge"
+    )]
+    let ip = Conn {
+        src,
+        dst,
+        proto: proto_ends as u8,
+        ports: (ports >> 40 != 0).then_some(Ports {
+            src: (ports >> 16) as u16,
+            dst: ports as u16,
+            tcp_flags: (ports >> 32) as u8,
+        }),
+    };
+    let ends = Ends {
+        src_local: proto_ends & 1 << 8 != 0,
+        dst_local: proto_ends & 1 << 9 != 0,
+    };
+    u32::from(judge_whole(&ctx, cfg, &ip, ends).unwrap_or(0))
+}
+
+#[inline(always)]
+fn judge_whole(ctx: &TcContext, cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option<u16> {
     let verdict = judge_packet(ctx, cfg, ip, ends);
     // The datagram's later fragments carry no ports to judge: they follow this one.
     if verdict.is_none()
@@ -249,18 +308,26 @@ fn judge_packet(ctx: &TcContext, cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Opt
     if as_reply != 0 || judged.is_ok_and(|by_rules| by_rules) {
         report(ip, ends, verdict::ALLOW, 0, u8::from(as_reply != 0));
     }
-    let this = FlowState {
+    // One value and one key, changed in place for the other direction: stack is short.
+    let mut state = FlowState {
         revision,
         seen_ns: now,
         reply: as_reply,
         revoked: 0,
     };
-    let other = FlowState {
-        reply: 1 - as_reply,
-        ..this
-    };
-    let _ = VPC_POL_FLOWS.insert(key, this, u64::from(BPF_ANY));
-    let _ = VPC_POL_FLOWS.insert(key.reversed(), other, u64::from(BPF_ANY));
+    let mut key = key;
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value, each call takes a copy on the stack"
+    )]
+    let _ = VPC_POL_FLOWS.insert(&key, &state, u64::from(BPF_ANY));
+    state.reply = 1 - as_reply;
+    key = key.reversed();
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "by value, each call takes a copy on the stack"
+    )]
+    let _ = VPC_POL_FLOWS.insert(&key, &state, u64::from(BPF_ANY));
     None
 }
 
@@ -302,31 +369,38 @@ fn admitted(src: u32, dst: u32, proto: u8, port: Option<u16>, ends: Ends) -> Res
     Ok(by_rules)
 }
 
-/// Hands a verdict to user space; a full ring buffer loses the event, counted.
+/// Hands a verdict to user space, written in place in the ring buffer (no copy on the
+/// stack, which the calling programs have little of); a full ring buffer loses the
+/// event, counted.
 #[inline(always)]
 fn report(ip: &Conn, ends: Ends, what: u8, why: u16, reply: u8) {
-    let (sport, dport) = ip.ports.map_or((0, 0), |p| (p.src, p.dst));
-    let ev = PolicyEvent {
-        ts_ns: nat::now(),
-        src: ip.src,
-        dst: ip.dst,
-        sport,
-        dport,
-        proto: ip.proto,
-        verdict: what,
-        ends: u8::from(ends.src_local) | u8::from(ends.dst_local) << 1,
-        reply,
-        reason: why,
-        portless: u8::from(ip.ports.is_none()),
-        pad: [0; 5],
+    let Some(mut slot) = VPC_POL_EVENTS.reserve::<PolicyEvent>(0) else {
+        if let Some(lost) = VPC_POL_EVLOST.get_ptr_mut(0) {
+            // SAFETY: a per-CPU slot: only this CPU writes it, and a program cannot
+            // preempt itself on the same CPU.
+            unsafe { *lost += 1 };
+        }
+        return;
     };
-    if VPC_POL_EVENTS.output::<PolicyEvent>(&ev, 0).is_err()
-        && let Some(lost) = VPC_POL_EVLOST.get_ptr_mut(0)
-    {
-        // SAFETY: a per-CPU slot: only this CPU writes it, and a program cannot preempt
-        // itself on the same CPU.
-        unsafe { *lost += 1 };
+    let (sport, dport) = ip.ports.map_or((0, 0), |p| (p.src, p.dst));
+    let ev = slot.as_mut_ptr();
+    // SAFETY: the reserved slot is a PolicyEvent's size; every field is written
+    // (field by field: a whole value would be built on the stack first).
+    unsafe {
+        (*ev).ts_ns = nat::now();
+        (*ev).src = ip.src;
+        (*ev).dst = ip.dst;
+        (*ev).sport = sport;
+        (*ev).dport = dport;
+        (*ev).proto = ip.proto;
+        (*ev).verdict = what;
+        (*ev).ends = u8::from(ends.src_local) | u8::from(ends.dst_local) << 1;
+        (*ev).reply = reply;
+        (*ev).reason = why;
+        (*ev).portless = u8::from(ip.ports.is_none());
+        (*ev).pad = [0; 5];
     }
+    slot.submit(0);
 }
 
 #[inline(always)]
