@@ -314,24 +314,25 @@ fn detach_pinned(pin: &Path) -> io::Result<()> {
         libc::syscall(
             libc::SYS_bpf,
             BPF_OBJ_GET,
-            &get as *const ObjGet,
+            &raw const get,
             std::mem::size_of::<ObjGet>(),
         )
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
     // SAFETY: the kernel just returned this fd to us; the OwnedFd closes it.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
     let detach = LinkDetach {
-        link_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        link_fd: std::os::fd::AsRawFd::as_raw_fd(&fd).cast_unsigned(),
     };
     // SAFETY: as above.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             BPF_LINK_DETACH,
-            &detach as *const LinkDetach,
+            &raw const detach,
             std::mem::size_of::<LinkDetach>(),
         )
     };
