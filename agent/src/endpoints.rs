@@ -172,6 +172,15 @@ impl Registry {
         self.read().values().cloned().collect()
     }
 
+    /// Each endpoint's address and pod, without the rest of the entry (policy asks on
+    /// every re-program, where whole copies were a good part of the time).
+    pub fn pods(&self) -> Vec<(Ipv4Addr, PodRef)> {
+        self.read()
+            .values()
+            .map(|e| (e.ip, e.pod.clone()))
+            .collect()
+    }
+
     /// Records what an ADD gave: the address is the pod's, its veth is not built yet. A
     /// repeated ADD keeps what an earlier one wired.
     pub fn reserve(

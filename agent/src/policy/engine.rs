@@ -254,15 +254,15 @@ impl Engine {
     /// pods a change can touch are compiled again ([`Compiled`]), under the lock, from
     /// the world as it is.
     fn desired(&self) -> Option<BTreeMap<Ipv4Addr, PodRules>> {
-        let endpoints = self.registry.all();
+        let endpoints = self.registry.pods();
         let (out, unknown) = self.with(|c| {
             if c.synced != source::ALL {
                 return None;
             }
             // A local pod's address is known here before the API server has it.
-            for e in &endpoints {
-                let ns = &e.pod.namespace;
-                let set = c.world.set_pod_ip(ns, &e.pod.name, e.ip);
+            for (ip, pod) in &endpoints {
+                let ns = &pod.namespace;
+                let set = c.world.set_pod_ip(ns, &pod.name, *ip);
                 c.changed(set, Some(ns));
             }
             let Cluster {
@@ -272,12 +272,12 @@ impl Engine {
                 ..
             } = c;
             let mut unknown = Vec::new();
-            let local = endpoints.iter().filter_map(|e| {
-                let pod = world.pod(&e.pod.namespace, &e.pod.name);
-                if pod.is_none() {
+            let local = endpoints.iter().filter_map(|e @ (ip, pod)| {
+                let view = world.pod(&pod.namespace, &pod.name);
+                if view.is_none() {
                     unknown.push(e);
                 }
-                Some((e.ip, pod?))
+                Some((*ip, view?))
             });
             let n = compiled.update(world, dirty, local, |pod| {
                 let (rules, cut) = world.compile(pod);
@@ -291,14 +291,14 @@ impl Engine {
             debug!(recompiled = n.pods, kept = n.kept, "local pods' rules");
             let out: BTreeMap<Ipv4Addr, PodRules> = endpoints
                 .iter()
-                .filter_map(|e| Some((e.ip, compiled.rules(e.ip)?.clone())))
+                .filter_map(|(ip, _)| Some((*ip, compiled.rules(*ip)?.clone())))
                 .collect();
             Some((out, unknown))
         })?;
         let mut out = out;
-        for e in unknown {
-            if let Some(r) = self.unknown_pod(e.ip, &e.pod.namespace, &e.pod.name) {
-                out.insert(e.ip, r);
+        for (ip, pod) in unknown {
+            if let Some(r) = self.unknown_pod(*ip, &pod.namespace, &pod.name) {
+                out.insert(*ip, r);
             }
         }
         Some(out)

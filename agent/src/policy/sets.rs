@@ -9,9 +9,11 @@
 //! Pure: the plan of what to write, which [`super::apply`] carries out.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
+
+use ipnet::Ipv4Net;
 
 use vpc_ebpf_common::policy::{PolicedPod, SET_NONE, direction};
 
@@ -19,6 +21,19 @@ use super::compile::{PodRules, RuleSet};
 
 /// A rule set, shared (see [`PodRules`]).
 type Set = std::sync::Arc<RuleSet>;
+
+/// Direction, peer count, first and last peer: equal sets share it, and different sets
+/// seldom do.
+type Fingerprint = (u32, usize, Option<Ipv4Net>, Option<Ipv4Net>);
+
+fn fingerprint(dir: u32, set: &RuleSet) -> Fingerprint {
+    (
+        dir,
+        set.len(),
+        set.first_key_value().map(|(k, _)| *k),
+        set.last_key_value().map(|(k, _)| *k),
+    )
+}
 
 /// What the maps hold (or will once a plan is applied).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -60,9 +75,12 @@ impl Applied {
     /// The plan that makes the maps enforce `desired` (every local pod's rules), and the
     /// state once it is applied.
     pub fn plan(&self, desired: &BTreeMap<Ipv4Addr, PodRules>) -> (Plan, Applied) {
-        // Sets by content, made only when a pod's set is not the very one it had: comparing
-        // sets of hundreds of peers is what a plan would otherwise spend its time on.
-        let mut by_content: Option<BTreeMap<(u32, &Set), u32>> = None;
+        // Sets by content, indexed only when a pod's set is not the very one it had. The
+        // index is by a fingerprint (direction, size, first and last peer), not by
+        // content: ordering hundreds of sets of hundreds of peers by content (a sorted
+        // map) was most of a re-plan's time and its tail. Sets that share a fingerprint
+        // are then compared whole, rarely more than one.
+        let mut by_content: Option<HashMap<Fingerprint, Vec<(u32, &Set)>>> = None;
         let mut next = Applied::default();
         let mut plan = Plan::default();
         let mut used: BTreeSet<u32> = self.sets.keys().copied().collect();
@@ -96,17 +114,27 @@ impl Applied {
                     continue;
                 }
                 let by_content = by_content.get_or_insert_with(|| {
-                    self.sets
-                        .iter()
-                        .map(|(id, (dir, rules))| ((*dir, rules), *id))
-                        .collect()
+                    let mut index: HashMap<Fingerprint, Vec<(u32, &Set)>> = HashMap::new();
+                    for (id, (dir, rules)) in &self.sets {
+                        index
+                            .entry(fingerprint(*dir, rules))
+                            .or_default()
+                            .push((*id, rules));
+                    }
+                    index
                 });
-                let id = *by_content.entry((dir, set)).or_insert_with(|| {
+                let same_content = by_content.entry(fingerprint(dir, set)).or_default();
+                let found = same_content
+                    .iter()
+                    .find(|(_, s)| std::sync::Arc::ptr_eq(s, set) || **s == *set)
+                    .map(|(id, _)| *id);
+                let id = found.unwrap_or_else(|| {
                     let id = (1..=u32::MAX)
                         .find(|i| !used.contains(i))
                         .expect("fewer sets than ids");
                     used.insert(id);
                     plan.new_sets.push((id, dir, set.clone()));
+                    same_content.push((id, set));
                     id
                 });
                 next.sets.insert(id, (dir, set.clone()));

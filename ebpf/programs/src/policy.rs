@@ -308,7 +308,15 @@ fn judge_packet(ctx: &TcContext, cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Opt
     if as_reply != 0 || judged.is_ok_and(|by_rules| by_rules) {
         report(ip, ends, verdict::ALLOW, 0, u8::from(as_reply != 0));
     }
-    // One value and one key, changed in place for the other direction: stack is short.
+    track(key, revision, now, as_reply);
+    None
+}
+
+/// Records an admitted connection both ways (`as_reply`: this packet is the reply
+/// direction of it). One value and one key, changed in place for the other direction:
+/// the judge's stack is what the calling program leaves.
+#[inline(always)]
+fn track(key: FlowKey, revision: u64, now: u64, as_reply: u32) {
     let mut state = FlowState {
         revision,
         seen_ns: now,
@@ -328,7 +336,6 @@ fn judge_packet(ctx: &TcContext, cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Opt
         reason = "by value, each call takes a copy on the stack"
     )]
     let _ = VPC_POL_FLOWS.insert(&key, &state, u64::from(BPF_ANY));
-    None
 }
 
 const TCP_SYN: u8 = 0x02;
