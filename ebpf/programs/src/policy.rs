@@ -48,7 +48,13 @@ pub struct Conn {
     pub proto: u8,
     /// `None`: no L4 ports (a later fragment, a protocol without them).
     pub ports: Option<Ports>,
+    /// [`FRAG_FIRST`], [`FRAG_LATER`], or 0 for a whole datagram.
+    pub fragment: u8,
 }
+
+/// More fragments follow, offset 0: the one with the ports.
+const FRAG_FIRST: u8 = 1;
+const FRAG_LATER: u8 = 2;
 
 impl Conn {
     #[inline(always)]
@@ -58,28 +64,35 @@ impl Conn {
             dst: ip.dst,
             proto: ip.proto,
             ports: ports.filter(|_| !ip.later_fragment),
+            fragment: if ip.later_fragment {
+                FRAG_LATER
+            } else {
+                u8::from(ip.fragment) * FRAG_FIRST
+            },
         }
     }
 }
 
-/// Where a packet stands in its datagram, read from the packet (not carried in
-/// [`Conn`]: the calling programs' stack and registers are at their limit).
+/// Where a packet stands in its datagram; a fragment's datagram id is read from the packet
+/// (not carried in [`Conn`]: the calling programs' stack and registers are at their
+/// limit), only for fragments.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Piece {
     Whole,
-    /// More fragments follow, offset 0: the one with the ports.
     First(FragKey),
     Later(FragKey),
 }
 
 #[inline(always)]
 fn piece(ctx: &TcContext, ip: &Conn) -> Piece {
+    if ip.fragment == 0 {
+        return Piece::Whole;
+    }
     let Ok(hdr) = ptr_at::<Ipv4Hdr>(ctx, IP_OFF) else {
         return Piece::Whole;
     };
     // SAFETY: ptr_at checked the whole fixed header.
-    let (frags, id) = unsafe { ((*hdr).frags, (*hdr).id) };
-    let frags = u16::from_be_bytes(frags);
+    let id = unsafe { (*hdr).id };
     let key = FragKey {
         src: ip.src,
         dst: ip.dst,
@@ -87,16 +100,13 @@ fn piece(ctx: &TcContext, ip: &Conn) -> Piece {
         proto: ip.proto,
         pad: 0,
     };
-    if frags & IP_OFFSET != 0 {
+    if ip.fragment == FRAG_LATER {
         Piece::Later(key)
-    } else if frags & IP_MORE_FRAGMENTS != 0 {
-        Piece::First(key)
     } else {
-        Piece::Whole
+        Piece::First(key)
     }
 }
 
-const IP_MORE_FRAGMENTS: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 const IPPROTO_SCTP: u8 = 132;
 
@@ -138,8 +148,10 @@ pub fn judge(ctx: &TcContext, cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option
     let ports = ip.ports.map_or(0, |p| {
         1 << 40 | u64::from(p.tcp_flags) << 32 | u64::from(p.src) << 16 | u64::from(p.dst)
     });
-    let proto_ends =
-        u32::from(ip.proto) | u32::from(ends.src_local) << 8 | u32::from(ends.dst_local) << 9;
+    let proto_ends = u32::from(ip.proto)
+        | u32::from(ends.src_local) << 8
+        | u32::from(ends.dst_local) << 9
+        | u32::from(ip.fragment) << 10;
     #[expect(clippy::cast_possible_truncation, reason = "a reason code")]
     match vpc_policy_judge(ctx.skb.skb, ip.src, ip.dst, ports, proto_ends) {
         0 => None,
@@ -152,7 +164,7 @@ pub fn judge(ctx: &TcContext, cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option
 /// the calling program that reaches it (policy tripled `from_pod`'s verification time,
 /// which every agent start pays). Arguments are scalars and the context, as a global
 /// function's must be: `ports` is `1 << 40 | tcp_flags << 32 | src << 16 | dst` (0: no
-/// ports), `proto_ends` is `proto | src_local << 8 | dst_local << 9`. Returns 0 to let
+/// ports), `proto_ends` is `proto | src_local << 8 | dst_local << 9 | fragment << 10`. Returns 0 to let
 /// the packet go on, otherwise the drop reason.
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -180,6 +192,7 @@ pub extern "C" fn vpc_policy_judge(
             dst: ports as u16,
             tcp_flags: (ports >> 32) as u8,
         }),
+        fragment: (proto_ends >> 10) as u8 & (FRAG_FIRST | FRAG_LATER),
     };
     let ends = Ends {
         src_local: proto_ends & 1 << 8 != 0,
