@@ -164,8 +164,8 @@ pub fn judge(ctx: &TcContext, cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Option
 /// the calling program that reaches it (policy tripled `from_pod`'s verification time,
 /// which every agent start pays). Arguments are scalars and the context, as a global
 /// function's must be: `ports` is `1 << 40 | tcp_flags << 32 | src << 16 | dst` (0: no
-/// ports), `proto_ends` is `proto | src_local << 8 | dst_local << 9 | fragment << 10`. Returns 0 to let
-/// the packet go on, otherwise the drop reason.
+/// ports), `proto_ends` is `proto | src_local << 8 | dst_local << 9 | fragment << 10`.
+/// Returns 0 to let the packet go on, otherwise the drop reason.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn vpc_policy_judge(
