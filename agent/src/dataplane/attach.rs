@@ -193,10 +193,13 @@ impl Attachments {
                 // Removing the pin alone frees the link later, from a kernel work queue:
                 // the program would go on running for a moment after detach returned.
                 if let Err(source) = detach_pinned(&pin)
-                    && source.kind() != io::ErrorKind::NotFound
+                    && !matches!(
+                        source.raw_os_error(),
+                        Some(libc::ENOENT | libc::ENOLINK | libc::ENODEV)
+                    )
                 {
-                    // A link whose device is gone cannot be detached and needs not be.
-                    debug!(pin = %pin.display(), error = %source, "BPF_LINK_DETACH");
+                    // Unpinning still detaches it, a moment later.
+                    warn!(pin = %pin.display(), error = %source, "detaching a pinned link (BPF_OBJ_GET, BPF_LINK_DETACH)");
                 }
                 match std::fs::remove_file(&pin) {
                     Ok(()) => Ok(()),
@@ -296,6 +299,9 @@ fn detach_pinned(pin: &Path) -> io::Result<()> {
         bpf_fd: u32,
         file_flags: u32,
         path_fd: i32,
+        // Explicit: the kernel refuses the call (EINVAL) when any byte past `path_fd`
+        // is not zero, and implicit padding holds whatever the stack held.
+        pad: u32,
     }
     #[repr(C)]
     struct LinkDetach {
@@ -308,6 +314,7 @@ fn detach_pinned(pin: &Path) -> io::Result<()> {
         bpf_fd: 0,
         file_flags: 0,
         path_fd: 0,
+        pad: 0,
     };
     // SAFETY: `get` outlives the call and its size is passed; `path` outlives `get`.
     let fd = unsafe {

@@ -265,6 +265,12 @@ fn judge_packet(ctx: &TcContext, cfg: &NodeConfig, ip: &Conn, ends: Ends) -> Opt
         if now.wrapping_sub(seen) < idle {
             // SAFETY: as above.
             let was_revoked = unsafe { (*f).revoked };
+            // Judged under this revision and seen lately: nothing to write. Writing the
+            // time on every packet would dirty the entry's cache line for each one (and
+            // across CPUs); the idle timeouts are minutes, a second late is nothing.
+            if judged == revision && now.wrapping_sub(seen) < SEEN_REFRESH_NS {
+                return (was_revoked != 0).then_some(reason::DROP_POLICY_REVOKED);
+            }
             let mut revoked = was_revoked;
             if judged != revision {
                 // Judge the connection as it was opened: a reply entry's key is reversed.
@@ -350,6 +356,9 @@ fn track(key: FlowKey, revision: u64, now: u64, as_reply: u32) {
     )]
     let _ = VPC_POL_FLOWS.insert(&key, &state, u64::from(BPF_ANY));
 }
+
+/// How stale a tracked flow's last-seen time may get before a packet refreshes it.
+const SEEN_REFRESH_NS: u64 = 1_000_000_000;
 
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
