@@ -316,37 +316,33 @@ fn detach_pinned(pin: &Path) -> io::Result<()> {
         path_fd: 0,
         pad: 0,
     };
-    // SAFETY: `get` outlives the call and its size is passed; `path` outlives `get`.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw const get,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // `path` outlives `get`, which points to it.
+    let fd = sys_bpf(BPF_OBJ_GET, &get)?;
     let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
     // SAFETY: the kernel just returned this fd to us; the OwnedFd closes it.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
     let detach = LinkDetach {
         link_fd: std::os::fd::AsRawFd::as_raw_fd(&fd).cast_unsigned(),
     };
-    // SAFETY: as above.
+    sys_bpf(BPF_LINK_DETACH, &detach).map(|_| ())
+}
+
+/// The bpf(2) syscall with `attr` (a `#[repr(C)]` prefix of `union bpf_attr`, with no
+/// implicit padding: the kernel wants every byte past the command's fields zero).
+fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is valid for reads of its size for the whole call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &raw const detach,
-            std::mem::size_of::<LinkDetach>(),
+            cmd,
+            std::ptr::from_ref(attr),
+            std::mem::size_of::<T>(),
         )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(rc)
 }
 
 fn parse_pin(name: &str, programs: &[&'static str]) -> Option<(u32, Hook, &'static str)> {
