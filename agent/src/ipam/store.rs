@@ -612,37 +612,62 @@ impl Store {
         enis
     }
 
-    /// Up to `n` free secondary addresses to give back, from the highest ENI down so the
-    /// primary ENI stays full and secondary ENIs empty out.
-    pub fn releasable_ips(&self, n: u32, now_ms: u64) -> Vec<(String, Ipv4Addr)> {
-        let enis = self.release_order();
-        enis.iter()
-            .flat_map(|e| {
-                e.addrs
-                    .iter()
-                    .rev()
-                    .filter(|(_, s)| Self::reusable(s, now_ms))
-                    .map(|(ip, _)| (e.id.clone(), *ip))
-            })
-            .take(n as usize)
-            .collect()
+    fn still_cooling(state: &AddrState, now_ms: u64) -> bool {
+        matches!(state, AddrState::Cooling { until_ms } if *until_ms > now_ms)
     }
 
-    /// Up to `n` wholly free prefixes, highest ENI first.
+    /// Up to `n` free secondary addresses to give back, from the highest ENI down so the
+    /// primary ENI stays full and secondary ENIs empty out.
+    ///
+    /// Stops below an ENI whose addresses are still cooling: they are free in a moment,
+    /// and taking a lower ENI's addresses instead would reach the target with a
+    /// secondary ENI kept for a few addresses, which nothing empties later.
+    pub fn releasable_ips(&self, n: u32, now_ms: u64) -> Vec<(String, Ipv4Addr)> {
+        let mut out = Vec::new();
+        for e in self.release_order() {
+            let mut cooling = false;
+            for (ip, state) in e.addrs.iter().rev() {
+                if out.len() == n as usize {
+                    return out;
+                }
+                if Self::reusable(state, now_ms) {
+                    out.push((e.id.clone(), *ip));
+                }
+                cooling |= Self::still_cooling(state, now_ms);
+            }
+            if cooling {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Up to `n` wholly free prefixes, highest ENI first, stopping below an ENI with a
+    /// prefix that is only waiting for its cooldown (as for addresses).
     pub fn releasable_prefixes(&self, n: u32, now_ms: u64) -> Vec<(String, Ipv4Addr)> {
-        let enis = self.release_order();
-        enis.iter()
-            .flat_map(|e| {
-                e.prefixes
+        let mut out = Vec::new();
+        for e in self.release_order() {
+            let mut cooling = false;
+            for base in e.prefixes.iter().rev() {
+                if out.len() == n as usize {
+                    return out;
+                }
+                let states: Vec<&AddrState> =
+                    Eni::prefix_addrs(*base).map(|ip| &e.addrs[&ip]).collect();
+                if states.iter().all(|s| Self::reusable(s, now_ms)) {
+                    out.push((e.id.clone(), *base));
+                } else if states
                     .iter()
-                    .rev()
-                    .filter(|b| {
-                        Eni::prefix_addrs(**b).all(|ip| Self::reusable(&e.addrs[&ip], now_ms))
-                    })
-                    .map(|b| (e.id.clone(), *b))
-            })
-            .take(n as usize)
-            .collect()
+                    .all(|s| Self::reusable(s, now_ms) || Self::still_cooling(s, now_ms))
+                {
+                    cooling = true;
+                }
+            }
+            if cooling {
+                break;
+            }
+        }
+        out
     }
 }
 
@@ -743,6 +768,40 @@ mod tests {
         s.release(&key("c1"), 0);
         assert!(s.remove_eni("eni-0", 0).is_err(), "cooling");
         assert!(s.remove_eni("eni-0", 30_000).is_ok());
+    }
+
+    #[test]
+    fn release_waits_for_a_higher_enis_cooling_addresses() {
+        // Pods on the secondary ENI went last: their addresses cool while the primary's
+        // are free. Releasing the primary's would strand the secondary ENI.
+        let mut s = store();
+        s.upsert_eni("eni-1", 1, mac(2), ip("10.0.1.10"));
+        s.add_ips("eni-1", &[ip("10.0.1.20"), ip("10.0.1.21")])
+            .unwrap();
+        let mut on_eni1 = Vec::new();
+        for i in 0..4 {
+            let a = s
+                .assign(&key(&format!("c{i}")), &PodMeta::default(), 0)
+                .unwrap();
+            if a.eni_id == "eni-1" {
+                on_eni1.push(i);
+            }
+        }
+        assert_eq!(on_eni1, [2, 3], "the primary fills first");
+        for i in 0..4 {
+            s.release(&key(&format!("c{i}")), if i < 2 { 0 } else { 20_000 });
+        }
+        let got = |now| -> Vec<String> {
+            s.releasable_ips(3, now)
+                .into_iter()
+                .map(|(e, a)| format!("{e}/{a}"))
+                .collect()
+        };
+        assert!(got(40_000).is_empty(), "{:?}", got(40_000));
+        assert_eq!(
+            got(50_000),
+            ["eni-1/10.0.1.21", "eni-1/10.0.1.20", "eni-0/10.0.0.21"]
+        );
     }
 
     #[test]
