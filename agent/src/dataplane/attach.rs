@@ -23,7 +23,10 @@ use aya::{
 };
 use tracing::{debug, info, warn};
 
-use super::{AttachMode, DataplaneError, Hook, add_clsact, classifier};
+use super::{
+    AttachMode, DataplaneError, Hook, add_clsact, classifier,
+    sys::{BPF_LINK_DETACH, BPF_OBJ_GET, sys_bpf},
+};
 
 /// Priority and handle of our clsact filters: fixed, so that they can be found again.
 const CLSACT_PRIORITY: u16 = 0x0300;
@@ -291,8 +294,6 @@ fn update_pinned(ebpf: &mut Ebpf, pin: &Path, program: &'static str) -> Result<(
 /// the pin stays and refers to a defunct link.
 fn detach_pinned(pin: &Path) -> io::Result<()> {
     use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
@@ -309,7 +310,7 @@ fn detach_pinned(pin: &Path) -> io::Result<()> {
     }
     let path = std::ffi::CString::new(pin.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let get = ObjGet {
+    let mut get = ObjGet {
         pathname: path.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
@@ -317,32 +318,14 @@ fn detach_pinned(pin: &Path) -> io::Result<()> {
         pad: 0,
     };
     // `path` outlives `get`, which points to it.
-    let fd = sys_bpf(BPF_OBJ_GET, &get)?;
+    let fd = sys_bpf(BPF_OBJ_GET, &mut get)?;
     let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
     // SAFETY: the kernel just returned this fd to us; the OwnedFd closes it.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    let detach = LinkDetach {
+    let mut detach = LinkDetach {
         link_fd: std::os::fd::AsRawFd::as_raw_fd(&fd).cast_unsigned(),
     };
-    sys_bpf(BPF_LINK_DETACH, &detach).map(|_| ())
-}
-
-/// The bpf(2) syscall with `attr` (a `#[repr(C)]` prefix of `union bpf_attr`, with no
-/// implicit padding: the kernel wants every byte past the command's fields zero).
-fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is valid for reads of its size for the whole call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_ref(attr),
-            std::mem::size_of::<T>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(rc)
+    sys_bpf(BPF_LINK_DETACH, &mut detach).map(|_| ())
 }
 
 fn parse_pin(name: &str, programs: &[&'static str]) -> Option<(u32, Hook, &'static str)> {

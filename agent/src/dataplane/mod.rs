@@ -20,6 +20,7 @@ mod maps;
 pub mod owner;
 mod policy_maps;
 mod spec;
+mod sys;
 
 use std::{
     collections::{BTreeMap, HashMap},

@@ -2,11 +2,15 @@
 //! earlier run applied, so that a restarted agent diffs against the pinned maps instead
 //! of rewriting them (the programs keep enforcing throughout).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, BorrowedFd},
+};
 
 use aya::{
     Ebpf,
     maps::{Array, HashMap, LpmTrie, MapError, lpm_trie::Key},
+    sys::SyscallError,
 };
 use ipnet::Ipv4Net;
 use vpc_ebpf_common::{
@@ -20,6 +24,7 @@ use vpc_ebpf_common::{
 use super::{
     DataplaneError,
     spec::{be, from_be},
+    sys,
 };
 use crate::policy::{
     compile::RuleSet,
@@ -72,28 +77,27 @@ fn value(ranges: &[vpc_ebpf_common::policy::PortRange]) -> PortRules {
 }
 
 /// Writes `plan`: new sets, then pod pointers, then removals, then a new revision so
-/// that tracked connections are judged again under the new rules.
+/// that tracked connections are judged again under the new rules. Rule entries go in
+/// batches: a set of hundreds of peers is one syscall, not hundreds.
 pub fn apply(ebpf: &mut Ebpf, plan: &Plan) -> Result<(), DataplaneError> {
     if plan.is_empty() {
         return Ok(());
     }
-    {
-        let mut rules = rules_map(ebpf)?;
-        for (id, dir, set) in &plan.new_sets {
-            for (net, ranges) in set.iter() {
-                rules
-                    .insert(&key(*id, *dir, *net), value(ranges), 0)
-                    .map_err(map_err(maps::POLICY_RULES))?;
-            }
-        }
-        for (id, dir, old, new) in &plan.amended {
-            for (net, ranges) in new.iter().filter(|(n, r)| old.get(n) != Some(r)) {
-                rules
-                    .insert(&key(*id, *dir, *net), value(ranges), 0)
-                    .map_err(map_err(maps::POLICY_RULES))?;
-            }
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
+    for (id, dir, set) in &plan.new_sets {
+        for (net, ranges) in set.iter() {
+            keys.push(key(*id, *dir, *net));
+            values.push(value(ranges));
         }
     }
+    for (id, dir, old, new) in &plan.amended {
+        for (net, ranges) in new.iter().filter(|(n, r)| old.get(n) != Some(r)) {
+            keys.push(key(*id, *dir, *net));
+            values.push(value(ranges));
+        }
+    }
+    write_rules(ebpf, &keys, &values)?;
     {
         let mut pods = policed_map(ebpf)?;
         for (ip, p) in &plan.pods_set {
@@ -108,31 +112,87 @@ pub fn apply(ebpf: &mut Ebpf, plan: &Plan) -> Result<(), DataplaneError> {
             }
         }
     }
-    {
-        let mut rules = rules_map(ebpf)?;
-        let gone = plan
-            .dead_sets
-            .iter()
-            .map(|(id, dir, set)| (id, dir, set, None));
-        let dropped = plan
-            .amended
-            .iter()
-            .map(|(id, dir, old, new)| (id, dir, old, Some(new)));
-        for (id, dir, set, kept) in gone.chain(dropped) {
-            for net in set
-                .keys()
+    let gone = plan
+        .dead_sets
+        .iter()
+        .map(|(id, dir, set)| (id, dir, set, None));
+    let dropped = plan
+        .amended
+        .iter()
+        .map(|(id, dir, old, new)| (id, dir, old, Some(new)));
+    let mut doomed = Vec::new();
+    for (id, dir, set, kept) in gone.chain(dropped) {
+        doomed.extend(
+            set.keys()
                 .filter(|n| kept.is_none_or(|k| !k.contains_key(*n)))
-            {
-                match rules.remove(&key(*id, *dir, *net)) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(MapError::SyscallError(e))
-                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(e) => return Err(map_err(maps::POLICY_RULES)(e)),
-                }
+                .map(|net| key(*id, *dir, *net)),
+        );
+    }
+    remove_rules(ebpf, &doomed)?;
+    bump_revision(ebpf)
+}
+
+fn rules_fd(ebpf: &Ebpf) -> Result<BorrowedFd<'_>, DataplaneError> {
+    match ebpf.map(maps::POLICY_RULES) {
+        Some(aya::maps::Map::LpmTrie(m)) => Ok(m.fd().as_fd()),
+        Some(_) => Err(map_err(maps::POLICY_RULES)(MapError::InvalidMapType {
+            map_type: 0,
+        })),
+        None => Err(DataplaneError::MissingMap(maps::POLICY_RULES)),
+    }
+}
+
+fn batch_err(call: &'static str, e: sys::BatchError) -> DataplaneError {
+    map_err(maps::POLICY_RULES)(MapError::SyscallError(SyscallError {
+        call,
+        io_error: e.source,
+    }))
+}
+
+/// Inserts or replaces `keys[i]` → `values[i]`, in order.
+fn write_rules(
+    ebpf: &mut Ebpf,
+    keys: &[Key<RulePeer>],
+    values: &[PortRules],
+) -> Result<(), DataplaneError> {
+    match sys::update_batch(rules_fd(ebpf)?, keys, values) {
+        Ok(()) => Ok(()),
+        Err(e) if e.unsupported() => {
+            let mut rules = rules_map(ebpf)?;
+            for (k, v) in keys.iter().zip(values) {
+                rules.insert(k, v, 0).map_err(map_err(maps::POLICY_RULES))?;
             }
+            Ok(())
+        }
+        Err(e) => Err(batch_err("BPF_MAP_UPDATE_BATCH", e)),
+    }
+}
+
+/// Deletes `keys`; a key already absent is not an error.
+fn remove_rules(ebpf: &mut Ebpf, mut keys: &[Key<RulePeer>]) -> Result<(), DataplaneError> {
+    while !keys.is_empty() {
+        match sys::delete_batch(rules_fd(ebpf)?, keys) {
+            Ok(()) => return Ok(()),
+            // The kernel stops at the first absent key: skip it, go on after it.
+            Err(e) if e.source.raw_os_error() == Some(libc::ENOENT) => {
+                keys = keys.get(e.done + 1..).unwrap_or_default();
+            }
+            Err(e) if e.unsupported() => {
+                let mut rules = rules_map(ebpf)?;
+                for k in keys {
+                    match rules.remove(k) {
+                        Ok(()) | Err(MapError::KeyNotFound) => {}
+                        Err(MapError::SyscallError(e))
+                            if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                        Err(e) => return Err(map_err(maps::POLICY_RULES)(e)),
+                    }
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(batch_err("BPF_MAP_DELETE_BATCH", e)),
         }
     }
-    bump_revision(ebpf)
+    Ok(())
 }
 
 /// Opens the mid-stream window (see [`MID_STREAM_UNTIL_INDEX`]) unless it was opened

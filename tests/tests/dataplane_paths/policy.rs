@@ -649,3 +649,79 @@ fn verdicts_reach_user_space_as_events_named_by_pod_and_policy() {
         );
     });
 }
+
+/// B admits 600 single addresses of 10.9.0.0/16 (`extra` of them more): a set as big as
+/// a team's monitoring pods.
+fn many_peers(extra: usize) -> serde_json::Value {
+    let from: Vec<serde_json::Value> = (0..600 + extra)
+        .map(|i| {
+            let a = ip(
+                10,
+                9,
+                u8::try_from(i / 250).unwrap(),
+                u8::try_from(i % 250).unwrap(),
+            );
+            serde_json::json!({"ipBlock": {"cidr": format!("{a}/32")}})
+        })
+        .collect();
+    serde_json::json!({
+        "podSelector": {"matchLabels": {"pod": "b"}},
+        "ingress": [{"from": from, "ports": [{"port": 8080}]}],
+    })
+}
+
+#[test]
+fn big_rule_sets_are_written_amended_and_removed_whole() {
+    on_policy_node("pol-batch", |n| {
+        let syn = |src| tcp_from_vpc(src, POD_B, 5000, 8080, SYN);
+        let newcomer = ip(10, 9, 2, 100);
+        // Written in one go (`enforce` reads every entry back).
+        enforce(n, &[many_peers(0)]);
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &syn(ip(10, 9, 1, 7))).2,
+            reason::FWD_LOCAL_POD
+        );
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &syn(newcomer)).2,
+            reason::DROP_POLICY_INGRESS
+        );
+        // One peer more: the set is amended in place.
+        let before = n.dp.policy_applied().unwrap();
+        enforce(n, &[many_peers(1)]);
+        let after = n.dp.policy_applied().unwrap();
+        assert_eq!(
+            before.sets.keys().collect::<Vec<_>>(),
+            after.sets.keys().collect::<Vec<_>>(),
+            "the same set, amended"
+        );
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &syn(newcomer)).2,
+            reason::FWD_LOCAL_POD
+        );
+        // Removal goes on past entries that are not there: a plan made from a stale view
+        // (peers in the middle of the set that were never written) still removes the rest.
+        let mut plan = vpc_ebpf_agent::policy::sets::Plan {
+            pods_removed: after.pods.keys().copied().collect(),
+            ..Default::default()
+        };
+        for (id, (dir, set)) in &after.sets {
+            let mut stale = (**set).clone();
+            for absent in [
+                "10.8.0.0/24",
+                "10.9.1.251/32",
+                "10.9.1.252/32",
+                "10.9.9.9/32",
+            ] {
+                stale.insert(absent.parse().unwrap(), Vec::new());
+            }
+            plan.dead_sets.push((*id, *dir, std::sync::Arc::new(stale)));
+        }
+        n.dp.apply_policy(&plan)
+            .expect("removal with absent entries");
+        assert_eq!(n.dp.policy_applied().unwrap(), Applied::default());
+        assert_eq!(
+            run(&mut n.dp, FROM_ENI, &syn(ip(10, 9, 1, 7))).2,
+            reason::FWD_LOCAL_POD
+        );
+    });
+}
