@@ -34,7 +34,7 @@ pub fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
 
 /// `union bpf_attr`'s `batch` member.
 #[repr(C)]
-struct Batch {
+struct BatchAttr {
     in_batch: u64,
     out_batch: u64,
     keys: u64,
@@ -73,7 +73,7 @@ fn batch(
     if count == 0 {
         return Ok(());
     }
-    let mut attr = Batch {
+    let mut attr = BatchAttr {
         in_batch: 0,
         out_batch: 0,
         keys,

@@ -11,7 +11,10 @@ use std::{
 use ipnet::Ipv4Net;
 use vpc_ebpf_common::policy::{PORT_RANGES_MAX, PortRange};
 
-use super::model::{Peer, PodView, Policy, PortRule, PortSel, Rule, Selector};
+use super::{
+    label_index::{LabelIndex, selector_keys},
+    model::{Peer, PodView, Policy, PortRule, PortSel, Rule, Selector},
+};
 
 /// Peer prefix → the port ranges peers under it may use, flattened so that the longest
 /// matching prefix alone holds the answer. An empty list admits nothing.
@@ -48,6 +51,8 @@ pub struct World {
     pod_count: usize,
     /// Address → the pod holding it (routable pods only).
     by_ip: HashMap<Ipv4Addr, Key>,
+    /// The routable pods' addresses by namespace and label.
+    labelled: LabelIndex,
     /// Namespace → name → policy (in name order, so `PodRules::policies` is too).
     policies: HashMap<String, BTreeMap<String, Policy>>,
     policy_count: usize,
@@ -95,12 +100,13 @@ impl World {
         if self.pod(&p.namespace, &p.name) == Some(&p) {
             return false;
         }
-        self.unindex_ip(&p.namespace, &p.name);
+        self.unindex(&p.namespace, &p.name);
         let key = key_of(&p.namespace, &p.name);
         if routable(&p)
             && let Some(ip) = p.ip
         {
             self.by_ip.insert(ip, key.clone());
+            self.labelled.add(&p.namespace, &p.labels, ip);
         }
         let (_, new) = upsert(&mut self.pods, &key.0, &key.1, p);
         self.pod_count += usize::from(new);
@@ -108,13 +114,22 @@ impl World {
     }
 
     pub fn remove_pod(&mut self, namespace: &str, name: &str) -> bool {
-        self.unindex_ip(namespace, name);
+        self.unindex(namespace, name);
         let gone = remove(&mut self.pods, namespace, name).is_some();
         self.pod_count -= usize::from(gone);
         gone
     }
 
-    fn unindex_ip(&mut self, namespace: &str, name: &str) {
+    fn unindex(&mut self, namespace: &str, name: &str) {
+        let Some(p) = self.pod(namespace, name) else {
+            return;
+        };
+        if routable(p)
+            && let Some(ip) = p.ip
+        {
+            let labels = p.labels.clone();
+            self.labelled.remove(namespace, &labels, ip);
+        }
         if let Some(ip) = self.pod(namespace, name).and_then(|p| p.ip)
             && self
                 .by_ip
@@ -128,6 +143,7 @@ impl World {
     pub fn replace_pods(&mut self, pods: impl IntoIterator<Item = PodView>) {
         self.pods.clear();
         self.by_ip.clear();
+        self.labelled.clear_pods();
         self.pod_count = 0;
         for p in pods {
             self.upsert_pod(p);
@@ -149,22 +165,45 @@ impl World {
 
     pub fn upsert_policy(&mut self, p: Policy) -> bool {
         let (ns, name) = key_of(&p.namespace, &p.name);
-        let (changed, new) = upsert(&mut self.policies, &ns, &name, p);
-        self.policy_count += usize::from(new);
-        changed
+        if self.policies.get(&ns).and_then(|m| m.get(&name)) == Some(&p) {
+            return false;
+        }
+        // The new selectors' keys first, so that a key both name stays indexed.
+        for k in selector_keys(&p) {
+            self.labelled.want(k, routable_pods(&self.pods));
+        }
+        match self.policies.entry(ns).or_default().insert(name, p) {
+            Some(old) => {
+                for k in selector_keys(&old) {
+                    self.labelled.unwant(k);
+                }
+            }
+            None => self.policy_count += 1,
+        }
+        true
     }
 
     pub fn remove_policy(&mut self, namespace: &str, name: &str) -> bool {
-        let gone = remove(&mut self.policies, namespace, name).is_some();
-        self.policy_count -= usize::from(gone);
-        gone
+        let Some(old) = remove(&mut self.policies, namespace, name) else {
+            return false;
+        };
+        for k in selector_keys(&old) {
+            self.labelled.unwant(k);
+        }
+        self.policy_count -= 1;
+        true
     }
 
     pub fn replace_policies(&mut self, policies: impl IntoIterator<Item = Policy>) {
-        self.policies.clear();
+        let old = std::mem::take(&mut self.policies);
         self.policy_count = 0;
         for p in policies {
             self.upsert_policy(p);
+        }
+        for p in old.values().flat_map(BTreeMap::values) {
+            for k in selector_keys(p) {
+                self.labelled.unwant(k);
+            }
         }
     }
 
@@ -242,15 +281,15 @@ impl World {
             .flat_map(BTreeMap::values)
     }
 
-    /// The pods a pod peer of `pol` can select: its namespace's, or those of the
-    /// namespaces `namespaces` selects.
-    fn peer_candidates<'a>(
+    /// The namespaces whose pods a pod peer of `pol` can select: the policy's own, or
+    /// those `namespaces` selects.
+    fn peer_namespaces<'a>(
         &'a self,
         pol: &'a Policy,
         namespaces: Option<&'a Selector>,
-    ) -> Box<dyn Iterator<Item = &'a PodView> + 'a> {
+    ) -> Box<dyn Iterator<Item = &'a str> + 'a> {
         match namespaces {
-            None => Box::new(self.pods_in(&pol.namespace)),
+            None => Box::new(std::iter::once(pol.namespace.as_str())),
             // With labels to match, only the namespaces that carry the rarest of them
             // can; a namespace not (yet) known has no labels, so only a selector without
             // labels can take it, and that one looks at every namespace with pods.
@@ -265,16 +304,26 @@ impl World {
                         .into_iter()
                         .flatten()
                         .filter(move |ns| sel.matches(self.namespace_labels(ns)))
-                        .flat_map(move |ns| self.pods_in(ns)),
+                        .map(String::as_str),
                 ),
                 None => Box::new(
                     self.pods
-                        .iter()
-                        .filter(move |(ns, _)| sel.matches(self.namespace_labels(ns)))
-                        .flat_map(|(_, pods)| pods.values()),
+                        .keys()
+                        .filter(move |ns| sel.matches(self.namespace_labels(ns)))
+                        .map(String::as_str),
                 ),
             },
         }
+    }
+
+    /// The pods a pod peer of `pol` can select.
+    fn peer_candidates<'a>(
+        &'a self,
+        pol: &'a Policy,
+        namespaces: Option<&'a Selector>,
+    ) -> impl Iterator<Item = &'a PodView> + 'a {
+        self.peer_namespaces(pol, namespaces)
+            .flat_map(|ns| self.pods_in(ns))
     }
 }
 
@@ -443,6 +492,22 @@ impl World {
             match peer {
                 Peer::Block { cidr, except } => nets.push((*cidr, except.clone())),
                 Peer::Ipv6Block => {}
+                // Labels only (the usual selector): the index has the addresses.
+                Peer::Pods {
+                    namespaces,
+                    pods: Some(sel),
+                } if sel.exprs.is_empty() => {
+                    for ns in self.peer_namespaces(pol, namespaces.as_ref()) {
+                        match self.labelled.carrying(ns, &sel.labels) {
+                            Some(ips) => nets.extend(ips.map(|ip| (host(ip), Vec::new()))),
+                            None => nets.extend(
+                                self.pods_in(ns)
+                                    .filter(|p| routable(p) && sel.matches(&p.labels))
+                                    .filter_map(|p| p.ip.map(|ip| (host(ip), Vec::new()))),
+                            ),
+                        }
+                    }
+                }
                 Peer::Pods { namespaces, pods } => nets.extend(
                     self.peer_candidates(pol, namespaces.as_ref())
                         .filter(|p| routable(p))
@@ -475,6 +540,18 @@ pub fn set_admits(set: &RuleSet, peer: std::net::Ipv4Addr, proto: u8, port: Opti
             rules.ranges[..n].copy_from_slice(&ranges[..n]);
             rules.admits(proto, port)
         })
+}
+
+/// Every routable pod as the label index takes them.
+fn routable_pods(
+    pods: &HashMap<String, BTreeMap<String, PodView>>,
+) -> impl Iterator<Item = (&str, &super::model::Labels, Ipv4Addr)> {
+    pods.iter().flat_map(|(ns, names)| {
+        names
+            .values()
+            .filter(|p| routable(p))
+            .filter_map(move |p| Some((ns.as_str(), &p.labels, p.ip?)))
+    })
 }
 
 /// Pods a policy peer can be: with an address of their own (a hostNetwork pod has its

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod flow_log;
 pub mod flows;
 pub mod intern;
+pub mod label_index;
 pub mod model;
 pub mod sets;
 #[cfg(test)]

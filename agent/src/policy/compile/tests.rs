@@ -570,3 +570,101 @@ fn the_world_keeps_its_indexes_through_changes() {
         vec!["x/a1".to_owned(), "x/z2".to_owned()]
     );
 }
+
+/// A change to a world, for tests that take several in turn.
+type Step<'a> = Box<dyn Fn(&mut World) + 'a>;
+
+/// Peers selected by labels come from the label index; after every kind of pod change
+/// they are exactly those a scan of every pod finds.
+#[test]
+fn peers_selected_by_labels_follow_every_pod_change() {
+    let mut w = world(&[serde_json::json!({
+        "metadata": {"namespace": "x", "name": "p"},
+        "spec": {
+            "podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [
+                {"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "b"}}}]},
+                {"from": [{"podSelector": {"matchLabels": {"pod": "c", "tier": "fe"}}}]},
+            ],
+        },
+    })]);
+    // With `probe`, policy `q` admits x's pods labelled role=probe too.
+    let scan = |w: &World, probe: bool| -> BTreeSet<Ipv4Addr> {
+        w.pods()
+            .filter(|p| !p.host_network)
+            .filter(|p| {
+                let has = |k: &str, v: &str| p.labels.get(k).map(String::as_str) == Some(v);
+                has("pod", "b")
+                    || (p.namespace == "x" && has("pod", "c") && has("tier", "fe"))
+                    || (probe && p.namespace == "x" && has("role", "probe"))
+            })
+            .filter_map(|p| p.ip)
+            .collect()
+    };
+    let compiled = |w: &World| -> BTreeSet<Ipv4Addr> {
+        let rules = w.compile(nth(w, 0)).0;
+        rules
+            .ingress
+            .expect("x/a is isolated")
+            .keys()
+            .map(ipnet::Ipv4Net::addr)
+            .collect()
+    };
+    let relabel = |w: &mut World, i: usize, kv: &[(&str, &str)]| {
+        change(w, i, |p| {
+            p.labels = kv
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>()
+                .into();
+        });
+    };
+    let steps: Vec<Step> = vec![
+        Box::new(|_| {}),
+        // y/b becomes no peer; z/a becomes one.
+        Box::new(|w| relabel(w, 4, &[("pod", "q")])),
+        Box::new(|w| relabel(w, 6, &[("pod", "b")])),
+        // Both labels needed: x/c gains the second.
+        Box::new(|w| relabel(w, 2, &[("pod", "c"), ("tier", "fe")])),
+        // A new address, none, then host networking.
+        Box::new(|w| change(w, 7, |p| p.ip = Some(Ipv4Addr::new(10, 9, 9, 9)))),
+        Box::new(|w| change(w, 1, |p| p.ip = None)),
+        Box::new(|w| change(w, 1, |p| p.ip = Some(ip_of(0, 1)))),
+        Box::new(|w| change(w, 7, |p| p.host_network = true)),
+        // Two pods on one address (a pod going while its successor comes), then one.
+        Box::new(|w| {
+            change(w, 5, |p| {
+                p.ip = Some(ip_of(2, 0));
+                p.labels = BTreeMap::from([("pod".to_owned(), "b".to_owned())]).into();
+            });
+        }),
+        Box::new(|w| {
+            w.remove_pod("y", "c");
+        }),
+        Box::new(|w| {
+            w.remove_pod("z", "a");
+        }),
+        // A label no selector names yet, then a policy that names it (the index takes
+        // the pods there are), then the policy gone.
+        Box::new(|w| relabel(w, 2, &[("pod", "c"), ("role", "probe")])),
+        Box::new(|w| {
+            w.upsert_policy(crate::policy::testing::policy(serde_json::json!({
+                "metadata": {"namespace": "x", "name": "q"},
+                "spec": {
+                    "podSelector": {"matchLabels": {"pod": "a"}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "probe"}}}]}],
+                },
+            })));
+        }),
+        Box::new(|w| relabel(w, 1, &[("pod", "b"), ("role", "probe")])),
+        Box::new(|w| {
+            w.remove_policy("x", "q");
+        }),
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        step(&mut w);
+        let probe = (12..14).contains(&i);
+        assert_eq!(compiled(&w), scan(&w, probe), "after step {i}");
+    }
+    assert!(!compiled(&w).is_empty());
+}
