@@ -53,7 +53,8 @@ pub struct BatchError {
 }
 
 impl BatchError {
-    /// The kernel has no batch command for this map type (kernels before 5.6).
+    /// The kernel has no batch command for this map type (older kernels), and nothing
+    /// was done: the caller falls back to one command per element.
     pub fn unsupported(&self) -> bool {
         // ENOTSUPP (524) is the kernel-internal code the syscall leaks for this.
         matches!(
@@ -102,7 +103,12 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
     keys: &[K],
     values: &[V],
 ) -> Result<(), BatchError> {
-    assert_eq!(keys.len(), values.len(), "one value per key");
+    if keys.len() != values.len() {
+        return Err(BatchError {
+            done: 0,
+            source: io::Error::new(io::ErrorKind::InvalidInput, "not one value per key"),
+        });
+    }
     batch(
         BPF_MAP_UPDATE_BATCH,
         map,

@@ -612,6 +612,12 @@ impl Store {
         enis
     }
 
+    fn serves_no_pod(e: &Eni) -> bool {
+        !e.addrs
+            .values()
+            .any(|s| matches!(s, AddrState::Assigned { .. }))
+    }
+
     fn still_cooling(state: &AddrState, now_ms: u64) -> bool {
         matches!(state, AddrState::Cooling { until_ms } if *until_ms > now_ms)
     }
@@ -619,12 +625,14 @@ impl Store {
     /// Up to `n` free secondary addresses to give back, from the highest ENI down so the
     /// primary ENI stays full and secondary ENIs empty out.
     ///
-    /// Stops below an ENI whose addresses are still cooling: they are free in a moment,
-    /// and taking a lower ENI's addresses instead would reach the target with a
-    /// secondary ENI kept for a few addresses, which nothing empties later.
+    /// Stops below an ENI that serves no pod and whose addresses are still cooling: it
+    /// empties in a moment, and taking a lower ENI's addresses instead would reach the
+    /// target with a secondary ENI kept for a few addresses, which nothing empties
+    /// later. An ENI still serving pods cannot empty, so it holds nothing up.
     pub fn releasable_ips(&self, n: u32, now_ms: u64) -> Vec<(String, Ipv4Addr)> {
         let mut out = Vec::new();
         for e in self.release_order() {
+            let emptying = Self::serves_no_pod(e);
             let mut cooling = false;
             for (ip, state) in e.addrs.iter().rev() {
                 if out.len() == n as usize {
@@ -635,18 +643,19 @@ impl Store {
                 }
                 cooling |= Self::still_cooling(state, now_ms);
             }
-            if cooling {
+            if cooling && emptying {
                 break;
             }
         }
         out
     }
 
-    /// Up to `n` wholly free prefixes, highest ENI first, stopping below an ENI with a
-    /// prefix that is only waiting for its cooldown (as for addresses).
+    /// Up to `n` wholly free prefixes, highest ENI first, stopping below an ENI that
+    /// serves no pod and has a prefix only waiting for its cooldown (as for addresses).
     pub fn releasable_prefixes(&self, n: u32, now_ms: u64) -> Vec<(String, Ipv4Addr)> {
         let mut out = Vec::new();
         for e in self.release_order() {
+            let emptying = Self::serves_no_pod(e);
             let mut cooling = false;
             for base in e.prefixes.iter().rev() {
                 if out.len() == n as usize {
@@ -663,7 +672,7 @@ impl Store {
                     cooling = true;
                 }
             }
-            if cooling {
+            if cooling && emptying {
                 break;
             }
         }
@@ -791,17 +800,25 @@ mod tests {
         for i in 0..4 {
             s.release(&key(&format!("c{i}")), if i < 2 { 0 } else { 20_000 });
         }
-        let got = |now| -> Vec<String> {
+        let got = |s: &Store, now| -> Vec<String> {
             s.releasable_ips(3, now)
                 .into_iter()
                 .map(|(e, a)| format!("{e}/{a}"))
                 .collect()
         };
-        assert!(got(40_000).is_empty(), "{:?}", got(40_000));
+        assert!(got(&s, 40_000).is_empty(), "{:?}", got(&s, 40_000));
         assert_eq!(
-            got(50_000),
+            got(&s, 50_000),
             ["eni-1/10.0.1.21", "eni-1/10.0.1.20", "eni-0/10.0.0.21"]
         );
+        // Pods on both ENIs again; the secondary keeps one and cools another. It cannot
+        // empty, so it holds nothing up: the primary's free address goes.
+        for c in ["c9", "c8", "c7", "c6"] {
+            s.assign(&key(c), &PodMeta::default(), 50_000).unwrap();
+        }
+        s.release(&key("c9"), 0);
+        s.release(&key("c6"), 50_000);
+        assert_eq!(got(&s, 60_000), ["eni-0/10.0.0.20"]);
     }
 
     #[test]

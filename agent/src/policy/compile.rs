@@ -121,20 +121,19 @@ impl World {
     }
 
     fn unindex(&mut self, namespace: &str, name: &str) {
-        let Some(p) = self.pod(namespace, name) else {
+        let Some((ip, labels)) = self
+            .pod(namespace, name)
+            .and_then(|p| Some((p.ip?, routable(p).then(|| p.labels.clone()))))
+        else {
             return;
         };
-        if routable(p)
-            && let Some(ip) = p.ip
-        {
-            let labels = p.labels.clone();
+        if let Some(labels) = labels {
             self.labelled.remove(namespace, &labels, ip);
         }
-        if let Some(ip) = self.pod(namespace, name).and_then(|p| p.ip)
-            && self
-                .by_ip
-                .get(&ip)
-                .is_some_and(|(ns, n)| ns == namespace && n == name)
+        if self
+            .by_ip
+            .get(&ip)
+            .is_some_and(|(ns, n)| ns == namespace && n == name)
         {
             self.by_ip.remove(&ip);
         }
